@@ -1,0 +1,306 @@
+"""Tests for tsq_utils.dpo_l: DPO-L + SFT against closed forms and TRL's own losses, on a tiny random Llama."""
+
+import math
+import string
+
+import datasets
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from trl import DPOConfig, DPOTrainer
+
+from tsq_utils.config import TrainingConfig
+from tsq_utils.dpo_l import (
+    DPOLConfig,
+    DPOLTrainer,
+    NonFiniteLossError,
+    make_dpo_l_trainer,
+    pairs_to_dataset,
+    training_log,
+)
+
+datasets.disable_progress_bars()
+
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<think>", "</think>"]
+CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+# Chosen shorter than rejected in every pair; the completions look like the toy world's
+PAIRS = pd.DataFrame({
+    "prompt": ["Q: 3+4 <think>\n", "Q: 5-2+1 <think>\n", "Q: 9+9 <think>\n", "Q: 1+1+1 <think>\n"],
+    "chosen": ["a3: 3\n\nb+4: 7\n</think>\n\n\\boxed{7}", "4\n</think>\n\n\\boxed{4}",
+               "18\n</think>\n\n\\boxed{18}", "a1: 1\n\nb+1: 2\n\nc+1: 3\n</think>\n\n\\boxed{3}"],
+    "rejected": ["We start with 3, so 3.\n\nAdd 4: 7. Check: 7.\n</think>\n\n\\boxed{7}",
+                 "a5: 5\n\nb-2: 3\n\nc+1: 4\n\nreview: ok\n</think>\n\n\\boxed{4}",
+                 "a9: 9\n\nb+9: 18\n\ncheck 9+9=18\n</think>\n\n\\boxed{18}",
+                 "a1: 1\n\nb+1: 2\n\nc+1: 3\n\nwait, again: 3\n</think>\n\n\\boxed{3}"],
+})
+
+
+def _tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A char-level tokenizer with <pad>/<eos> (and optionally a BOS-prepending post-processor)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + list(CHARS) + ["<unk>"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>", additional_special_tokens=["<think>", "</think>"])
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    return _tokenizer()
+
+
+def _model(tok, seed: int = 0, noise: float = 0.0) -> LlamaForCausalLM:
+    """A fresh tiny Llama; noise > 0 perturbs every weight (a policy that differs from the reference)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    if noise:
+        _perturb(model, seed=seed + 1, scale=noise)
+    return model
+
+
+@torch.no_grad()
+def _perturb(model, seed: int, scale: float) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def _common_args(tmp_path) -> dict:
+    return dict(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", save_strategy="no",
+                use_cpu=True, bf16=False, activation_checkpointing=False, dataloader_pin_memory=False)
+
+
+def _dpol(tok, tmp_path, policy, ref, pairs=PAIRS, **kw) -> DPOLTrainer:
+    args = DPOLConfig(**_common_args(tmp_path), **kw)
+    return DPOLTrainer(policy, ref, args=args, train_dataset=pairs_to_dataset(pairs, tok), processing_class=tok)
+
+
+def _batch(trainer) -> dict:
+    ds = trainer.train_dataset
+    return trainer.data_collator([ds[i] for i in range(len(ds))])
+
+
+@torch.no_grad()
+def _loss(trainer, batch) -> torch.Tensor:
+    return trainer.compute_loss(trainer.model, batch)
+
+
+def _lengths(tok, pairs=PAIRS) -> tuple[torch.Tensor, torch.Tensor]:
+    """ℓ by hand: the tokenizer's tokens of each completion plus the EOS TRL appends."""
+    def n(texts):
+        return torch.tensor([len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts],
+                            dtype=torch.float64)
+    return n(pairs["chosen"]), n(pairs["rejected"])
+
+
+@torch.no_grad()
+def _token_logps(model, batch) -> torch.Tensor:
+    """Per-token log-probs of the completion tokens from a plain forward (0 elsewhere)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = logits[:, :-1].float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return logps * batch["completion_mask"][:, 1:]
+
+
+def _by_hand(tok, policy, ref, batch, beta, lam, sign, eta, pairs=PAIRS) -> torch.Tensor:
+    """η·DPO-L + (1−η)·SFT written as plain DPO whose reference chosen log-prob is shifted by margin/β."""
+    pol, rf = _token_logps(policy, batch), _token_logps(ref, batch)
+    c, r = pol.sum(1).double().chunk(2)
+    rc, rr = rf.sum(1).double().chunk(2)
+    lw, ll = _lengths(tok, pairs)
+    margin = sign * lam * torch.log(ll / lw)
+    rc_shifted = rc - margin / beta
+    dpo = -F.logsigmoid(beta * ((c - rc_shifted) - (r - rr))).mean()
+    chosen_mask = batch["completion_mask"][:, 1:].chunk(2)[0].bool()
+    sft = -pol.chunk(2)[0][chosen_mask].double().mean()
+    return eta * dpo + (1 - eta) * sft
+
+
+def test_lambda0_eta1_equals_trl_sigmoid(tok, tmp_path):
+    ours = _dpol(tok, tmp_path, _model(tok, noise=0.3), _model(tok), length_lambda=0.0, sft_eta=1.0)
+    trl = DPOTrainer(_model(tok, noise=0.3), _model(tok), args=DPOConfig(**_common_args(tmp_path), beta=0.1),
+                     train_dataset=pairs_to_dataset(PAIRS, tok), processing_class=tok)
+    batch = _batch(ours)
+    assert torch.equal(batch["input_ids"], _batch(trl)["input_ids"])
+    expected = _loss(trl, batch)
+    assert abs(expected.item() - math.log(2)) > 1e-3  # the policy really differs from the reference
+    torch.testing.assert_close(_loss(ours, batch), expected)
+    for key in ("rewards/margins", "rewards/accuracies", "logps/chosen", "entropy", "mean_token_accuracy"):
+        assert ours._metrics["train"][key][-1] == pytest.approx(trl._metrics["train"][key][-1], rel=1e-5)
+
+
+def test_lambda0_eta_below1_equals_trl_sigmoid_plus_sft(tok, tmp_path):
+    eta = 0.3
+    ours = _dpol(tok, tmp_path, _model(tok, noise=0.3), _model(tok), length_lambda=0.0, sft_eta=eta)
+    trl_args = DPOConfig(**_common_args(tmp_path), beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[eta, 1 - eta])
+    trl = DPOTrainer(_model(tok, noise=0.3), _model(tok), args=trl_args, train_dataset=pairs_to_dataset(PAIRS, tok),
+                     processing_class=tok)
+    batch = _batch(ours)
+    torch.testing.assert_close(_loss(ours, batch), _loss(trl, batch))
+
+
+def test_equal_lengths_give_zero_margin(tok, tmp_path):
+    pairs = pd.DataFrame({"prompt": ["Q: 2+2 <think>\n", "Q: 7-1 <think>\n"],
+                          "chosen": ["4\n</think>\n\n\\boxed{4}", "a7: 7\n\nb-1: 6\n</think>\n\n\\boxed{6}"],
+                          "rejected": ["5\n</think>\n\n\\boxed{5}", "a7: 7\n\nb-1: 5\n</think>\n\n\\boxed{5}"]})
+    losses = []
+    for lam, sign in [(0.0, -1), (1.0, -1), (2.0, 1)]:
+        trainer = _dpol(tok, tmp_path, _model(tok, noise=0.3), _model(tok), pairs, length_lambda=lam,
+                        length_margin_sign=sign)
+        losses.append(_loss(trainer, _batch(trainer)))
+        assert trainer._metrics["train"]["length_margin"][-1] == 0.0
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(losses[2], losses[0])
+
+
+def test_sign_direction_closed_form_at_reference(tok, tmp_path):
+    # Policy = reference, so Δ = 0 and a pair's loss is −log σ(s·λ·log(ℓ_l/ℓ_w)): with λ = 1 that is
+    # log((ℓ_w+ℓ_l)/ℓ_l) for s = +1 and log((ℓ_w+ℓ_l)/ℓ_w) for s = −1. Chosen is shorter in every pair, so
+    # s = +1 (head start) gives the LOWER loss and s = −1 (required margin) the higher one.
+    lw, ll = _lengths(tok)
+    assert bool((lw < ll).all())
+    losses = {}
+    for sign in (1, -1):
+        trainer = _dpol(tok, tmp_path, _model(tok), _model(tok), length_lambda=1.0, sft_eta=1.0,
+                        length_margin_sign=sign)
+        losses[sign] = _loss(trainer, _batch(trainer)).item()
+        assert trainer._metrics["train"]["length_margin"][-1] == pytest.approx(
+            (sign * torch.log(ll / lw)).mean().item(), rel=1e-5)
+    assert losses[1] == pytest.approx(torch.log((lw + ll) / ll).mean().item(), rel=1e-5)
+    assert losses[-1] == pytest.approx(torch.log((lw + ll) / lw).mean().item(), rel=1e-5)
+    assert losses[1] < math.log(2) < losses[-1]
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_loss_equals_shifted_reference_formulation(tok, tmp_path, sign):
+    beta, lam, eta = 0.25, 0.7, 0.4
+    policy, ref = _model(tok, noise=0.3), _model(tok)
+    trainer = _dpol(tok, tmp_path, policy, ref, beta=beta, length_lambda=lam, sft_eta=eta, length_margin_sign=sign)
+    batch = _batch(trainer)
+    expected = _by_hand(tok, policy, ref, batch, beta, lam, sign, eta)
+    torch.testing.assert_close(_loss(trainer, batch).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_precomputed_reference_matches_by_hand(tok, tmp_path):
+    # No reference model: TRL scores the data with the initial policy before training; the policy then moves
+    policy = _model(tok)
+    trainer = _dpol(tok, tmp_path, policy, None, precompute_ref_log_probs=True, sft_eta=0.5)
+    assert trainer.ref_model is None
+    _perturb(policy, seed=7, scale=0.3)
+    batch = _batch(trainer)
+    assert "ref_chosen_logps" in batch
+    expected = _by_hand(tok, policy, _model(tok), batch, 0.1, 1.0, -1, 0.5)
+    torch.testing.assert_close(_loss(trainer, batch).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _cfg(**kw) -> TrainingConfig:
+    base = dict(batch_size=4, lr=1e-2, epochs=1.0, warmup_ratio=0.0, max_length=256)
+    return TrainingConfig(**{**base, **kw})
+
+
+def test_training_changes_parameters_and_logs_closed_form(tok, tmp_path):
+    model = _model(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = make_dpo_l_trainer(model, None, tok, PAIRS, _cfg(), tmp_path, seed=3, max_steps=3)
+    trainer.train()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before)
+    log = training_log(trainer)
+    assert list(log.index) == [1, 2, 3]
+    for key in ("loss", "dpo_l_loss", "sft_loss", "length_margin", "rewards/margins", "rewards/accuracies"):
+        assert key in log.columns
+    # Step 1 sees all 4 pairs with policy = reference: DPO-L (s = −1, λ = 1) is mean log((ℓ_w+ℓ_l)/ℓ_w)
+    lw, ll = _lengths(tok)
+    first = log.loc[1]
+    assert first["dpo_l_loss"] == pytest.approx(torch.log((lw + ll) / lw).mean().item(), rel=1e-5)
+    assert first["length_margin"] == pytest.approx(-torch.log(ll / lw).mean().item(), rel=1e-5)
+    assert first["loss"] == pytest.approx(0.5 * first["dpo_l_loss"] + 0.5 * first["sft_loss"], rel=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert log.loc[3, "loss"] < first["loss"]
+
+
+def test_nan_loss_raises_naming_the_step(tok, tmp_path):
+    model = _model(tok)
+    trainer = make_dpo_l_trainer(model, _model(tok), tok, PAIRS, _cfg(), tmp_path, seed=0, max_steps=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"train step 1 ") as err:
+        trainer.train()
+    assert err.value.step == 1 and err.value.details["policy_logps_finite"] is False
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_make_trainer_wires_config_and_tokenizes_plain_text(tmp_path):
+    tok = _tokenizer(add_bos=True)
+    # A chat template that would visibly change the prompt if TRL applied it (it must not)
+    tok.chat_template = "SYSTEM {% for m in messages %}{{ m['content'] }}{% endfor %}"
+    pairs = PAIRS.assign(prompt="<bos>" + PAIRS["prompt"])
+    cfg = _cfg(lr=3e-4, epochs=2.0, grad_accum=2, warmup_ratio=0.25, beta=0.2, lam=0.5, eta=0.8,
+               length_margin_sign=1)
+    trainer = make_dpo_l_trainer(_model(tok), _model(tok), tok, pairs, cfg, tmp_path, seed=11)
+    a = trainer.args
+    assert (a.learning_rate, a.num_train_epochs, a.gradient_accumulation_steps, a.warmup_steps) == (3e-4, 2.0, 2, 0.25)
+    assert (a.beta, a.length_lambda, a.sft_eta, a.length_margin_sign) == (0.2, 0.5, 0.8, 1)
+    assert (a.per_device_train_batch_size, a.max_length, a.seed, a.bf16, a.gradient_checkpointing) == (
+        4, 256, 11, False, False)
+    assert a.save_strategy == "no" and a.report_to == [] and a.logging_steps == 1
+    assert a.dataloader_num_workers == 0 and a.precompute_ref_log_probs is False
+    row = trainer.train_dataset[0]
+    # One BOS (the prompt's own), the prompt text tokenized verbatim, completions + EOS
+    assert row["prompt_ids"] == tok(pairs["prompt"][0], add_special_tokens=False)["input_ids"]
+    assert row["prompt_ids"].count(tok.bos_token_id) == 1
+    assert row["chosen_ids"] == tok(pairs["chosen"][0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row["rejected_ids"][-1] == tok.eos_token_id and row["rejected_ids"][:-1] == tok(
+        pairs["rejected"][0], add_special_tokens=False)["input_ids"]
+
+
+def test_evaluate_logs_dpo_l_metrics(tok, tmp_path):
+    trainer = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, _cfg(), tmp_path, seed=0, eval_pairs=PAIRS)
+    metrics = trainer.evaluate()
+    lw, ll = _lengths(tok)
+    assert metrics["eval_dpo_l_loss"] == pytest.approx(torch.log((lw + ll) / lw).mean().item(), rel=1e-5)
+    assert metrics["eval_length_margin"] == pytest.approx(-torch.log(ll / lw).mean().item(), rel=1e-5)
+
+
+def test_truncation_warns(tok, tmp_path):
+    with pytest.warns(UserWarning, match="exceed max_length=40"):
+        make_dpo_l_trainer(_model(tok), _model(tok), tok, PAIRS, _cfg(max_length=40), tmp_path, seed=0)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"length_margin_sign": 0}, "length_margin_sign"),
+    ({"length_margin_sign": True}, "length_margin_sign"),
+    ({"sft_eta": 1.5}, "sft_eta"),
+    ({"length_lambda": -1.0}, "length_lambda"),
+    ({"beta": 0.0}, "beta"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [0.5, 0.5]}, "loss_type"),
+    ({"ld_alpha": 0.5}, "ld_alpha"),
+])
+def test_config_rejects_bad_values(tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        DPOLConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                   activation_checkpointing=False, **kw)
+
+
+def test_bad_inputs_raise(tok, tmp_path):
+    with pytest.raises(ValueError, match="lacks column"):
+        pairs_to_dataset(PAIRS.drop(columns="rejected"), tok)
+    with pytest.raises(ValueError, match="empty"):
+        pairs_to_dataset(PAIRS.iloc[:0], tok)
+    with pytest.raises(ValueError, match="'chosen' must hold non-empty strings"):
+        pairs_to_dataset(PAIRS.assign(chosen=[None, "x", "y", "z"]), tok)
+    with pytest.raises(ValueError, match="precompute"):
+        make_dpo_l_trainer(_model(tok), None, tok, PAIRS, _cfg(), tmp_path, seed=0, precompute_ref_log_probs=False)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        make_dpo_l_trainer(_model(tok), None, tok, PAIRS, _cfg(warmup_ratio=1.0), tmp_path, seed=0)
+    with pytest.raises(TypeError, match="DPOLConfig"):
+        DPOLTrainer(_model(tok), _model(tok), args=DPOConfig(**_common_args(tmp_path)),
+                    train_dataset=pairs_to_dataset(PAIRS, tok), processing_class=tok)

@@ -1,0 +1,314 @@
+"""Profiles (YAML files under profiles/), run folders, seeds and thread counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import random
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = REPO_ROOT / "profiles"
+
+
+class ProfileError(ValueError):
+    """A profile file is missing, malformed, or holds an unknown key or a bad value."""
+
+
+def _rng(lo: float | None = None, hi: float | None = None, choices: tuple | None = None) -> dict:
+    """Field metadata: an inclusive range or a set of allowed values."""
+    return {"lo": lo, "hi": hi, "choices": choices}
+
+
+@dataclass
+class ModelConfig:
+    source: str = field(default="toy", metadata=_rng(choices=("toy", "hub")))
+    # toy: a folder relative to the repo (the shipped reasoner); hub: a hub id or a local path
+    path: str = "checkpoints/toy-reasoner"
+    dtype: str = field(default="float32", metadata=_rng(choices=("float32", "bfloat16", "float16")))
+    # a local directory that replaces the hub model (offline runs, tests)
+    local_override: str = ""
+
+
+@dataclass
+class ToyWorldConfig:
+    k_min: int = field(default=2, metadata=_rng(2, 8))
+    k_max: int = field(default=8, metadata=_rng(2, 8))
+    max_value: int = field(default=49, metadata=_rng(9, 99))
+    # share of teacher traces written in the concise (oracle-like) style; the rest overthink
+    p_concise: float = field(default=0.25, metadata=_rng(0.0, 1.0))
+    p_verbose_step: float = field(default=0.75, metadata=_rng(0.0, 1.0))
+    p_check: float = field(default=0.4, metadata=_rng(0.0, 1.0))
+    p_slip: float = field(default=0.08, metadata=_rng(0.0, 1.0))
+    p_review: float = field(default=0.5, metadata=_rng(0.0, 1.0))
+
+
+@dataclass
+class PretrainConfig:
+    retrain: bool = False
+    hidden_size: int = field(default=128, metadata=_rng(16, 4096))
+    num_layers: int = field(default=4, metadata=_rng(1, 64))
+    num_heads: int = field(default=4, metadata=_rng(1, 64))
+    intermediate_size: int = field(default=512, metadata=_rng(16, 16384))
+    vocab_size: int = field(default=512, metadata=_rng(64, 65536))
+    block_size: int = field(default=512, metadata=_rng(32, 8192))
+    n_tokens: int = field(default=8_000_000, metadata=_rng(1000, 10**10))
+    batch_size: int = field(default=16, metadata=_rng(1, 4096))
+    lr: float = field(default=3e-3, metadata=_rng(1e-7, 1.0))
+    warmup_ratio: float = field(default=0.02, metadata=_rng(0.0, 0.5))
+    weight_decay: float = field(default=0.1, metadata=_rng(0.0, 1.0))
+    n_tokenizer_docs: int = field(default=20000, metadata=_rng(100, 10**7))
+
+
+@dataclass
+class DataConfig:
+    # toy: the toy world; otherwise a benchmark name (math500, aime24, aime25, gsm8k, amc23, ...)
+    train: str = "toy"
+    eval: list = field(default_factory=lambda: ["toy"])
+    n_train_problems: int = field(default=400, metadata=_rng(1, 10**7))
+    n_eval_problems: int = field(default=400, metadata=_rng(1, 10**7))
+    # benchmark name -> local JSONL path that replaces the hub dataset
+    local_files: dict = field(default_factory=dict)
+
+
+@dataclass
+class SamplingConfig:
+    backend: str = field(default="transformers", metadata=_rng(choices=("transformers", "vllm")))
+    n: int = field(default=8, metadata=_rng(1, 4096))
+    temperature: float = field(default=1.0, metadata=_rng(0.0, 5.0))
+    top_p: float = field(default=1.0, metadata=_rng(0.0, 1.0))
+    max_new_tokens: int = field(default=512, metadata=_rng(1, 10**6))
+    batch_size: int = field(default=64, metadata=_rng(1, 100000))
+
+
+@dataclass
+class SelectionConfig:
+    variant: str = field(default="q_dyn", metadata=_rng(choices=("shortest", "q_fix", "q_dyn", "q_dyn_extra")))
+    alpha: float = field(default=0.2, metadata=_rng(0.0, 1.0))
+    q_fix: float = field(default=0.2, metadata=_rng(0.0, 1.0))
+    max_pairs: int = field(default=64, metadata=_rng(1, 100000))
+    extra_neg_ratio: float = field(default=1.5, metadata=_rng(1.0, 100.0))
+
+
+@dataclass
+class RefinementConfig:
+    enabled: bool = True
+    n_candidates: int = field(default=16, metadata=_rng(1, 4096))
+    window: int = field(default=512, metadata=_rng(1, 100000))
+    epsilon: float = field(default=0.005, metadata=_rng(0.0, 1e6))
+    kl_reduction: str = field(default="mean", metadata=_rng(choices=("mean", "sum")))
+    temperature: float = field(default=1.0, metadata=_rng(0.0, 5.0))
+    max_step_tokens: int = field(default=128, metadata=_rng(1, 100000))
+    max_responses: int = field(default=0, metadata=_rng(0, 10**7))  # 0 = all
+    batch_size: int = field(default=16, metadata=_rng(1, 100000))
+
+
+@dataclass
+class TrainingConfig:
+    beta: float = field(default=0.1, metadata=_rng(0.0, 100.0))
+    lam: float = field(default=1.0, metadata=_rng(0.0, 100.0))
+    eta: float = field(default=0.5, metadata=_rng(0.0, 1.0))
+    length_margin_sign: int = field(default=-1, metadata=_rng(choices=(-1, 1)))
+    lr: float = field(default=1e-5, metadata=_rng(0.0, 1.0))
+    epochs: float = field(default=1.0, metadata=_rng(0.0, 1000.0))
+    batch_size: int = field(default=8, metadata=_rng(1, 100000))
+    grad_accum: int = field(default=1, metadata=_rng(1, 100000))
+    warmup_ratio: float = field(default=0.1, metadata=_rng(0.0, 1.0))
+    max_length: int = field(default=1024, metadata=_rng(16, 10**6))
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EvaluationConfig:
+    n_samples: int = field(default=4, metadata=_rng(1, 4096))
+    temperature: float = field(default=1.0, metadata=_rng(0.0, 5.0))
+    top_p: float = field(default=1.0, metadata=_rng(0.0, 1.0))
+    max_new_tokens: int = field(default=512, metadata=_rng(1, 10**6))
+    budget: int = field(default=512, metadata=_rng(1, 10**7))
+
+
+@dataclass
+class TLDRConfig:
+    update_every: int = field(default=32, metadata=_rng(1, 10**9))
+    eta: float = field(default=4.0, metadata=_rng(0.0, 1000.0))
+    smoothing: float = field(default=1e-4, metadata=_rng(0.0, 1.0))
+    acc_floor: float = field(default=0.7, metadata=_rng(0.0, 1.0))
+    lr: float = field(default=1e-5, metadata=_rng(0.0, 1.0))
+    max_steps: int = field(default=200, metadata=_rng(1, 10**7))
+    batch_size: int = field(default=8, metadata=_rng(1, 100000))
+    n_dev_problems: int = field(default=100, metadata=_rng(1, 10**7))
+
+
+@dataclass
+class Profile:
+    name: str
+    description: str = ""
+    seed: int = field(default=1234, metadata=_rng(0, 2**31 - 1))
+    threads: int = field(default=1, metadata=_rng(0, 1024))  # 0 = leave torch's default
+    device: str = field(default="cpu", metadata=_rng(choices=("cpu", "cuda", "auto")))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    refinement: RefinementConfig = field(default_factory=RefinementConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tldr: TLDRConfig = field(default_factory=TLDRConfig)
+    source_file: str = ""
+
+    def to_dict(self) -> dict:
+        """The profile as plain data (for manifests)."""
+        d = dataclasses.asdict(self)
+        d.pop("source_file", None)
+        return d
+
+
+def _check_value(value: Any, f: dataclasses.Field, hint: Any, where: str) -> Any:
+    """Type- and range-check one scalar field value; return it (ints accepted for floats)."""
+    expected = hint if hint in (int, float, str, bool, list, dict) else None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is not None:
+        if expected is int and isinstance(value, bool):
+            raise ProfileError(f"{where}: expected an integer, got {value!r}")
+        if not isinstance(value, expected):
+            raise ProfileError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    meta = f.metadata or {}
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ProfileError(f"{where}: {value!r} is not one of {list(meta['choices'])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:  # NaN
+            raise ProfileError(f"{where}: NaN is not allowed")
+        if meta.get("lo") is not None and value < meta["lo"]:
+            raise ProfileError(f"{where}: {value!r} is below the minimum {meta['lo']}")
+        if meta.get("hi") is not None and value > meta["hi"]:
+            raise ProfileError(f"{where}: {value!r} is above the maximum {meta['hi']}")
+    return value
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    """Build a (nested) config dataclass from a dict, rejecting unknown keys."""
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ProfileError(f"{where}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+        f = fields[key]
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_value(value, f, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _validate_cross(p: Profile, where: str) -> None:
+    """Checks that involve several keys."""
+    if p.toyworld.k_min > p.toyworld.k_max:
+        raise ProfileError(f"{where}: toyworld.k_min ({p.toyworld.k_min}) exceeds toyworld.k_max ({p.toyworld.k_max})")
+    if p.pretrain.hidden_size % p.pretrain.num_heads:
+        raise ProfileError(f"{where}: pretrain.hidden_size must be divisible by pretrain.num_heads")
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped under profiles/."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str, overrides: dict | None = None) -> Profile:
+    """Load and validate a profile by name (profiles/<name>.yaml) or path, applying dotted overrides."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ProfileError(
+            f"unknown profile {name_or_path!r}: no file {path}; available: {', '.join(available_profiles())}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: expected a mapping at the top level")
+    raw.setdefault("name", path.stem)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ProfileError(f"override {dotted!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    prof = _build(Profile, raw, str(path))
+    prof.source_file = str(path)
+    _validate_cross(prof, str(path))
+    return prof
+
+
+def set_threads(n: int) -> int:
+    """Set torch's CPU thread count (0 keeps torch's default); return the count in use."""
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # already set once in this process
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def stage_seed(run_seed: int, stage: str) -> int:
+    """A per-stage seed derived deterministically from the run seed and the stage name."""
+    h = hashlib.sha256(f"{run_seed}:{stage}".encode()).hexdigest()
+    return int(h[:8], 16) % (2**31 - 1)
+
+
+def runs_root() -> Path:
+    """Root of the run folders (TSQ_RUNS_DIR or runs/ in the repo)."""
+    return Path(os.environ.get("TSQ_RUNS_DIR", REPO_ROOT / "runs"))
+
+
+def run_dir(profile: Profile) -> Path:
+    """The run folder of a profile, runs/<profile>/ (created)."""
+    d = runs_root() / profile.name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def figures_dir(profile: Profile) -> Path:
+    """The figure folder of a profile, figures/<profile>/ (created)."""
+    d = Path(os.environ.get("TSQ_FIGURES_DIR", REPO_ROOT / "figures")) / profile.name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def resolve_device(profile: Profile) -> str:
+    """The torch device string a profile asks for ('auto' picks CUDA when present)."""
+    if profile.device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return profile.device
