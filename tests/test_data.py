@@ -150,8 +150,11 @@ def test_hub_rows_are_normalised(monkeypatch, name):
         "aime25": [{"problem": "P1", "answer": "70", "id": "0"}],
         "gsm8k": [{"question": "P1", "answer": "work <<1+1=2>>2\n#### 1,002"}],
         "amc23": [{"id": 0, "question": "P1", "answer": 27.0, "url": "u"}],
+        "math_train": [{"problem": "P1", "level": "Level 3", "type": "Algebra",
+                        "solution": "So $x = \\boxed{2}$, and the answer is $\\boxed{\\frac{1}{2}}$."}],
     }[name]
-    expected_gold = {"math500": "\\frac{1}{2}", "aime24": "204", "aime25": "70", "gsm8k": "1002", "amc23": "27"}
+    expected_gold = {"math500": "\\frac{1}{2}", "aime24": "204", "aime25": "70", "gsm8k": "1002", "amc23": "27",
+                     "math_train": "\\frac{1}{2}"}
     calls = []
 
     def fake_load_dataset(path, name=None, **kwargs):
@@ -164,7 +167,7 @@ def test_hub_rows_are_normalised(monkeypatch, name):
     assert calls == [(spec.hub_id, spec.config, {"split": spec.split})]  # never trust_remote_code
     assert df.iloc[0]["problem"] == "P1"
     assert df.iloc[0]["gold"] == expected_gold[name]
-    assert df.iloc[0]["k"] == (3 if name == "math500" else 0)
+    assert df.iloc[0]["k"] == (3 if name in ("math500", "math_train") else 0)
     assert df.iloc[0]["source"] == f"hf:{spec.hub_id}"
 
 

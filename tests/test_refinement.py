@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import tsq_utils.refinement as refinement
-from tsq_utils.config import RefinementConfig
+from tsq_utils.config import RefinementConfig, stage_seed
 from tsq_utils.refinement import (
     clean_candidate,
     count_steps,
@@ -83,7 +83,11 @@ def direct_kl(model, prefix, orig, cand, cont, reduction="mean") -> float:
 
 
 class FakeSampler:
-    """Stands in for generation.sample: returns fixed candidates per prefix and records every call."""
+    """Stands in for generation.sample: returns fixed candidates per prefix and records every call.
+
+    A prefix is identified by the response it belongs to (its prompt and original steps) and its step
+    (its number of preceding original steps); by_step/default/reasons give that step's samples.
+    """
 
     def __init__(self, by_step: dict[int, list[str]] | None = None, default: list[str] | None = None,
                  reasons: dict[int, list[str]] | None = None, prompt: str = PROMPT, steps: list[str] | None = None):
@@ -91,22 +95,50 @@ class FakeSampler:
         self.prompt, self.steps = prompt, steps
         self.calls: list[dict] = []
 
-    def step_of(self, prefix_text: str) -> int:
-        """Which step a prefix text conditions (its number of preceding original steps)."""
+    def step_of(self, prefix_text: str) -> int | None:
+        """Which step a prefix text conditions (its number of preceding original steps), None if not ours."""
         for i in range(len(self.steps) + 1):
             if self.prompt + "".join(self.steps[:i]) == prefix_text:
                 return i
-        raise AssertionError(f"prefix is not an original prefix: {prefix_text!r}")
+        return None
+
+    def samples(self, i: int, n: int) -> tuple[list[str], list[str]]:
+        """The first n fixed samples of step i and their finish reasons."""
+        texts = list(self.by_step.get(i, self.default))[:n]
+        return texts, list(self.reasons.get(i, ["stop"] * len(texts)))[:n]
 
     def __call__(self, model, tokenizer, prompts, n=1, temperature=1.0, max_new_tokens=256, seed=0, stop=None,
-                 **kw):
-        assert len(prompts) == 1
-        i = self.step_of(prompts[0]) if self.steps is not None else len(self.calls)
-        self.calls.append(dict(prompt=prompts[0], n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                               seed=seed, stop=stop, step=i))
-        texts = list(self.by_step.get(i, self.default))[:n]
-        reasons = list(self.reasons.get(i, ["stop"] * len(texts)))
-        return SimpleNamespace(texts=[texts], n_tokens=[[len(t) for t in texts]], finish_reasons=[reasons])
+                 batch_size=64, **kw):
+        return _answer(self, [self], prompts, n, temperature, max_new_tokens, seed, stop, batch_size)
+
+
+class MultiSampler:
+    """Dispatches each prefix of one sample call to the FakeSampler of the response it belongs to."""
+
+    def __init__(self, fakes: list[FakeSampler]):
+        self.fakes, self.calls = fakes, []
+
+    def __call__(self, model, tokenizer, prompts, n=1, temperature=1.0, max_new_tokens=256, seed=0, stop=None,
+                 batch_size=64, **kw):
+        return _answer(self, self.fakes, prompts, n, temperature, max_new_tokens, seed, stop, batch_size)
+
+
+def _answer(recorder, fakes, prompts, n, temperature, max_new_tokens, seed, stop, batch_size) -> SimpleNamespace:
+    """A SampleResult-like answer from the fakes; the call is recorded on recorder.calls."""
+    texts, reasons, where = [], [], []
+    for prefix in prompts:
+        hits = [(r, f.step_of(prefix)) for r, f in enumerate(fakes) if f.step_of(prefix) is not None]
+        assert len(hits) == 1, f"prefix is not an original prefix of exactly one response: {prefix!r}"
+        r, i = hits[0]
+        t, why = fakes[r].samples(i, n)
+        texts.append(t)
+        reasons.append(why)
+        where.append((r, i))
+    recorder.calls.append(dict(prompts=list(prompts), steps=[i for _, i in where], where=where, n=n,
+                               temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+                               batch_size=batch_size))
+    # the char-level tokenizer: tokens of a sampled text = its characters
+    return SimpleNamespace(texts=texts, n_tokens=[[len(x) for x in t] for t in texts], finish_reasons=reasons)
 
 
 def install(monkeypatch, text=TEXT, prompt=PROMPT, **kw) -> FakeSampler:
@@ -259,7 +291,7 @@ def test_kl_window_bad_input(model, tok):
 
 def test_refine_response_keeps_shortest_passing_candidate(model, tok, monkeypatch):
     fake = install(monkeypatch, by_step={
-        0: ["a5: 5", "a5", "a5: start at 5 ok fine", "a5: 5\n\nb+6: extra"],
+        0: ["a5: 5", "a5", "a5: start at 5 ok fin", "a5: 5\n\nb+6: extra"],
         1: ["b+6=11", "b+6: 5+6=11", "b+6=11"],
         2: ["c-3=8\n"],
     })
@@ -271,14 +303,37 @@ def test_refine_response_keeps_shortest_passing_candidate(model, tok, monkeypatc
     r0 = res.steps[0]
     assert (r0.step, r0.orig_tokens, r0.new_tokens, r0.accepted) == (0, 14, 2, True)
     # cleaned and de-duplicated candidates; the one longer than the original is not scored (NaN)
-    assert r0.cand_tokens == [5, 2, 22] and r0.n_dropped == 0
+    assert r0.cand_tokens == [5, 2, 21] and r0.n_dropped == 0
+    assert r0.cand_texts == ["a5: 5", "a5", "a5: start at 5 ok fin"]
     assert r0.kl[0] >= 0 and r0.kl[1] >= 0 and r0.kl[2] != r0.kl[2]
     assert res.steps[1].cand_tokens == [6, 11] and res.steps[1].new_tokens == 6
-    # sampling: original prefixes, K, stop strings, token cap of original length + slack
-    assert [c["step"] for c in fake.calls] == [0, 1, 2]
-    assert all(c["n"] == 4 and c["stop"] == ["\n\n", "</think>"] for c in fake.calls)
-    assert [c["max_new_tokens"] for c in fake.calls] == [14 + 8, 11 + 8, 11 + 8]
-    assert len({c["seed"] for c in fake.calls}) == 3
+    # sampling: one call over the original prefixes of all steps, K, stop strings, the largest token cap
+    # (original length + slack; each step's own cap is applied afterwards), a seed derived from the seed
+    assert len(fake.calls) == 1
+    call = fake.calls[0]
+    assert call["steps"] == [0, 1, 2] and call["n"] == 4 and call["stop"] == ["\n\n", "</think>"]
+    assert call["max_new_tokens"] == max(14 + 8, 11 + 8, 11 + 8)
+    assert call["seed"] == stage_seed(3, "refine-candidates-0")
+    assert call["batch_size"] == refinement.SAMPLE_BATCH_SIZE
+
+
+def test_recorded_kl_is_the_windowed_kl_against_the_original_prefix(model, tok, monkeypatch):
+    """Each step's recorded KLs are direct two-pass KLs on (original prefix, step | candidate, next L tokens)."""
+    install(monkeypatch, default=["b+6=11", "x", "c-3=8"])
+    window = 10
+    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=window, epsilon=0.0)
+    steps, tail = split_steps(TEXT)
+    for i, rec in enumerate(res.steps):
+        body, sep = step_parts(steps[i])
+        prefix = ids(tok, PROMPT + "".join(steps[:i]))
+        cont = ids(tok, sep + "".join(steps[i + 1:]) + tail)[:window]
+        assert rec.cand_texts == ["b+6=11", "x", "c-3=8"]
+        for cand, kl in zip(rec.cand_texts, rec.kl):
+            if len(cand) < len(body):
+                assert kl == pytest.approx(direct_kl(model, prefix, ids(tok, body), ids(tok, cand), cont),
+                                           rel=1e-4, abs=1e-7)
+            else:
+                assert kl != kl  # not shorter: not scored
 
 
 def test_refine_response_epsilon_gates_on_kl(model, tok, monkeypatch):
@@ -340,7 +395,7 @@ def test_answer_part_is_untouched(model, tok, monkeypatch):
     fake = install(monkeypatch, text=text, default=["s"])
     res = refine_response(model, tok, PROMPT, text, n_candidates=2, window=32, epsilon=1e9)
     assert res.text == "s\n\ns\n</think>\n\nAnswer para one.\n\nAnswer para two \\boxed{1}."
-    assert len(fake.calls) == 2 and len(res.steps) == 2  # the answer paragraphs are never sampled
+    assert fake.calls[0]["steps"] == [0, 1] and len(res.steps) == 2  # the answer paragraphs are never sampled
 
 
 def test_steps_are_refined_against_the_original_prefix(model, tok, monkeypatch):
@@ -348,7 +403,7 @@ def test_steps_are_refined_against_the_original_prefix(model, tok, monkeypatch):
     res = refine_response(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9)
     assert res.text == "z\n\nz\n\nz\n</think>\n\nThe answer is \\boxed{8}."
     steps = split_steps(TEXT)[0]
-    assert [c["prompt"] for c in fake.calls] == [PROMPT + "".join(steps[:i]) for i in range(3)]
+    assert [c["prompts"] for c in fake.calls] == [[PROMPT + "".join(steps[:i]) for i in range(3)]]
 
 
 def test_reverted_response_equals_original(model, tok, monkeypatch):
@@ -373,10 +428,26 @@ def test_skipped_steps(model, tok, monkeypatch):
     assert res.text == text and fake.calls == []
 
 
+def test_one_sampler_call_applies_each_steps_own_cap(model, tok, monkeypatch):
+    # Original steps of 14, 11 and 11 tokens: own caps 22, 19 and 19; the one call runs to 22. A sample
+    # whose text reaches a step's own cap would have been cut there ("length"): dropped for that step only.
+    fake = install(monkeypatch, by_step={0: ["x" * 20, "x" * 21], 1: ["y" * 19, "y" * 18, "y" * 3],
+                                         2: ["z" * 20, "z" * 5]},
+                   reasons={2: ["stop", "length"]})
+    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9)
+    assert len(fake.calls) == 1 and fake.calls[0]["max_new_tokens"] == 22
+    r0, r1, r2 = res.steps
+    assert (r0.cand_tokens, r0.n_dropped, r0.n_sampled) == ([20, 21], 0, 3)
+    assert (r1.cand_tokens, r1.cand_texts, r1.n_dropped) == ([18, 3], ["y" * 18, "y" * 3], 1)
+    assert (r2.cand_tokens, r2.n_dropped, r2.accepted) == ([], 2, False)  # over its cap / hit the limit
+    assert res.text == "a5: start at 5\n\nyyy\n\nc-3: 11-3=8\n</think>\n\nThe answer is \\boxed{8}."
+
+
 def test_refine_response_bad_arguments(model, tok):
     for kw, msg in ((dict(n_candidates=0), "n_candidates"), (dict(window=0), "window"),
                     (dict(epsilon=-1.0), "epsilon"), (dict(reduction="median"), "reduction"),
-                    (dict(max_step_tokens=0), "max_step_tokens"), (dict(batch_size=0), "batch_size")):
+                    (dict(max_step_tokens=0), "max_step_tokens"), (dict(batch_size=0), "batch_size"),
+                    (dict(sample_batch_size=0), "sample_batch_size"), (dict(n_candidates=True), "n_candidates")):
         with pytest.raises(ValueError, match=msg):
             refine_response(model, tok, PROMPT, TEXT, **kw)
 
@@ -399,14 +470,17 @@ def _pairs() -> pd.DataFrame:
 
 
 class PrefixSampler:
-    """A sampler that answers 'z' to every prefix and counts calls (for the pairs tests)."""
+    """A sampler that answers 'z' to every prefix and records the prefixes of each call (for the pairs tests)."""
 
     def __init__(self):
-        self.calls = 0
+        self.calls: list[list[str]] = []
+        self.batch_sizes: list[int] = []
 
-    def __call__(self, model, tokenizer, prompts, n=1, **kw):
-        self.calls += 1
-        return SimpleNamespace(texts=[["z"] * n], n_tokens=[[1] * n], finish_reasons=[["stop"] * n])
+    def __call__(self, model, tokenizer, prompts, n=1, batch_size=64, **kw):
+        self.calls.append(list(prompts))
+        self.batch_sizes.append(batch_size)
+        k = len(prompts)
+        return SimpleNamespace(texts=[["z"] * n] * k, n_tokens=[[1] * n] * k, finish_reasons=[["stop"] * n] * k)
 
 
 def test_refine_pairs_refines_each_distinct_response_once(model, tok, monkeypatch):
@@ -415,9 +489,12 @@ def test_refine_pairs_refines_each_distinct_response_once(model, tok, monkeypatc
     pairs = _pairs()
     cfg = RefinementConfig(n_candidates=2, window=8, epsilon=1e9, batch_size=4)
     graded = []
-    out, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False,
+    out, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False, sample_batch_size=96,
                             grade_fn_factory=lambda row: (lambda t: graded.append(row["problem_id"]) or True))
-    assert fake.calls == 3 + 2  # two distinct responses with 3 and 2 steps
+    # one sampler call over the 3 + 2 step prefixes of the two distinct responses, each prefix once
+    prefixes = [p + "".join(split_steps(c)[0][:i]) for p, c in dict.fromkeys(zip(pairs["prompt"], pairs["chosen"]))
+                for i in range(len(split_steps(c)[0]))]
+    assert len(prefixes) == 5 and fake.calls == [prefixes] and fake.batch_sizes == [96]
     assert graded == ["p0", "p1"]
     assert list(out.columns[:len(pairs.columns)]) == list(pairs.columns)
     assert out["chosen_original"].tolist() == pairs["chosen"].tolist()
@@ -459,11 +536,155 @@ def test_refine_pairs_max_responses_and_reverts(model, tok, monkeypatch):
     assert refinement_summary(log, out)["n_token_count_mismatch"] == 1
 
 
+def _three_responses() -> tuple[pd.DataFrame, dict[str, dict]]:
+    """A pairs table with three distinct chosen responses (one in two pairs) and fixed samples for each."""
+    third = ("Next is a7. The total was 0, so 7.\n\n\n \n\nx\n\nWait, let me check a7: 7. Yes.\n\n"
+             "Let me double-check: 7=7.\n</think>\n\nThe answer is \\boxed{7}.")
+    pairs = pd.concat([_pairs(), pd.DataFrame([dict(
+        problem_id="p2", k=1, prompt=PROMPT.replace("Q:a5,b+6,c-3", "Q:a7"), chosen=third, rejected="r4",
+        chosen_tokens=len(third) - 7, rejected_tokens=99, p=0.5, chosen_sample_idx=9, rejected_sample_idx=3,
+        kind="pair")])], ignore_index=True)
+    samples = {
+        "p0": dict(by_step={0: ["a5: 5", "a5", "a5: start at 5 ok", "a5", "", "a5:5"],
+                            1: ["b+6=11", "b: 11", "6=11 ok\n\nmore", "b+6: 5+6=11", "", "x" * 30],
+                            2: ["c-3=8", "8", "c-3: 11-3=8", "c", "c-3", "=8"]},
+                   reasons={1: ["stop", "stop", "stop", "stop", "stop", "length"]}),
+        "p1": dict(default=["a2", "b+1=3", "b", "", "2+1=3", "a2: 2"]),
+        "p2": dict(by_step={0: ["a7: 7", "Next is a7: 7.", "7", "The total is 7.", "a7", "so 7."],
+                            2: ["ok", "Check a7: 7.", "Yes.", "a7 is 7", "7", "fine"],
+                            3: ["7=7.", "check 7", "Let me double-check: 7=7", "7", "x", "7=7"]}),
+    }
+    return pairs, samples
+
+
+def test_refine_pairs_batched_equals_per_response(model, tok, monkeypatch):
+    """With the same samples per step, drawing all steps in one call changes nothing: same texts, records, KLs,
+    reverts and step log as refining each response on its own."""
+    pairs, samples = _three_responses()
+    keys = list(dict.fromkeys(zip(pairs["prompt"], pairs["chosen"], pairs["problem_id"],
+                                  pairs["chosen_sample_idx"])))
+    assert len(keys) == 3
+    fakes = {pid: FakeSampler(prompt=p, steps=split_steps(c)[0], **samples[pid]) for p, c, pid, _ in keys}
+    grade = {"p0": True, "p1": False, "p2": True}  # p1's refinement no longer grades: reverted
+    params = dict(n_candidates=6, window=12, reduction="mean", temperature=1.0, max_step_tokens=128, batch_size=4)
+
+    def one_at_a_time(epsilon: float) -> list:
+        out = []
+        for p, c, pid, idx in keys:
+            monkeypatch.setattr(refinement, "sample", fakes[pid])
+            out.append(refine_response(model, tok, p, c, epsilon=epsilon, seed=7, response_id=f"{pid}/{idx}",
+                                       grade_fn=lambda t, pid=pid: grade[pid], **params))
+        return out
+
+    # an epsilon that admits some scored candidates and not others (the median KL)
+    kls = sorted(k for r in one_at_a_time(1e9) for rec in r.steps for k in rec.kl if k == k)
+    eps = kls[len(kls) // 2]
+    single = one_at_a_time(eps)
+
+    multi = MultiSampler(list(fakes.values()))
+    monkeypatch.setattr(refinement, "sample", multi)
+    cfg = RefinementConfig(n_candidates=6, window=12, epsilon=eps, kl_reduction="mean", temperature=1.0,
+                           max_step_tokens=128, batch_size=4)
+    out, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False,
+                            grade_fn_factory=lambda row: (lambda t: grade[row["problem_id"]]))
+
+    # one call over every sampled step of every response, run to the largest cap
+    assert len(multi.calls) == 1
+    call = multi.calls[0]
+    assert call["where"] == [(r, i) for r, f in enumerate(fakes.values()) for i in range(len(f.steps))
+                             if (r, i) != (2, 1)]  # p2's step 1 ("x") has one token: skipped
+    assert call["max_new_tokens"] == max(rec.orig_tokens + 8 for r in single for rec in r.steps if not rec.skipped)
+    # the test is not vacuous: accepted and rejected steps, dropped samples, a revert, a skipped step
+    recs = [rec for r in single for rec in r.steps]
+    assert 0 < sum(rec.accepted for rec in recs) < sum(not rec.skipped for rec in recs)
+    assert any(rec.n_dropped for rec in recs) and any(rec.skipped for rec in recs)
+    assert [r.reverted for r in single] == [False, True, False] and single[0].text != single[0].original_text
+
+    by_key = {(p, c): r for (p, c, _, _), r in zip(keys, single)}
+    expect = [by_key[k] for k in zip(pairs["prompt"], pairs["chosen"])]
+    assert out["chosen"].tolist() == [r.text for r in expect]
+    assert out["chosen_tokens"].tolist() == [r.n_tokens for r in expect]
+    assert out["reverted"].tolist() == [r.reverted for r in expect] and out["refined"].all()
+    rows = [dict(vars(rec), problem_id=pid, reverted=r.reverted,
+                 final_tokens=rec.orig_tokens if r.reverted else rec.new_tokens)
+            for (_, _, pid, _), r in zip(keys, single) for rec in r.steps]
+    assert len(log) == len(rows)
+    for col in refinement.STEP_LOG_COLUMNS:
+        # repr compares lists holding NaN (unscored candidates) exactly
+        assert repr(log[col].tolist()) == repr([row[col] for row in rows]), col
+
+    # past MAX_STEPS_PER_CALL steps the responses are split between calls (never a response), one seed each:
+    # p0 and p1 (3 + 2 sampled steps) in the first call, p2 (3) in the second; the results do not change
+    monkeypatch.setattr(refinement, "MAX_STEPS_PER_CALL", 5)
+    split = MultiSampler(list(fakes.values()))
+    monkeypatch.setattr(refinement, "sample", split)
+    out2, log2 = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False,
+                              grade_fn_factory=lambda row: (lambda t: grade[row["problem_id"]]))
+    assert [sorted({r for r, _ in c["where"]}) for c in split.calls] == [[0, 1], [2]]
+    assert [c["seed"] for c in split.calls] == [stage_seed(7, "refine-candidates-0"),
+                                                stage_seed(7, "refine-candidates-1")]
+    assert sum((c["where"] for c in split.calls), []) == call["where"]
+    pd.testing.assert_frame_equal(out2, out)
+    pd.testing.assert_frame_equal(log2, log)
+
+
+def test_refine_pairs_real_sampler_is_deterministic(model, tok):
+    """With the real sampler: a one-response table gives refine_response's result for the same seed and batch
+    sizes, and a rerun of a many-response table repeats exactly."""
+    pairs = _pairs()
+    cfg = RefinementConfig(n_candidates=3, window=8, epsilon=1e9, max_step_tokens=12, batch_size=4)
+    out1, log1 = refine_pairs(model, tok, pairs.iloc[:1], cfg, seed=5, progress=False, sample_batch_size=5)
+    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9, max_step_tokens=12,
+                          seed=5, batch_size=4, sample_batch_size=5, response_id="p0/0")
+    assert out1["chosen"].iloc[0] == res.text
+    for col in ("cand_tokens", "kl", "n_dropped", "accepted", "new_tokens"):
+        assert repr(log1[col].tolist()) == repr([getattr(r, col) for r in res.steps]), col
+    assert all(len(r.cand_texts) == len(r.cand_tokens) for r in res.steps)
+    assert all(r.n_sampled == 3 for r in res.steps)
+    a = refine_pairs(model, tok, pairs, cfg, seed=5, progress=False, sample_batch_size=5)
+    b = refine_pairs(model, tok, pairs, cfg, seed=5, progress=False, sample_batch_size=5)
+    pd.testing.assert_frame_equal(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1])
+
+
+def test_refine_pairs_sample_batch_size_default(model, tok, monkeypatch):
+    """Rows per generate call: the argument, else the config's sample_batch_size field if it has one, else the
+    module default."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class WithKnob(RefinementConfig):
+        sample_batch_size: int = 48
+
+    for cfg, kw, expect in ((RefinementConfig(n_candidates=2), {}, refinement.SAMPLE_BATCH_SIZE),
+                            (WithKnob(n_candidates=2), {}, 48),
+                            (WithKnob(n_candidates=2), dict(sample_batch_size=7), 7)):
+        fake = PrefixSampler()
+        monkeypatch.setattr(refinement, "sample", fake)
+        refine_pairs(model, tok, _pairs(), cfg, seed=0, progress=False, **kw)
+        assert fake.batch_sizes == [expect]
+    with pytest.raises(ValueError, match="sample_batch_size"):
+        refine_pairs(model, tok, _pairs(), RefinementConfig(), seed=0, progress=False, sample_batch_size=0)
+
+
+def test_a_response_is_never_split_between_sampler_calls(model, tok, monkeypatch):
+    fake = PrefixSampler()
+    monkeypatch.setattr(refinement, "sample", fake)
+    monkeypatch.setattr(refinement, "MAX_STEPS_PER_CALL", 1)  # smaller than either response
+    pairs = _pairs()
+    out, log = refine_pairs(model, tok, pairs, RefinementConfig(n_candidates=2, window=8, epsilon=1e9), seed=0,
+                            progress=False)
+    steps0, steps1 = split_steps(TEXT)[0], split_steps(pairs["chosen"][2])[0]
+    assert fake.calls == [[PROMPT + "".join(steps0[:i]) for i in range(3)],
+                          [pairs["prompt"][2] + "".join(steps1[:i]) for i in range(2)]]
+    assert out["refined"].all() and len(log) == 5 and log["accepted"].all()
+
+
 def test_refine_pairs_disabled_and_bad_table(model, tok, monkeypatch):
     fake = PrefixSampler()
     monkeypatch.setattr(refinement, "sample", fake)
     out, log = refine_pairs(model, tok, _pairs(), RefinementConfig(enabled=False), seed=0, progress=False)
-    assert fake.calls == 0 and not out["refined"].any() and len(log) == 0
+    assert fake.calls == [] and not out["refined"].any() and len(log) == 0
     assert refinement_summary(log, out)["acceptance_rate"] is None
     with pytest.raises(ValueError, match="chosen_sample_idx"):
         refine_pairs(model, tok, _pairs().drop(columns=["chosen_sample_idx"]), RefinementConfig(), seed=0)

@@ -87,7 +87,8 @@ def test_unknown_profile_fails_before_anything_runs(tmp_path, nbdir):
     runs = tmp_path / "runs"
     r = run_all("--profile", "nope", env_extra={"TSQ_NOTEBOOKS_DIR": str(nbdir), "TSQ_RUNS_DIR": str(runs)})
     assert r.returncode != 0
-    assert "unknown profile 'nope': no file profiles/nope.yaml (available: ci, toy)" in r.stderr
+    available = ", ".join(sorted(f.stem for f in (REPO / "profiles").glob("*.yaml")))  # ci, r1-1.5b, r1-7b, toy
+    assert f"unknown profile 'nope': no file profiles/nope.yaml (available: {available})" in r.stderr
     assert not runs.exists() and r.stdout == ""
 
 

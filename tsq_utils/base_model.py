@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .config import REPO_ROOT, Profile, resolve_device
@@ -18,8 +19,28 @@ def toy_model_dir(profile: Profile, run_dir: Path) -> Path:
 
 
 def hub_model_ref(profile: Profile) -> str:
-    """The hub id or local folder that a hub profile loads (local_override wins)."""
-    return profile.model.local_override or profile.model.path
+    """The hub id or local folder that a hub profile loads: model.local_override (a folder) wins over model.path.
+
+    Relative local paths are resolved against the repository root; model.path names a local folder when one
+    exists there, and a hub id otherwise.
+    """
+    from .data import resolve_local
+
+    if profile.model.local_override:
+        return str(local_model_dir(profile.model.local_override, "model.local_override"))
+    local = resolve_local(profile.model.path)
+    return str(local) if local.is_dir() else profile.model.path
+
+
+def local_model_dir(path: str | Path, what: str) -> Path:
+    """A local model folder given by a profile key or notebook parameter (`what`), resolved against the repo root."""
+    from .data import resolve_local
+
+    folder = resolve_local(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {str(path)!r} is not a folder (resolved to {folder}); "
+                                "it must hold a saved model: config.json, *.safetensors and the tokenizer files")
+    return folder
 
 
 def write_pointer(stage_dir: Path, ref: str, kind: str, extra: dict | None = None) -> Path:
@@ -41,41 +62,210 @@ def read_pointer(run_dir: Path, profile_name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def load_model(ref: str, kind: str, profile: Profile):
-    """Load (model, tokenizer) from a toy folder or a hub id / local directory; safetensors only, no remote code."""
+def base_ref(run_dir: Path, profile: Profile) -> tuple[str, str]:
+    """(model reference, kind) of the base model that notebook 00 recorded for this profile."""
+    ptr = read_pointer(run_dir, profile.name)
+    return ptr["model"], ptr["kind"]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("toy", "hub"):
+        raise ValueError(f"unknown model kind {kind!r}: use 'toy' or 'hub'")
+
+
+def _check_local_weights(ref: str) -> None:
+    """A local model folder must hold safetensors weights: pickled (.bin, .pt) weights are never loaded."""
+    folder = Path(ref)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise FileNotFoundError(f"{folder} holds no *.safetensors weights (only safetensors are loaded, never "
+                                f"pickled .bin files); it has: {', '.join(found) or 'nothing'}")
+
+
+def load_tokenizer(ref: str, kind: str):
+    """The tokenizer of a toy folder or a hub id / local folder (no remote code); pad falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    _check_kind(kind)
+    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(ref: str, kind: str, profile: Profile, dtype: str | None = None):
+    """Load (model, tokenizer) from a toy folder or a hub id / local folder; safetensors only, no remote code.
+
+    dtype overrides model.dtype (e.g. "float32" master weights for bf16 mixed-precision training).
+    """
+    _check_kind(kind)
     device = resolve_device(profile)
     if kind == "toy":
         from .toyworld import load_reasoner
 
         return load_reasoner(ref, device=device)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[profile.model.dtype]
-    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True, trust_remote_code=False).to(device)
+    dtype = dtype or profile.model.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    _check_local_weights(ref)
+    tok = load_tokenizer(ref, kind)
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                 trust_remote_code=False).to(device)
     model.eval()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     return model, tok
 
 
-def load_base(run_dir: Path, profile: Profile):
-    """Load the base model that notebook 00 recorded for this profile."""
-    ptr = read_pointer(run_dir, profile.name)
-    return load_model(ptr["model"], ptr["kind"], profile)
+def load_base(run_dir: Path, profile: Profile, dtype: str | None = None):
+    """Load the base model that notebook 00 recorded for this profile, as a transformers model (refinement, training)."""
+    ref, kind = base_ref(run_dir, profile)
+    return load_model(ref, kind, profile, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- samplers (transformers or vLLM)
+
+# Context room for the prompt on top of the longest generation (MATH and AIME prompts are a few hundred tokens).
+PROMPT_ROOM_TOKENS = 2048
+
+
+def vllm_engine_kwargs(ref: str, profile: Profile) -> dict:
+    """The keyword arguments of vllm.LLM for a model under this profile (dtype, seed, memory share, context)."""
+    s, e = profile.sampling, profile.evaluation
+    max_len = s.max_model_len or max(s.max_new_tokens, e.max_new_tokens) + PROMPT_ROOM_TOKENS
+    return dict(model=str(ref), tokenizer=str(ref), dtype=profile.model.dtype, seed=profile.seed,
+                gpu_memory_utilization=s.gpu_memory_utilization, tensor_parallel_size=s.tensor_parallel_size,
+                max_model_len=max_len, trust_remote_code=False)
+
+
+def make_vllm_engine(ref: str, profile: Profile):
+    """A vLLM engine for a model (GPU only; vLLM comes with the GPU extra)."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError("sampling.backend 'vllm' needs vLLM, which the GPU extra installs: pip install -e .[gpu]. "
+                          "On a machine without a GPU use the transformers backend (sampling.backend: transformers, "
+                          "or -p backend transformers)") from e
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("sampling.backend 'vllm' needs a CUDA GPU and none is visible; "
+                           "use the transformers backend (-p backend transformers)")
+    _check_local_weights(ref)
+    return vllm.LLM(**vllm_engine_kwargs(ref, profile))
+
+
+def load_sampler(ref: str, kind: str, profile: Profile):
+    """(sampler, tokenizer): what generation.sample draws from under sampling.backend, a vLLM engine or the model."""
+    if profile.sampling.backend == "vllm":
+        _check_kind(kind)
+        return make_vllm_engine(ref, profile), load_tokenizer(ref, kind)
+    return load_model(ref, kind, profile)
+
+
+def load_base_sampler(run_dir: Path, profile: Profile):
+    """(sampler, tokenizer) of the base model that notebook 00 recorded (sampling and evaluation stages)."""
+    ref, kind = base_ref(run_dir, profile)
+    return load_sampler(ref, kind, profile)
+
+
+def release_sampler(sampler) -> None:
+    """Stop a vLLM engine's worker processes (a no-op for a transformers model); the caller drops its references."""
+    engine = getattr(sampler, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Samplers(Mapping):
+    """Named models for generation.sample, loaded on first use.
+
+    Under vLLM at most one engine is alive at a time (each takes most of the GPU's memory), so switching
+    models reloads one; transformers models stay loaded once used.
+    """
+
+    def __init__(self, profile: Profile, refs: Mapping[str, tuple[str, str]]) -> None:
+        """refs: name -> (model reference, kind), e.g. {"base": (hub id, "hub"), "tokensqueeze": (folder, "hub")}."""
+        for name, value in refs.items():
+            if not (isinstance(value, tuple) and len(value) == 2):
+                raise ValueError(f"refs[{name!r}] must be a (model reference, kind) tuple, got {value!r}")
+            _check_kind(value[1])
+        self.profile = profile
+        self.refs = dict(refs)
+        self._loaded: dict = {}
+
+    def __getitem__(self, name: str):
+        if name not in self.refs:
+            raise KeyError(name)
+        if name not in self._loaded:
+            if self.profile.sampling.backend == "vllm":
+                self.close()
+            ref, kind = self.refs[name]
+            self._loaded[name] = load_sampler(ref, kind, self.profile)[0]
+        return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.refs  # without loading it
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def close(self) -> None:
+        """Release every loaded model (vLLM engines are shut down)."""
+        while self._loaded:
+            _, sampler = self._loaded.popitem()
+            release_sampler(sampler)
+            del sampler
+        _free_memory()
+
+
+def hub_summary(ref: str, tokenizer, profile: Profile) -> dict:
+    """What notebook 00 records about a hub model: where it comes from, its tokenizer and the R1 prompt format."""
+    from .data import r1_prompt
+
+    prompt = r1_prompt("What is $1+1$?", tokenizer)
+    return {
+        "model": str(ref), "kind": "hub", "local": Path(ref).is_dir(), "hub_id": profile.model.path,
+        "dtype": profile.model.dtype, "backend": profile.sampling.backend, "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token, "template_opens_think": tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True).rstrip().endswith("<think>"),
+        "example_prompt": prompt,
+    }
 
 
 def prepare_base(stage, progress: bool = True):
-    """Stage 00's work: train (retrain or ci) or load the toy reasoner, or load a hub model; record it for later stages."""
+    """Stage 00's work: train (retrain or ci) or load the toy reasoner, or load a hub model; record it for later stages.
+
+    Returns (model, tokenizer, info). For a hub profile the model is what generation.sample draws from under
+    sampling.backend (a vLLM engine, or the transformers model).
+    """
     from .toyworld import build_reasoner, load_reasoner, read_manifest, save_reasoner
 
     profile = stage.profile
     if profile.model.source == "hub":
         ref = hub_model_ref(profile)
-        model, tok = load_model(ref, "hub", profile)
-        write_pointer(stage.dir, ref, "hub")
-        return model, tok, {"model": ref, "kind": "hub"}
+        model, tok = load_sampler(ref, "hub", profile)
+        info = hub_summary(ref, tok, profile)
+        write_pointer(stage.dir, ref, "hub", {k: info[k] for k in ("hub_id", "local", "dtype")})
+        return model, tok, info
     path = toy_model_dir(profile, stage.run_dir)
     if profile.pretrain.retrain:
         if stage.force or not (path / "model.safetensors").exists() or read_manifest(path).get("pretrain_config") != dict(vars(profile.pretrain)):
@@ -88,12 +278,51 @@ def prepare_base(stage, progress: bool = True):
 
 
 def base_inputs(run_dir: Path, profile: Profile) -> dict:
-    """What later stages hash for resume: the pointer and, for a toy model, its weights."""
+    """What later stages hash for resume: the pointer and the weights of a local model (a hub id is its own record)."""
     ptr = read_pointer(run_dir, profile.name)
     inputs = {"base_model": run_dir / "base_model" / POINTER}
     if ptr["kind"] == "toy":
         inputs["base_weights"] = Path(ptr["model"]) / "model.safetensors"
+    elif Path(ptr["model"]).is_dir():
+        # a local stand-in or a pre-downloaded copy can change under the same path
+        inputs["base_weights"] = Path(ptr["model"])
     return inputs
+
+
+def demo_example(profile: Profile, tokenizer) -> dict:
+    """Notebook 00's worked example: problem, gold, prompt, grader ('toy' or 'math'), and the oracle's tokens (toy).
+
+    Toy: the k = 4 demo problem of a fixed seed. Hub: the first problem of the first evaluation benchmark.
+    """
+    if profile.model.source == "toy":
+        import random
+
+        from .toyworld import make_problem, oracle_trace, prompt_for
+
+        demo = make_problem(random.Random(0), k=4, max_value=profile.toyworld.max_value, problem_id="demo")
+        oracle = len(tokenizer(oracle_trace(demo), add_special_tokens=False)["input_ids"])
+        return {"problem_id": "demo", "problem": demo.question, "gold": str(demo.answer),
+                "prompt": prompt_for(demo.question, tokenizer), "grader": "toy", "oracle_tokens": oracle}
+    from .data import load_benchmark, local_path_for, r1_prompt
+
+    d = profile.data
+    bench = next((b for b in d.eval if b != "toy"), None)
+    if bench is None:
+        raise ValueError(f"profile {profile.name}: data.eval names no benchmark for a hub model ({d.eval})")
+    row = load_benchmark(bench, local_path=local_path_for(bench, d.local_files, d.local_dir), limit=1).iloc[0]
+    return {"problem_id": row["problem_id"], "problem": row["problem"], "gold": row["gold"],
+            "prompt": r1_prompt(row["problem"], tokenizer), "grader": "math", "oracle_tokens": None}
+
+
+def print_steps(text: str, max_steps: int = 24) -> None:
+    """Print the thinking steps of a completion (blank-line separated), the first max_steps of them, then its answer."""
+    thinking, sep, answer = text.partition("</think>")
+    steps = [s for s in thinking.strip().split("\n\n") if s.strip()]
+    for i, step in enumerate(steps[:max_steps]):
+        print(f"step {i}: {step}")
+    if len(steps) > max_steps:
+        print(f"... ({len(steps) - max_steps} more steps)")
+    print(f"answer: {answer.strip()}" if sep else "(no </think>: the thinking did not finish)")
 
 
 def heldout_problems(profile: Profile, tokenizer, n: int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import random
 import typing
@@ -75,6 +76,10 @@ class DataConfig:
     n_eval_problems: int = field(default=400, metadata=_rng(1, 10**7))
     # benchmark name -> local JSONL path that replaces the hub dataset
     local_files: dict = field(default_factory=dict)
+    # a folder holding local copies of the benchmarks under their data.BENCHMARKS file names (the layout of
+    # ../shared/data); used for every benchmark without a local_files entry. "" = the hub. Relative paths in
+    # local_files and local_dir are resolved against the repository root.
+    local_dir: str = ""
 
 
 @dataclass
@@ -85,6 +90,11 @@ class SamplingConfig:
     top_p: float = field(default=1.0, metadata=_rng(0.0, 1.0))
     max_new_tokens: int = field(default=512, metadata=_rng(1, 10**6))
     batch_size: int = field(default=64, metadata=_rng(1, 100000))
+    # vLLM engine settings (backend vllm only): the share of GPU memory the engine may take (weights + KV cache),
+    # GPUs per engine, and the context length (0 = the longest generation asked for plus room for the prompt)
+    gpu_memory_utilization: float = field(default=0.85, metadata=_rng(0.05, 1.0))
+    tensor_parallel_size: int = field(default=1, metadata=_rng(1, 64))
+    max_model_len: int = field(default=0, metadata=_rng(0, 10**7))
 
 
 @dataclass
@@ -144,6 +154,35 @@ class TLDRConfig:
     max_steps: int = field(default=200, metadata=_rng(1, 10**7))
     batch_size: int = field(default=8, metadata=_rng(1, 100000))
     n_dev_problems: int = field(default=100, metadata=_rng(1, 10**7))
+    # toy world: problems with k <= easy_max_k are easy (System-1 pool), the others hard (System-2); 0 = the midpoint
+    # of the k range
+    easy_max_k: int = field(default=0, metadata=_rng(0, 1000))
+    # decoding of the dev evaluations during training (choice: greedy, deterministic and cheap; the paper is silent)
+    dev_temperature: float = field(default=0.0, metadata=_rng(0.0, 5.0))
+    # floor |T_L - T_S| at 1 token and |A_L - A_S| at one dev problem (the dev set's resolution), so that coinciding
+    # reference points do not divide by zero; a no-op when they are apart. False: the paper's raw rule
+    floor_gaps: bool = True
+
+
+@dataclass
+class AblationsConfig:
+    """Notebook 06: which sweep points run, how many training seeds the headline rows get, and the evaluation size."""
+
+    # training seeds of the headline rows (mean ± SD over them); every other row trains with seed 0 only
+    seeds: int = field(default=3, metadata=_rng(1, 100))
+    # rows ("table4/dpo") or whole groups ("table4") that are trained with every seed
+    headline: list = field(default_factory=lambda: ["table2/shortest", "table2/q_dyn", "table3/kl", "table4/dpo"])
+    # sweep points; the profile's own value is always added (and, for epsilon, the no-KL rewrite, epsilon = inf).
+    # Every epsilon point is a full refinement run (notebook 03's cost); alpha and eta points cost one training each.
+    alphas: list = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 1.0])
+    epsilons: list = field(default_factory=lambda: [0.05])
+    etas: list = field(default_factory=lambda: [0.0, 0.75, 1.0])
+    # evaluation of each row: the first n_eval_problems problems of each benchmark x n_eval_samples responses
+    # (0 = notebook 05's sizes: data.n_eval_problems, evaluation.n_samples)
+    n_eval_problems: int = field(default=140, metadata=_rng(0, 10**7))
+    n_eval_samples: int = field(default=1, metadata=_rng(0, 4096))
+    # optimizer steps per trained row (0 = training.epochs in full, as notebook 04)
+    max_steps: int = field(default=0, metadata=_rng(0, 10**7))
 
 
 @dataclass
@@ -163,6 +202,7 @@ class Profile:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tldr: TLDRConfig = field(default_factory=TLDRConfig)
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
     source_file: str = ""
 
     def to_dict(self) -> dict:
@@ -216,10 +256,33 @@ def _build(cls: type, raw: dict, where: str) -> Any:
 
 def _validate_cross(p: Profile, where: str) -> None:
     """Checks that involve several keys."""
+    _validate_ablations(p.ablations, where)
     if p.toyworld.k_min > p.toyworld.k_max:
         raise ProfileError(f"{where}: toyworld.k_min ({p.toyworld.k_min}) exceeds toyworld.k_max ({p.toyworld.k_max})")
     if p.pretrain.hidden_size % p.pretrain.num_heads:
         raise ProfileError(f"{where}: pretrain.hidden_size must be divisible by pretrain.num_heads")
+    e = p.tldr.easy_max_k
+    if e and p.data.train == "toy" and not p.toyworld.k_min <= e < p.toyworld.k_max:
+        raise ProfileError(f"{where}: tldr.easy_max_k ({e}) must lie in [toyworld.k_min, toyworld.k_max - 1] = "
+                           f"[{p.toyworld.k_min}, {p.toyworld.k_max - 1}] so that both TLDR pools have problems (0: the midpoint)")
+    if p.sampling.backend == "vllm" and p.device == "cpu":
+        raise ProfileError(f"{where}: sampling.backend 'vllm' needs a GPU, but device is 'cpu' "
+                           "(use device: auto or cuda, or sampling.backend: transformers)")
+    if p.sampling.max_model_len and p.sampling.max_model_len <= max(p.sampling.max_new_tokens, p.evaluation.max_new_tokens):
+        raise ProfileError(f"{where}: sampling.max_model_len ({p.sampling.max_model_len}) leaves no room for the prompt: "
+                           "it must exceed sampling.max_new_tokens and evaluation.max_new_tokens (0 derives it)")
+
+
+def _validate_ablations(a: AblationsConfig, where: str) -> None:
+    """The ablations section's lists: sweep points in range, headline entries non-empty strings."""
+    for name, lo, hi in (("alphas", 0.0, 1.0), ("epsilons", 0.0, None), ("etas", 0.0, 1.0)):
+        for v in getattr(a, name):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (hi is not None and v > hi):
+                bound = f"[{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g} and finite"
+                raise ProfileError(f"{where}.ablations.{name}: {v!r} is not a number {bound}")
+    for v in a.headline:
+        if not isinstance(v, str) or not v:
+            raise ProfileError(f"{where}.ablations.headline: {v!r} is not a row or group name (a non-empty string)")
 
 
 def available_profiles() -> list[str]:

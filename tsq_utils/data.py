@@ -25,7 +25,9 @@ class BenchmarkSpec:
     split: str
     n: int  # rows in the full test set
     local_file: str  # file name in ../shared/data (its schema is what a local override must follow)
-    gold_kind: str  # how the raw answer field becomes a gold string: "text", "gsm8k", "number"
+    # how a record becomes a gold string: "text", "gsm8k", "number", or "boxed_solution" (the answer field
+    # if there is one, else the last \boxed{} of the worked solution)
+    gold_kind: str
     has_level: bool = False  # MATH difficulty 1..5 in a "level" field
 
 
@@ -43,12 +45,20 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     ),
     "gsm8k": BenchmarkSpec("openai/gsm8k", "main", "test", 1319, "gsm8k_test.jsonl", "gsm8k"),
     "amc23": BenchmarkSpec("math-ai/amc23", None, "test", 40, "amc23_test.jsonl", "number"),
+    # The training set of the GPU profiles (TokenSqueeze names none): the 7,500 problems of the MATH train split
+    # (Hendrycks et al.), disjoint from MATH500, which is drawn from the MATH test split. Rows carry problem,
+    # level ("Level 3"), type and solution; the gold is the solution's last \boxed{}. No local copy ships in
+    # ../shared/data: a local override is any JSONL with problem and solution (or answer) fields.
+    "math_train": BenchmarkSpec(
+        "DigitalLearningGmbH/MATH-lighteval", None, "train", 7500, "math_train.jsonl", "boxed_solution", True
+    ),
 }
 
 # Field names across the hub and local schemas, in order of preference.
 _PROBLEM_FIELDS = ("problem", "question", "instruction", "Problem", "Question")
 _ANSWER_FIELDS = ("answer", "Answer")
 _ID_FIELDS = ("unique_id", "id", "idx", "ID")
+_SOLUTION_FIELDS = ("solution", "Solution")
 
 
 class BenchmarkLoadError(RuntimeError):
@@ -85,7 +95,21 @@ def normalize_number(answer: Any) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+def gold_from_solution(solution: str) -> str:
+    """The last complete \\boxed{} of a worked solution (MATH's convention for the final answer)."""
+    from .grading import extract_boxed
+
+    answer = extract_boxed(str(solution))
+    if answer is None or not answer.strip():
+        raise ValueError(f"solution has no complete \\boxed{{}} answer: ...{str(solution)[-80:]!r}")
+    return answer.strip()
+
+
 def _gold(row: dict, kind: str) -> str:
+    if kind == "boxed_solution":
+        if any(row.get(f) is not None for f in _ANSWER_FIELDS):
+            return str(_first(row, _ANSWER_FIELDS, "answer")).strip()
+        return gold_from_solution(_first(row, _SOLUTION_FIELDS, "answer or solution"))
     raw = _first(row, _ANSWER_FIELDS, "answer")
     if kind == "gsm8k":
         return parse_gsm8k_answer(raw)
@@ -179,6 +203,48 @@ def load_benchmark(name: str, local_path: str | Path | None = None, limit: int |
     if limit is not None:
         rows = rows[:limit]
     return _normalize_rows(name, rows, source)
+
+
+def resolve_local(path: str | Path) -> Path:
+    """A local path as given by a profile or a notebook parameter: ~ expanded, relative to the repository root."""
+    from .config import REPO_ROOT
+
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else REPO_ROOT / p).resolve()
+
+
+def local_path_for(name: str, local_files: dict | None = None, local_dir: str | Path = "") -> Path | None:
+    """The local file that replaces benchmark `name`: local_files[name], else local_dir/<its file name>; None = hub."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    if local_files and local_files.get(name):
+        path, where = resolve_local(local_files[name]), f"data.local_files[{name!r}]"
+    elif local_dir:
+        folder = resolve_local(local_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data.local_dir {str(local_dir)!r} is not a folder (resolved to {folder})")
+        path, where = folder / BENCHMARKS[name].local_file, f"data.local_dir ({folder})"
+    else:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{where}: no file {path} for benchmark {name!r}; give it in data.local_files "
+            f"(one JSON object per line, like {BENCHMARKS[name].local_file}) or load it from the hub"
+        )
+    return path
+
+
+def benchmark_list(value: str | list | None) -> list[str] | None:
+    """Benchmark names from a comma-separated string (a papermill parameter) or a list; None stays None."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n != "toy" and n not in BENCHMARKS]
+    if not names or unknown:
+        raise ValueError(f"benchmarks {value!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
+                         f"known: toy, {', '.join(BENCHMARKS)}")
+    return names
 
 
 # ----------------------------------------------------------------------------- prompts and traces

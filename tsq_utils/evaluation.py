@@ -166,6 +166,11 @@ def _json_value(x: object) -> object:
     return None if math.isnan(x) else x
 
 
+def json_safe(values: Mapping[str, float]) -> dict:
+    """A flat mapping of numbers as plain JSON values, NaN as None (e.g. headline() when a model has no correct answer)."""
+    return {str(k): _json_value(v) for k, v in values.items()}
+
+
 def metrics_json(table: pd.DataFrame) -> dict:
     """A metrics table as nested {model: {benchmark: {acc, acc_se, len_t, len_a, auc, n}}}, NaN as None."""
     missing = [c for c in METRIC_COLUMNS if c not in table.columns]
@@ -199,9 +204,11 @@ def eval_problems(profile, tokenizer) -> dict[str, pd.DataFrame]:
                                   tw.k_max, tw.max_value, split="test")
             out[bench] = toy_problem_table(probs, tokenizer)
         else:
-            from .data import load_benchmark, r1_prompt
+            from .data import load_benchmark, local_path_for, r1_prompt
 
-            df = load_benchmark(bench, local_path=profile.data.local_files.get(bench), limit=profile.data.n_eval_problems).copy()
+            d = profile.data
+            # the first n problems: evaluation sets are used whole at the paper's scale (MATH500 500, AIME 30 each)
+            df = load_benchmark(bench, local_path=local_path_for(bench, d.local_files, d.local_dir), limit=d.n_eval_problems).copy()
             df["prompt"] = [r1_prompt(p, tokenizer) for p in df["problem"]]
             out[bench] = df
     return out
@@ -236,11 +243,13 @@ def oracle_results(problems: pd.DataFrame, tokenizer, benchmark: str = "toy") ->
 
 
 def budget_forced_curve(models: Mapping, tokenizer, results: pd.DataFrame, budgets: Sequence[int], grader: str = "toy",
-                        answer_tokens: int = 24, batch_size: int = 128) -> pd.DataFrame:
+                        answer_tokens: int = 24, batch_size: int = 128, backend: str = "transformers") -> pd.DataFrame:
     """Budget-forced Acc(b): thinking cut at b tokens, '</think>' forced, the answer generated greedily, then graded.
 
     A response whose thinking fits in b keeps its own grade. This is the s1 / Dynasor reading of a budget curve, unlike
     acc_curve, which counts a response as solved at b only if its whole completion is correct and no longer than b.
+    `models` maps model names to what generation.sample draws from under `backend` (base_model.Samplers loads them
+    one by one).
     """
     from .generation import sample
     from .sampling import grade
@@ -260,7 +269,7 @@ def budget_forced_curve(models: Mapping, tokenizer, results: pd.DataFrame, budge
                     ids = tokenizer(text.split("</think>")[0], add_special_tokens=False)["input_ids"][:b]
                     prompts.append(prompt + tokenizer.decode(ids) + think_close)
                 res = sample(model, tokenizer, prompts, n=1, temperature=0.0, max_new_tokens=answer_tokens,
-                             batch_size=batch_size)
+                             batch_size=batch_size, backend=backend)
                 forced = [think_close + r[0] for r in res.texts]
                 status = grade(forced, list(over["gold"]), grader)
                 pos = grp.index.get_indexer(over.index)

@@ -164,3 +164,130 @@ def refinement_figure(step_log: pd.DataFrame, summary: dict, epsilon: float):
     axes[2].set(ylabel="steps per response", title="Steps per response (paper: about the same)")
     fig.tight_layout()
     return fig
+
+
+# =========================================================================== stage 07: TLDR (notebook 07_tldr)
+
+
+def tldr_trajectory_figure(records: pd.DataFrame, refs: dict, batches: pd.DataFrame | None = None,
+                           chosen: dict | None = None, acc_floor: float = 0.7):
+    """Stage 07: the System-1 weight, dev tokens and dev accuracy against the step, per run, with the chosen checkpoints.
+
+    records: one row per dev evaluation with columns run, step, dev_tokens, dev_acc, w_short; refs: t_s, a_s, t_l, a_l;
+    batches (optional): one row per step with run, step, w_short, n_short, n_long (the rows drawn from each pool);
+    chosen: run -> chosen step (or None).
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    chosen = chosen or {}
+    colors = {}
+    for i, (run, g) in enumerate(records.groupby("run", sort=False)):
+        c = colors.setdefault(run, f"C{i}")
+        g = g.sort_values("step")
+        # every run starts from the base model, (T_L, A_L), with the weights its first batch was drawn with
+        steps = np.r_[0, g["step"]]
+        b = batches[batches["run"] == run].sort_values("step") if batches is not None else pd.DataFrame()
+        w0 = float(b["w_short"].iloc[0]) if len(b) else 0.5
+        axes[0].step(steps, np.r_[w0, g["w_short"]], where="post", color=c, label=f"{run}: weight")
+        if len(b):
+            share = (b["n_short"] / (b["n_short"] + b["n_long"])).rolling(max(1, len(b) // 20), min_periods=1).mean()
+            axes[0].plot(b["step"], share, color=c, lw=0.8, alpha=0.45, label=f"{run}: share drawn (rolling)")
+        axes[1].plot(steps, np.r_[refs["t_l"], g["dev_tokens"]], "o-", ms=3, color=c, label=run)
+        axes[2].plot(steps, np.r_[refs["a_l"], g["dev_acc"]], "o-", ms=3, color=c, label=run)
+        step = chosen.get(run)
+        if step is not None:
+            row = g[g["step"] == step].iloc[0]
+            axes[1].plot(step, row["dev_tokens"], "*", ms=14, color=c, mec="k", label=f"{run}: chosen (step {step})")
+            axes[2].plot(step, row["dev_acc"], "*", ms=14, color=c, mec="k")
+    axes[0].set(xlabel="optimizer step", ylabel="w_short (System-1 share)", ylim=(-0.02, 1.02),
+                title="Mixture weight of the short pool")
+    axes[0].legend(fontsize=7)
+    for ax, key, name in ((axes[1], "t", "tokens"), (axes[2], "a", "accuracy")):
+        ax.axhline(refs[f"{key}_l"], color="dimgray", ls="--", lw=0.9, label=f"long model ({key.upper()}_L)")
+        ax.axhline(refs[f"{key}_s"], color="dimgray", ls=":", lw=0.9, label=f"short model ({key.upper()}_S)")
+    axes[2].axhline(acc_floor * refs["a_l"], color="red", ls="-.", lw=0.8, label=f"floor {acc_floor:g}·A_L")
+    axes[1].set(xlabel="optimizer step", ylabel="mean dev tokens", title="Dev length")
+    axes[2].set(xlabel="optimizer step", ylabel="dev accuracy", ylim=(-0.02, 1.02), title="Dev accuracy")
+    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle(TOKENS_NOTE, fontsize=8, y=0.01)
+    fig.tight_layout()
+    return fig
+
+
+# =========================================================================== notebook 06: ablations
+# Tables come from tsq_utils.ablations.aggregate: one line per row, mean over training seeds with *_sd columns.
+
+
+def _sweep_positions(x: pd.Series, logx: bool) -> tuple[np.ndarray, list[float], list[str]]:
+    """Plot positions for sweep values, an infinite value (ε = ∞) placed one step right of the largest finite one."""
+    xv = x.to_numpy(dtype=float)
+    finite = xv[np.isfinite(xv)]
+    if logx:
+        finite = finite[finite > 0]
+        top = finite.max() if finite.size else 1.0
+        inf_at = top * 4
+    else:
+        top = finite.max() if finite.size else 0.0
+        inf_at = top + (np.ptp(finite) if finite.size > 1 else 1.0) * 0.25
+    pos = np.where(np.isinf(xv), inf_at, xv)
+    ticks = sorted(set(pos.tolist()))
+    labels = ["∞" if t == inf_at and np.isinf(xv).any() else f"{t:g}" for t in ticks]
+    return pos, ticks, labels
+
+
+def ablation_sweep_figure(table: pd.DataFrame, xlabel: str, title: str, logx: bool = False,
+                          base: pd.Series | None = None, extra: list[tuple[str, str]] | None = None,
+                          mark: float | None = None):
+    """A sweep (Fig. 4 and the new ones): optional extra panels, then accuracy and Len-T against the swept value.
+
+    Error bars are the SD over training seeds where a point has several; `base` (a table line of the base model)
+    draws dashed reference lines; `mark` draws a vertical line at the profile's / paper's value.
+    """
+    panels = list(extra or []) + [("acc", "accuracy"), ("len_t", "Len-T (tokens of correct responses)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.5))
+    axes = np.atleast_1d(axes)
+    t = table.dropna(subset=["x"])
+    pos, ticks, labels = _sweep_positions(t["x"], logx)
+    for ax, (col, ylabel) in zip(axes, panels):
+        y = t[col].to_numpy(dtype=float) * (100 if col == "acc" else 1)
+        sd_col = f"{col}_sd"
+        err = t[sd_col].to_numpy(dtype=float) * (100 if col == "acc" else 1) if sd_col in t else None
+        ax.errorbar(pos, y, yerr=err, fmt="o-", capsize=3, ms=5)
+        if col == "tokens_per_step_after" and "tokens_per_step_before" in t and t["tokens_per_step_before"].notna().any():
+            ax.axhline(float(t["tokens_per_step_before"].mean()), color="grey", ls="--", lw=1, label="before refinement")
+            ax.legend(fontsize=8)
+        if base is not None and col in base and base[col] == base[col]:
+            ax.axhline(float(base[col]) * (100 if col == "acc" else 1), color="k", ls=":", lw=1, label="base model")
+            ax.legend(fontsize=8)
+        if mark is not None:
+            ax.axvline(mark, color="tab:red", lw=0.8, alpha=0.6)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.minorticks_off()
+        ax.set(xlabel=xlabel, ylabel=ylabel + (" (%)" if col == "acc" else ""))
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.5, 0.005, TOKENS_NOTE + "; bars: SD over training seeds", ha="center", fontsize=7, color="dimgray")
+    fig.tight_layout()
+    return fig
+
+
+def ablation_tradeoff_figure(tables: dict[str, pd.DataFrame], titles: dict[str, str],
+                             base: pd.Series | None = None):
+    """Tables 2–4 in the accuracy–length plane: one panel per table, one point per row (SD bars), the base model starred."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.6 * len(tables), 3.8), squeeze=False)
+    for ax, (group, t) in zip(axes[0], tables.items()):
+        t = t.dropna(subset=["acc", "len_t"])
+        for _, r in t.iterrows():
+            xerr = r["len_t_sd"] if r["len_t_sd"] == r["len_t_sd"] else None
+            yerr = r["acc_sd"] * 100 if r["acc_sd"] == r["acc_sd"] else None
+            ax.errorbar(r["len_t"], r["acc"] * 100, xerr=xerr, yerr=yerr, fmt="o", capsize=3, ms=6)
+            ax.annotate(r["label"], (r["len_t"], r["acc"] * 100), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if base is not None and base["acc"] == base["acc"]:
+            ax.plot(base["len_t"], base["acc"] * 100, "k*", ms=11, label="base model")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set(xlabel="Len-T (tokens of correct responses)", ylabel="accuracy (%)", title=titles.get(group, group))
+    fig.text(0.5, 0.005, TOKENS_NOTE + "; up and left is better", ha="center", fontsize=7, color="dimgray")
+    fig.tight_layout()
+    return fig

@@ -39,6 +39,20 @@ Choices made here (documented in notebook 03):
 - After reassembly the response is reverted to the original when ``grade_fn`` says the refined text
   is no longer correct (``revert_reason="grade"``) or when the whole refined text tokenizes longer
   than the original (``"longer"``, a guard against boundary merges; steps are only ever shortened).
+- Sampling in bulk. Refinement runs in two phases: the candidates of every step of every response
+  being refined are drawn in one ``sample`` call (``sample_batch_size`` rows per generate call; the
+  sampler groups rows of similar prefix length), then each step's candidates are scored and the
+  responses reassembled. (Past ``MAX_STEPS_PER_CALL`` steps, consecutive responses are split into
+  several such calls, to bound memory.) A call runs to the largest token limit among its steps; a
+  step then drops the samples whose text reaches its own limit, as a call with that limit would
+  have cut them ("length"). The limit is judged on the token count of the sampled text, so it can
+  differ by a token from a per-step call where the model's tokenization is not canonical or a stop
+  string shares a token with text; only candidates at least as long as the original step are
+  affected, and those are never kept. Seeds: each call's sampler seed is derived from ``seed`` and
+  the call's number alone, and the sampler draws one random stream per batch of rows, so a step's
+  candidates depend on the whole batch composition: the same responses (in the same order), seed
+  and batch sizes give the same result, but refining a response alone or among others gives
+  different candidates (from the same distribution).
 - KV cache: the shared prefix (all but its last token) is run once; its cache is copied and
   repeated across each batch of rows (original + candidates), which then run only
   [last prefix token, step, continuation window], right-padded, with explicit positions.
@@ -69,6 +83,14 @@ _STEP_PARTS_RE = re.compile(r"(.*?)((?:\n(?:[ \t\r]*\n)+)?)\Z", re.DOTALL)
 STOP_SLACK_TOKENS = 8
 # Elements of one float32 [rows, positions, vocab] slice of the KL computation (about 1 GiB).
 _KL_SLICE_ELEMENTS = 2**28
+# Rows per generate call when the candidates of many steps are drawn together (a RefinementConfig with a
+# sample_batch_size field overrides it). On one CPU thread the toy reasoner's generation is compute-bound, not
+# overhead-bound: 64 rows was as fast as or faster than 16, 128 and 256 (more rows mean more padding and more
+# decoding steps run to the largest token limit); a GPU wants far larger batches.
+SAMPLE_BATCH_SIZE = 64
+# Steps whose candidates one sampler call draws at most (responses are never split between calls): bounds the
+# prefix texts and samples held at once; the toy profile's 200-400 responses fit in one call.
+MAX_STEPS_PER_CALL = 4096
 REDUCTIONS = ("mean", "sum")
 STEP_LOG_COLUMNS = (
     "response_id", "problem_id", "step", "orig_tokens", "n_sampled", "n_dropped", "cand_tokens", "kl",
@@ -277,9 +299,10 @@ def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _validate_refine_args(n_candidates: int, window: int, epsilon: float, reduction: str, temperature: float,
-                          max_step_tokens: int, batch_size: int) -> None:
+                          max_step_tokens: int, batch_size: int, sample_batch_size: int) -> None:
     for name, value, lo in (("n_candidates", n_candidates, 1), ("window", window, 1),
-                            ("max_step_tokens", max_step_tokens, 1), ("batch_size", batch_size, 1)):
+                            ("max_step_tokens", max_step_tokens, 1), ("batch_size", batch_size, 1),
+                            ("sample_batch_size", sample_batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     if not (isinstance(epsilon, (int, float)) and epsilon >= 0 and not math.isnan(epsilon)):
@@ -290,37 +313,123 @@ def _validate_refine_args(n_candidates: int, window: int, epsilon: float, reduct
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _draw_candidates(model, tokenizer, prefix_text: str, n: int, temperature: float, max_new_tokens: int,
-                     seed: int) -> tuple[list[str], int]:
-    """Distinct cleaned candidate steps (in sampling order) and how many samples were dropped."""
-    res = sample(model, tokenizer, [prefix_text], n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                 seed=seed, stop=list(STOP_STRINGS))
-    kept, dropped = [], 0
-    for text, reason in zip(res.texts[0], res.finish_reasons[0]):
-        cand = clean_candidate(text)
-        if reason == "length" or not cand:
-            dropped += 1
-        elif cand not in kept:
-            kept.append(cand)
-    return kept, dropped
+@dataclass
+class _StepJob:
+    """A step whose candidates are drawn and scored: its record, its sampling limit and its candidates."""
+
+    rec: StepRecord
+    max_new_tokens: int  # this step's own sampling limit
+    cands: list[str] = field(default_factory=list)  # distinct cleaned candidates, in sampling order
 
 
-def _refine_step(model, tokenizer, rec: StepRecord, prefix_text: str, prefix_ids: list[int], step_ids: list[int],
-                 cont_ids: list[int], n_candidates: int, epsilon: float, reduction: str, temperature: float,
-                 max_step_tokens: int, seed: int, batch_size: int, cap_to_original: bool) -> str | None:
-    """Sample and score candidates for one step, fill rec; return the accepted candidate text or None."""
-    max_new = min(max_step_tokens, rec.orig_tokens + STOP_SLACK_TOKENS) if cap_to_original else max_step_tokens
-    cands, rec.n_dropped = _draw_candidates(model, tokenizer, prefix_text, n_candidates, temperature, max_new, seed)
-    rec.n_sampled = n_candidates
-    cand_ids = _token_ids(tokenizer, cands)
+@dataclass
+class _Plan:
+    """One response prepared for refinement: its steps and their segment-wise ids, records and jobs.
+
+    Prefixes and continuation windows are derived on demand, so a plan holds the response once rather
+    than once per step (many responses are planned before any is scored).
+    """
+
+    prompt: str
+    text: str
+    steps: list[str]
+    seps: list[str]
+    tail: str
+    prompt_ids: list[int]
+    body_ids: list[list[int]]
+    sep_ids: list[list[int]]
+    tail_ids: list[int]
+    records: list[StepRecord] = field(default_factory=list)  # one per step with a non-blank body
+    jobs: dict[int, _StepJob] = field(default_factory=dict)  # step index -> job (steps neither blank nor skipped)
+
+    def prefix_text(self, i: int) -> str:
+        """The prompt and the original steps before step i: the text the sampler continues."""
+        return self.prompt + "".join(self.steps[:i])
+
+    def prefix_ids(self, i: int) -> list[int]:
+        """Segment-wise ids of the same prefix: what the KL is conditioned on."""
+        ids = list(self.prompt_ids)
+        for j in range(i):
+            ids += self.body_ids[j] + self.sep_ids[j]
+        return ids
+
+    def cont_ids(self, i: int, window: int) -> list[int]:
+        """The first `window` original tokens after step i's body (its separator, later steps, the tail)."""
+        ids: list[int] = list(self.sep_ids[i])
+        for j in range(i + 1, len(self.steps)):
+            if len(ids) >= window:
+                break
+            ids += self.body_ids[j] + self.sep_ids[j]
+        return (ids + self.tail_ids)[:window]
+
+
+def _plan_response(tokenizer, prompt: str, text: str, window: int, max_step_tokens: int, cap_to_original: bool,
+                   response_id: str) -> _Plan:
+    """Split a response into steps, make their records, and a job for every step that can be refined."""
+    if not isinstance(prompt, str) or not isinstance(text, str):
+        raise ValueError("prompt and text must be str")
+    steps, tail = split_steps(text)
+    parts = [step_parts(s) for s in steps]
+    # Segment-wise ids: prompt, then body/separator of every step, then the tail (see the module doc).
+    segs = _token_ids(tokenizer, [prompt] + [x for p in parts for x in p] + [tail])
+    plan = _Plan(prompt=prompt, text=text, steps=steps, seps=[sep for _, sep in parts], tail=tail,
+                 prompt_ids=segs[0], body_ids=segs[1:-1:2], sep_ids=segs[2:-1:2], tail_ids=segs[-1])
+    for i, (body, _) in enumerate(parts):
+        if not body.strip():
+            continue  # only blank lines: nothing to refine (and not counted as a step)
+        rec = StepRecord(response_id=response_id, step=i, orig_tokens=len(plan.body_ids[i]))
+        rec.new_tokens = rec.orig_tokens
+        plan.records.append(rec)
+        if rec.orig_tokens <= 1:
+            rec.skipped = "too_short"
+        elif not plan.cont_ids(i, window):
+            rec.skipped = "no_continuation"
+        else:
+            max_new = (min(max_step_tokens, rec.orig_tokens + STOP_SLACK_TOKENS) if cap_to_original
+                       else max_step_tokens)
+            plan.jobs[i] = _StepJob(rec=rec, max_new_tokens=max_new)
+    return plan
+
+
+def _draw_candidates(model, tokenizer, plans: list[_Plan], n: int, temperature: float, seed: int,
+                     batch_size: int, progress: bool) -> None:
+    """Draw n candidates for every job of the plans in one sampler call; fill the jobs and their records' counts."""
+    where = [(plan, i) for plan in plans for i in plan.jobs]
+    if not where:
+        return
+    jobs = [plan.jobs[i] for plan, i in where]
+    # One call runs to the largest limit among the steps; a step then drops the samples that reach its own
+    # limit, which a call with that limit would have cut and reported as "length".
+    res = sample(model, tokenizer, [plan.prefix_text(i) for plan, i in where], n=n, temperature=temperature,
+                 max_new_tokens=max(j.max_new_tokens for j in jobs), seed=seed, stop=list(STOP_STRINGS),
+                 batch_size=batch_size, progress=progress)
+    if len(res.texts) != len(jobs):
+        raise ValueError(f"the sampler returned {len(res.texts)} rows of samples for {len(jobs)} prefixes")
+    for job, texts, n_toks, reasons in zip(jobs, res.texts, res.n_tokens, res.finish_reasons):
+        kept, dropped = [], 0
+        for text, n_tok, reason in zip(texts, n_toks, reasons):
+            cand = clean_candidate(text)
+            if reason == "length" or n_tok >= job.max_new_tokens or not cand:
+                dropped += 1
+            elif cand not in kept:
+                kept.append(cand)
+        job.cands, job.rec.n_sampled, job.rec.n_dropped = kept, n, dropped
+
+
+def _score_job(model, tokenizer, plan: _Plan, i: int, window: int, epsilon: float, reduction: str,
+               batch_size: int, cap_to_original: bool) -> str | None:
+    """Score step i's candidates by the windowed KL, fill its record; return the accepted candidate or None."""
+    job = plan.jobs[i]
+    rec = job.rec
+    cand_ids = _token_ids(tokenizer, job.cands)
     rec.cand_tokens = [len(c) for c in cand_ids]
-    rec.cand_texts = list(cands)
-    rec.kl = [float("nan")] * len(cands)
+    rec.cand_texts = list(job.cands)
+    rec.kl = [float("nan")] * len(job.cands)
     to_score = [j for j, c in enumerate(cand_ids) if len(c) < rec.orig_tokens or not cap_to_original]
     if not to_score:
         return None
-    kls = kl_window(model, prefix_ids, step_ids, [cand_ids[j] for j in to_score], cont_ids, reduction=reduction,
-                    batch_size=batch_size)
+    kls = kl_window(model, plan.prefix_ids(i), plan.body_ids[i], [cand_ids[j] for j in to_score],
+                    plan.cont_ids(i, window), reduction=reduction, batch_size=batch_size)
     for j, v in zip(to_score, kls.tolist()):
         rec.kl[j] = v
     ok = [j for j in to_score if rec.cand_tokens[j] < rec.orig_tokens and rec.kl[j] < epsilon]
@@ -328,60 +437,81 @@ def _refine_step(model, tokenizer, rec: StepRecord, prefix_text: str, prefix_ids
         return None
     best = min(ok, key=lambda j: (rec.cand_tokens[j], rec.kl[j], j))
     rec.accepted, rec.new_tokens, rec.kl_chosen = True, rec.cand_tokens[best], rec.kl[best]
-    return cands[best]
+    return job.cands[best]
 
 
-def refine_response(model, tokenizer, prompt: str, text: str, n_candidates: int = 16, window: int = 512,
-                    epsilon: float = 0.005, reduction: str = "mean", temperature: float = 1.0,
-                    max_step_tokens: int = 128, seed: int = 0, grade_fn: Callable[[str], bool] | None = None,
-                    batch_size: int = 16, response_id: str = "", cap_to_original: bool = True) -> RefineResult:
-    """Refine each thinking step of one response under the windowed KL; revert if it no longer grades correct."""
-    if not isinstance(prompt, str) or not isinstance(text, str):
-        raise ValueError("prompt and text must be str")
-    _validate_refine_args(n_candidates, window, epsilon, reduction, temperature, max_step_tokens, batch_size)
-    steps, tail = split_steps(text)
-    parts = [step_parts(s) for s in steps]
-    # Segment-wise ids: prompt, then body/separator of every step, then the tail (see the module doc).
-    segs = _token_ids(tokenizer, [prompt] + [x for p in parts for x in p] + [tail])
-    prompt_ids, body_ids, sep_ids, tail_ids = segs[0], segs[1:-1:2], segs[2:-1:2], segs[-1]
-    records, new_steps = [], list(steps)
-    prefix_ids = list(prompt_ids)
-    for i, (body, sep) in enumerate(parts):
-        rec = StepRecord(response_id=response_id, step=i, orig_tokens=len(body_ids[i]))
-        rec.new_tokens = rec.orig_tokens
-        cont_ids: list[int] = list(sep_ids[i])
-        for j in range(i + 1, len(parts)):
-            if len(cont_ids) >= window:
-                break
-            cont_ids += body_ids[j] + sep_ids[j]
-        cont_ids = (cont_ids + tail_ids)[:window]
-        if not body.strip():
-            pass  # only blank lines: nothing to refine (and not counted as a step)
-        elif rec.orig_tokens <= 1:
-            rec.skipped = "too_short"
-        elif not cont_ids:
-            rec.skipped = "no_continuation"
-        else:
-            chosen = _refine_step(model, tokenizer, rec, prompt + "".join(steps[:i]), prefix_ids, body_ids[i],
-                                  cont_ids, n_candidates, epsilon, reduction, temperature, max_step_tokens,
-                                  stage_seed(seed, f"refine-step-{i}"), batch_size, cap_to_original)
-            if chosen is not None:
-                new_steps[i] = chosen + sep
-        if body.strip():
-            records.append(rec)
-        prefix_ids += body_ids[i] + sep_ids[i]  # always the original prefix: steps are refined independently
-    proposed = join_steps(new_steps, tail)
-    n_orig = count_tokens(tokenizer, text)
-    result = RefineResult(text=proposed, original_text=text, proposed_text=proposed, steps=records,
+def _assemble(tokenizer, plan: _Plan, chosen: dict[int, str], grade_fn: Callable[[str], bool] | None) -> RefineResult:
+    """Put the accepted steps back into the text; revert to the original if it no longer grades or got longer."""
+    new_steps = list(plan.steps)
+    for i, cand in chosen.items():
+        new_steps[i] = cand + plan.seps[i]
+    proposed = join_steps(new_steps, plan.tail)
+    n_orig = count_tokens(tokenizer, plan.text)
+    result = RefineResult(text=proposed, original_text=plan.text, proposed_text=proposed, steps=plan.records,
                           n_tokens_original=n_orig, n_tokens=count_tokens(tokenizer, proposed))
-    if proposed != text:
+    if proposed != plan.text:
         if grade_fn is not None and not grade_fn(proposed):
             result.revert_reason = "grade"
         elif result.n_tokens > n_orig:
             result.revert_reason = "longer"
         if result.revert_reason:
-            result.text, result.n_tokens, result.reverted = text, n_orig, True
+            result.text, result.n_tokens, result.reverted = plan.text, n_orig, True
     return result
+
+
+def _sampling_groups(plans: list[_Plan]) -> list[list[_Plan]]:
+    """Consecutive responses grouped so that one sampler call holds at most MAX_STEPS_PER_CALL steps (at least
+    one response each): bounds the memory of the prefix texts and samples held at once."""
+    groups: list[list[_Plan]] = [[]]
+    n_steps = 0
+    for plan in plans:
+        if groups[-1] and n_steps + len(plan.jobs) > MAX_STEPS_PER_CALL:
+            groups.append([])
+            n_steps = 0
+        groups[-1].append(plan)
+        n_steps += len(plan.jobs)
+    return groups
+
+
+def _refine_many(model, tokenizer, items: Sequence[tuple[str, str, str, Callable[[str], bool] | None]],
+                 n_candidates: int, window: int, epsilon: float, reduction: str, temperature: float,
+                 max_step_tokens: int, seed: int, batch_size: int, sample_batch_size: int, cap_to_original: bool,
+                 progress: bool) -> list[RefineResult]:
+    """Refine (prompt, text, response_id, grade_fn) items: plan all, then per group of responses draw every
+    step's candidates in one sampler call, score them and reassemble."""
+    from tqdm.auto import tqdm
+
+    _validate_refine_args(n_candidates, window, epsilon, reduction, temperature, max_step_tokens, batch_size,
+                          sample_batch_size)
+    plans = [_plan_response(tokenizer, prompt, text, window, max_step_tokens, cap_to_original, rid)
+             for prompt, text, rid, _ in items]
+    grade_fns = [item[3] for item in items]
+    results: list[RefineResult] = []
+    bar = tqdm(total=len(plans), desc="refining responses", disable=not progress)
+    for g, group in enumerate(_sampling_groups(plans)):
+        _draw_candidates(model, tokenizer, group, n_candidates, temperature, stage_seed(seed, f"refine-candidates-{g}"),
+                         sample_batch_size, progress)
+        for plan in group:
+            chosen = {}
+            for i in plan.jobs:
+                cand = _score_job(model, tokenizer, plan, i, window, epsilon, reduction, batch_size, cap_to_original)
+                if cand is not None:
+                    chosen[i] = cand
+            results.append(_assemble(tokenizer, plan, chosen, grade_fns[len(results)]))
+            bar.update(1)
+    bar.close()
+    return results
+
+
+def refine_response(model, tokenizer, prompt: str, text: str, n_candidates: int = 16, window: int = 512,
+                    epsilon: float = 0.005, reduction: str = "mean", temperature: float = 1.0,
+                    max_step_tokens: int = 128, seed: int = 0, grade_fn: Callable[[str], bool] | None = None,
+                    batch_size: int = 16, response_id: str = "", cap_to_original: bool = True,
+                    sample_batch_size: int = SAMPLE_BATCH_SIZE) -> RefineResult:
+    """Refine each thinking step of one response under the windowed KL; revert if it no longer grades correct."""
+    return _refine_many(model, tokenizer, [(prompt, text, response_id, grade_fn)], n_candidates, window, epsilon,
+                        reduction, temperature, max_step_tokens, seed, batch_size, sample_batch_size,
+                        cap_to_original, progress=False)[0]
 
 
 # --------------------------------------------------------------------------- pairs tables
@@ -403,15 +533,15 @@ def _step_rows(res: RefineResult, problem_id: Any) -> list[dict]:
 
 def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, seed: int,
                  grade_fn_factory: Callable[[pd.Series], Callable[[str], bool] | None] | None = None,
-                 progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 progress: bool = True, sample_batch_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Refine each distinct chosen response once; return the refined pairs table and the per-step log."""
-    from tqdm.auto import tqdm
-
     if not isinstance(pairs, pd.DataFrame):
         raise ValueError(f"pairs must be a pandas DataFrame, got {type(pairs).__name__}")
     missing = [c for c in PAIRS_REQUIRED if c not in pairs.columns]
     if missing:
         raise ValueError(f"pairs table lacks column(s) {missing} (needs {list(PAIRS_REQUIRED)})")
+    if sample_batch_size is None:  # a config that carries the knob wins over the module default
+        sample_batch_size = getattr(cfg, "sample_batch_size", SAMPLE_BATCH_SIZE)
     # A response is refined in the context of its own prompt, so the cache key is (prompt, chosen).
     keys = list(dict.fromkeys(zip(pairs["prompt"], pairs["chosen"])))
     if not cfg.enabled:
@@ -421,17 +551,16 @@ def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, s
     first_row: dict[tuple[str, str], int] = {}
     for pos, key in enumerate(zip(pairs["prompt"], pairs["chosen"])):
         first_row.setdefault(key, pos)
-    results: dict[tuple[str, str], RefineResult] = {}
+    rows = [pairs.iloc[first_row[key]] for key in keys_to_refine]
+    items = [(key[0], key[1], f"{row['problem_id']}/{row['chosen_sample_idx']}",
+              grade_fn_factory(row) if grade_fn_factory is not None else None)
+             for key, row in zip(keys_to_refine, rows)]
+    refined = _refine_many(model, tokenizer, items, cfg.n_candidates, cfg.window, cfg.epsilon, cfg.kl_reduction,
+                           cfg.temperature, cfg.max_step_tokens, seed, cfg.batch_size, sample_batch_size,
+                           cap_to_original=True, progress=progress)
+    results: dict[tuple[str, str], RefineResult] = dict(zip(keys_to_refine, refined))
     log_rows: list[dict] = []
-    for key in tqdm(keys_to_refine, desc="refining chosen responses", disable=not progress):
-        row = pairs.iloc[first_row[key]]
-        rid = f"{row['problem_id']}/{row['chosen_sample_idx']}"
-        grade_fn = grade_fn_factory(row) if grade_fn_factory is not None else None
-        res = refine_response(model, tokenizer, key[0], key[1], n_candidates=cfg.n_candidates, window=cfg.window,
-                              epsilon=cfg.epsilon, reduction=cfg.kl_reduction, temperature=cfg.temperature,
-                              max_step_tokens=cfg.max_step_tokens, seed=stage_seed(seed, f"refine-{rid}"),
-                              grade_fn=grade_fn, batch_size=cfg.batch_size, response_id=rid)
-        results[key] = res
+    for row, res in zip(rows, refined):
         log_rows += _step_rows(res, row["problem_id"])
     out = pairs.copy()
     out["chosen_original"] = pairs["chosen"]

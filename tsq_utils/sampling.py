@@ -65,8 +65,18 @@ def sample_and_grade(model, tokenizer, problems: pd.DataFrame, n: int, temperatu
     return df[SAMPLE_COLUMNS]
 
 
+def _check_samples(samples: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """ValueError naming what is wrong when a samples table lacks columns or rows (pandas would say KeyError or NaN)."""
+    missing = [c for c in columns if c not in samples.columns]
+    if missing:
+        raise ValueError(f"samples table lacks the column(s) {missing}")
+    if len(samples) == 0:
+        raise ValueError("the samples table is empty")
+
+
 def per_problem_stats(samples: pd.DataFrame) -> pd.DataFrame:
     """Per problem: k, samples, correct count, correctness rate p, mean/std/CV of tokens."""
+    _check_samples(samples, ("problem_id", "k", "correct", "n_tokens"))
     g = samples.groupby("problem_id")
     out = pd.DataFrame(
         {
@@ -84,6 +94,7 @@ def per_problem_stats(samples: pd.DataFrame) -> pd.DataFrame:
 
 def summary_by_k(samples: pd.DataFrame) -> pd.DataFrame:
     """Accuracy, mean tokens and mean within-problem CV of tokens, by difficulty k."""
+    _check_samples(samples, ("problem_id", "k", "correct", "n_tokens", "finish_reason"))
     stats = per_problem_stats(samples)
     by = samples.groupby("k").agg(responses=("correct", "size"), accuracy=("correct", "mean"),
                                   mean_tokens=("n_tokens", "mean"), unfinished=("finish_reason", lambda s: (s == "length").mean()))
@@ -93,6 +104,7 @@ def summary_by_k(samples: pd.DataFrame) -> pd.DataFrame:
 
 def sampling_summary(samples: pd.DataFrame) -> dict:
     """Counts, overall and per-k accuracy and mean tokens, for summary.json."""
+    _check_samples(samples, ("problem_id", "k", "correct", "n_tokens", "n_think_tokens", "finish_reason"))
     by = summary_by_k(samples)
     stats = per_problem_stats(samples)
     return {
@@ -113,20 +125,26 @@ def sampling_summary(samples: pd.DataFrame) -> dict:
 
 
 def training_problems(profile, tokenizer) -> pd.DataFrame:
-    """The training problems of a profile: seeded toy problems, or a benchmark file with the R1 prompt."""
+    """The training problems of a profile: seeded toy problems, or a benchmark (hub or local file) with the R1 prompt.
+
+    A benchmark holding more problems than data.n_train_problems gives a seeded random subset (kept in file
+    order), not its first rows: a dataset's order can follow its subjects or difficulty.
+    """
     from .config import stage_seed
     from .toyworld import make_problems
 
     d = profile.data
+    seed = stage_seed(profile.seed, "train-problems")
     if d.train == "toy":
         tw = profile.toyworld
-        probs = make_problems(d.n_train_problems, stage_seed(profile.seed, "train-problems"), tw.k_min, tw.k_max,
-                              tw.max_value, split="train")
+        probs = make_problems(d.n_train_problems, seed, tw.k_min, tw.k_max, tw.max_value, split="train")
         return toy_problem_table(probs, tokenizer)
-    from .data import load_benchmark, r1_prompt
+    from .data import load_benchmark, local_path_for, r1_prompt
 
-    df = load_benchmark(d.train, local_path=d.local_files.get(d.train), limit=d.n_train_problems)
-    df = df.copy()
+    df = load_benchmark(d.train, local_path=local_path_for(d.train, d.local_files, d.local_dir))
+    if len(df) > d.n_train_problems:
+        df = df.sample(n=d.n_train_problems, random_state=seed).sort_index()
+    df = df.reset_index(drop=True)
     df["prompt"] = [r1_prompt(p, tokenizer) for p in df["problem"]]
     return df
 

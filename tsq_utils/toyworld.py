@@ -74,8 +74,10 @@ def make_problem(rng: random.Random, k: int, max_value: int = 49, problem_id: st
     start = rng.randint(1, 9) if rng.random() < 0.5 else rng.randint(1, max_value)
     terms, tot = [Term("a", "", start)], start
     for i in range(1, k):
-        v = rng.randint(1, 9)
-        ops = [o for o in "+-" if 0 <= (tot + v if o == "+" else tot - v) <= max_value]
+        ops: list[str] = []
+        while not ops:  # below max_value 17 some operands fit neither way (e.g. 9 from 4 with max 9): draw again
+            v = rng.randint(1, 9)
+            ops = [o for o in "+-" if 0 <= (tot + v if o == "+" else tot - v) <= max_value]
         op = rng.choice(ops)
         tot = tot + v if op == "+" else tot - v
         terms.append(Term(LABELS[i], op, v))
@@ -84,6 +86,8 @@ def make_problem(rng: random.Random, k: int, max_value: int = 49, problem_id: st
 
 def make_problems(n: int, seed: int, k_min: int = 2, k_max: int = 8, max_value: int = 49, split: str = "train") -> list[ToyProblem]:
     """n problems with k spread evenly over k_min..k_max, seeded; ids encode the split."""
+    if k_min > k_max:
+        raise ValueError(f"k_min ({k_min}) exceeds k_max ({k_max})")
     rng = random.Random(f"{split}:{seed}")
     ks = [k_min + i % (k_max - k_min + 1) for i in range(n)]
     return [make_problem(rng, k, max_value, f"{split}-{i:05d}-k{k}") for i, k in enumerate(ks)]
@@ -121,7 +125,9 @@ def teacher_trace(problem: ToyProblem, rng: random.Random, cfg: ToyWorldConfig) 
     totals = problem.totals()
     steps = []
     first = problem.terms[0]
-    steps.append(_start_step(first, verbose=not concise and rng.random() < cfg.p_verbose_step))
+    # The first step always shows the habit: an overthinking trace opens verbosely, so the model's first-token choice is
+    # concise vs overthinking with odds p_concise : 1 - p_concise (greedy decoding then overthinks, as R1-style models do).
+    steps.append(_start_step(first, verbose=not concise))
     for i, t in enumerate(problem.terms[1:], start=1):
         prev, right = totals[i - 1], totals[i]
         if concise:
@@ -449,8 +455,11 @@ def parse_question(question: str, problem_id: str = "") -> ToyProblem:
 
     if not question.startswith("Q:"):
         raise ValueError(f"not a toy question: {question!r}")
+    parts = question[2:].split(",")
+    if not 2 <= len(parts) <= len(LABELS):
+        raise ValueError(f"a toy question has 2..{len(LABELS)} terms, got {len(parts)} in {question!r}")
     terms = []
-    for i, part in enumerate(question[2:].split(",")):
+    for i, part in enumerate(parts):
         m = re.fullmatch(r"([a-h])([+-]?)(\d+)", part)
         if not m or m.group(1) != LABELS[i] or (i == 0) != (m.group(2) == ""):
             raise ValueError(f"malformed term {part!r} in {question!r}")

@@ -1,0 +1,557 @@
+"""Notebook 06's ablations: rows, cache keys, caching and adoption (expensive stages mocked), tables, paper numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import tsq_utils.ablations as A
+from tsq_utils.artifacts import atomic_write_json, dir_hash, file_hash, load_table, save_table
+from tsq_utils.config import ProfileError, RefinementConfig, load_profile, stage_seed
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _samples() -> pd.DataFrame:
+    """Three training problems x 4 graded samples: lengths and grades chosen so that every variant has pairs."""
+    spec = {  # problem: (k, [(n_tokens, correct), ...])
+        "p0": (2, [(10, True), (14, True), (20, False), (25, False)]),
+        "p1": (3, [(12, True), (30, False), (8, False), (40, True)]),
+        "p2": (3, [(5, True), (6, True), (7, True), (9, False)]),
+    }
+    rows = []
+    for pid, (k, samples) in spec.items():
+        for i, (n, ok) in enumerate(samples):
+            rows.append(dict(problem_id=pid, k=k, sample_idx=i, prompt=f"Q {pid}\n<think>\n", text=f"{pid} text {i} ({n})",
+                             n_tokens=n, n_think_tokens=n - 3, correct=ok, status="correct" if ok else "wrong",
+                             finish_reason="stop", gold="7"))
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def prof():
+    return load_profile("ci")
+
+
+def make_ctx(run_dir: Path, prof) -> A.AblationContext:
+    problems = {"toy": pd.DataFrame({"problem_id": [f"e{i}" for i in range(4)], "k": [2, 3, 2, 3],
+                                     "prompt": [f"q{i}" for i in range(4)], "gold": ["1", "2", "3", "4"]})}
+    ctx = A.AblationContext(profile=prof, run_dir=run_dir, samples=_samples(), samples_sha="s" * 64,
+                            base_hashes={"base_model": "b" * 64, "base_weights": "w" * 64}, tokenizer=None,
+                            problems=problems, eval_n=2, device="cpu", grader="toy")
+    ctx._base_model = "BASE"  # never load a model: the stages that would use it are mocked
+    return ctx
+
+
+@pytest.fixture
+def ctx(tmp_path, prof):
+    return make_ctx(tmp_path / "runs" / "ci", prof)
+
+
+def row(ctx, **kw) -> A.Row:
+    return A.make_row(ctx.profile, "x/y", "x", **kw)
+
+
+def keys(ctx, **kw) -> dict:
+    return A.row_keys(ctx, row(ctx, **kw))
+
+
+class Fakes:
+    """Stand-ins for the expensive stages (refine_pairs, train_model, evaluate) that count their calls."""
+
+    def __init__(self, monkeypatch, fail_train: bool = False):
+        self.refine, self.train, self.eval = [], [], []
+        self.fail_train = fail_train
+        monkeypatch.setattr(A.refinement, "refine_pairs", self.refine_pairs)
+        monkeypatch.setattr(A, "train_model", self.train_model)
+        monkeypatch.setattr(A, "evaluate", self.evaluate)
+        monkeypatch.setattr(A, "_eval_model", lambda ctx, model_dir: "BASE" if model_dir is None else model_dir)
+
+    def refine_pairs(self, model, tokenizer, pairs, cfg, seed, grade_fn_factory=None, progress=True):
+        self.refine.append({"epsilon": cfg.epsilon, "enabled": cfg.enabled, "seed": seed, "model": model})
+        out = pairs.copy()
+        out["chosen_original"], out["chosen_tokens_original"] = pairs["chosen"], pairs["chosen_tokens"]
+        out["chosen"] = pairs["chosen"] + " (refined)"
+        out["chosen_tokens"] = pairs["chosen_tokens"] - 1
+        out["refined"], out["reverted"] = True, False
+        log = pd.DataFrame({"accepted": [True, False], "orig_tokens": [4, 6], "final_tokens": [3, 6], "skipped": ["", ""]})
+        return out, log
+
+    def train_model(self, ctx, pairs, cfg, seed, out_dir):
+        if self.fail_train:
+            raise RuntimeError("training blew up")
+        self.train.append({"cfg": cfg, "seed": seed, "pairs": len(pairs), "chosen": list(pairs["chosen"])})
+        (out_dir / "model").mkdir(parents=True)
+        (out_dir / "model" / "weights.txt").write_text(f"{cfg.eta} {cfg.lam} {seed}")
+        return pd.DataFrame({"loss": [1.0, 0.5], "dpo_l_loss": [1.2, 0.7], "sft_loss": [0.8, 0.3]},
+                            index=pd.Index([1, 2], name="step"))
+
+    def evaluate(self, ctx, model):
+        self.eval.append(model)
+        probs = ctx.problems["toy"]
+        rows = [dict(problem_id=p, k=k, sample_idx=j, correct=(i + j) % 2 == 0, n_tokens=10 + i + j, benchmark="toy")
+                for i, (p, k) in enumerate(zip(probs["problem_id"], probs["k"])) for j in range(ctx.eval_n)]
+        return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def test_table_rows_follow_the_paper(prof):
+    rows = {r.name: r for r in A.table_rows(prof)}
+    assert [n for n in rows if n.startswith("table2/")] == ["table2/shortest", "table2/q_fix", "table2/q_dyn",
+                                                             "table2/q_dyn_extra"]
+    for n in ("shortest", "q_fix", "q_dyn", "q_dyn_extra"):
+        r = rows[f"table2/{n}"]
+        assert r.selection.variant == n and r.refine == "off" and not r.refinement.enabled
+        assert r.objective == "dpo_l_sft" and r.training == prof.training
+    assert rows["table3/none"].refine == "off"
+    assert rows["table3/kl"].refinement.enabled and rows["table3/kl"].refinement.epsilon == prof.refinement.epsilon
+    assert rows["table3/no_kl"].refinement.enabled and math.isinf(rows["table3/no_kl"].refinement.epsilon)
+    # the objectives: L = eta * DPO-L + (1 - eta) * SFT, lam the weight of the length margin
+    t = {n.split("/")[1]: rows[n].training for n in rows if n.startswith("table4/")}
+    assert (t["dpo"].eta, t["dpo"].lam) == (1.0, 0.0)
+    assert t["sft"].eta == 0.0
+    assert (t["dpo_sft"].eta, t["dpo_sft"].lam) == (prof.training.eta, 0.0)
+    assert t["dpo_l_sft"] == prof.training and (t["dpo_l_sft"].eta, t["dpo_l_sft"].lam) == (0.5, 1.0)
+    assert all(rows[n].refine == "kl" for n in rows if n.startswith("table4/"))
+    assert rows["base"].is_base and rows["base"].group == "base"
+
+
+def test_sweeps_add_the_profiles_value_and_no_kl(prof):
+    rows = {r.name: r for r in A.sweep_rows(prof)}  # ci: alphas [0.5], epsilons [0.05], etas [0.75]
+    assert [n for n in rows if n.startswith("alpha/")] == ["alpha/0.2", "alpha/0.5"]
+    assert rows["alpha/0.5"].selection.alpha == 0.5 and rows["alpha/0.5"].refine == "off"
+    assert [n for n in rows if n.startswith("epsilon/")] == ["epsilon/0.005", "epsilon/0.05", "epsilon/inf"]
+    assert rows["epsilon/0.05"].refinement.epsilon == 0.05 and rows["epsilon/inf"].refine == "no_kl"
+    assert rows["sign/+1"].training.length_margin_sign == 1 and rows["sign/-1"].training.length_margin_sign == -1
+    assert [rows[n].training.eta for n in rows if n.startswith("eta/")] == [0.5, 0.75]
+    assert [r.x for r in A.sweep_rows(prof) if r.group == "alpha"] == [0.2, 0.5]
+
+
+def test_headline_rows_get_every_seed_and_selection_by_name_or_group(prof):
+    rows = A.build_rows(prof, seeds=3, headline=["table4/dpo", "table2"])
+    seeds = pd.DataFrame([(r.name, r.seed) for r in rows], columns=["name", "seed"]).groupby("name")["seed"].apply(list)
+    assert seeds["table4/dpo"] == [0, 1, 2] and seeds["table2/q_fix"] == [0, 1, 2]
+    assert seeds["table4/sft"] == [0] and seeds["base"] == [0]
+    picked = A.select_rows(rows, ["table4/dpo", "alpha"])
+    assert sorted({r.name for r in picked}) == ["alpha/0.2", "alpha/0.5", "table4/dpo"]
+    assert len([r for r in picked if r.name == "table4/dpo"]) == 3
+    assert A.select_rows(rows, None) == rows
+    with pytest.raises(ValueError, match="table9"):
+        A.select_rows(rows, ["table9"])
+    with pytest.raises(ValueError, match="headline"):
+        A.build_rows(prof, headline=["nope"])
+    with pytest.raises(ValueError, match="seeds"):
+        A.build_rows(prof, seeds=0)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(refine="maybe"), "refine"), (dict(objective="ppo"), "objective"), (dict(variant="longest"), "variant"),
+    (dict(alpha=1.5), "alpha"), (dict(eta=-0.1), "eta"), (dict(length_margin_sign=0), "length_margin_sign"),
+    (dict(epsilon=-1.0), "epsilon"), (dict(seed=-1), "seed"),
+])
+def test_make_row_rejects_bad_values(prof, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        A.make_row(prof, "x/y", "x", **kw)
+
+
+def test_profile_ablations_section_is_validated():
+    with pytest.raises(ProfileError, match="ablations.alphas"):
+        load_profile("ci", {"ablations.alphas": [0.1, 1.5]})
+    with pytest.raises(ProfileError, match="ablations.epsilons"):
+        load_profile("ci", {"ablations.epsilons": [-0.1]})
+    with pytest.raises(ProfileError, match="ablations.headline"):
+        load_profile("ci", {"ablations.headline": [""]})
+    with pytest.raises(ProfileError, match="ablations.seeds"):
+        load_profile("ci", {"ablations.seeds": 0})
+    assert load_profile("toy").ablations.seeds >= 3
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def test_same_inputs_same_keys(ctx, tmp_path, prof):
+    other = make_ctx(tmp_path / "elsewhere", load_profile("ci"))
+    for r in A.build_rows(prof):
+        assert A.row_keys(ctx, r) == A.row_keys(other, r)  # the run folder is not an input
+    assert A.cache_key({"a": 0, "b": [1, 2]}) == A.cache_key({"b": (1.0, 2.0), "a": 0.0})
+    assert A.cache_key({"e": math.inf}) != A.cache_key({"e": 1e308})
+
+
+def test_a_changed_input_changes_its_stage_and_everything_after(ctx):
+    k = keys(ctx)
+    assert set(k) == {"pairs", "refined", "model", "results"}
+    a = keys(ctx, alpha=0.3)
+    assert all(a[s] != k[s] for s in k)
+    e = keys(ctx, epsilon=0.05)
+    assert e["pairs"] == k["pairs"] and all(e[s] != k[s] for s in ("refined", "model", "results"))
+    o = keys(ctx, objective="dpo")
+    assert (o["pairs"], o["refined"]) == (k["pairs"], k["refined"]) and o["model"] != k["model"] != o["results"]
+    s = keys(ctx, seed=1)
+    assert s["refined"] == k["refined"] and s["model"] != k["model"]
+    assert keys(ctx, length_margin_sign=1)["model"] != k["model"]
+    assert keys(ctx, eta=0.75)["model"] != k["model"]
+    ctx2 = dataclasses.replace(ctx, samples_sha="t" * 64)
+    assert all(keys(ctx2)[s] != k[s] for s in k)
+    ctx3 = dataclasses.replace(ctx, base_hashes={"base_model": "b" * 64, "base_weights": "v" * 64})
+    b = keys(ctx3)
+    assert b["pairs"] == k["pairs"] and all(b[s] != k[s] for s in ("refined", "model", "results"))
+    ctx4 = dataclasses.replace(ctx, eval_n=3)
+    n = keys(ctx4)
+    assert all(n[s] == k[s] for s in ("pairs", "refined", "model")) and n["results"] != k["results"]
+    ctx5 = dataclasses.replace(ctx, max_steps=5)
+    assert keys(ctx5)["refined"] == k["refined"] and keys(ctx5)["model"] != k["model"]
+    r = row(ctx)
+    r.refinement = dataclasses.replace(r.refinement, n_candidates=r.refinement.n_candidates + 1)
+    assert A.row_keys(ctx, r)["refined"] != k["refined"]
+
+
+def test_irrelevant_changes_keep_the_key(ctx):
+    # selection: alpha does not matter to Shortest; q_dyn with alpha 0 is Shortest (q = 0 gives k = 1)
+    assert keys(ctx, variant="shortest", alpha=0.3) == keys(ctx, variant="shortest", alpha=0.9)
+    assert keys(ctx, variant="q_dyn", alpha=0.0, refine="off") == keys(ctx, variant="shortest", refine="off")
+    r1, r2 = row(ctx, variant="q_dyn"), row(ctx, variant="q_dyn")
+    r2.selection = dataclasses.replace(r2.selection, q_fix=0.9)
+    assert A.row_keys(ctx, r1) == A.row_keys(ctx, r2)
+    r3, r4 = row(ctx, variant="q_fix", alpha=0.1), row(ctx, variant="q_fix", alpha=0.7)
+    assert A.row_keys(ctx, r3) == A.row_keys(ctx, r4)
+    # refinement: epsilon does not matter without refinement; the no-KL rewrite is epsilon = inf
+    assert keys(ctx, refine="off", epsilon=0.05) == keys(ctx, refine="off")
+    assert keys(ctx, refine="kl", epsilon=math.inf) == keys(ctx, refine="no_kl")
+    # training: SFT (eta = 0) reads none of beta, lam, s; with lam = 0 the sign plays no part
+    sft_a, sft_b = row(ctx, objective="sft"), row(ctx, objective="sft", length_margin_sign=1)
+    sft_b.training = dataclasses.replace(sft_b.training, lam=3.0, beta=0.5)
+    assert A.row_keys(ctx, sft_a) == A.row_keys(ctx, sft_b)
+    assert keys(ctx, objective="dpo", length_margin_sign=1) == keys(ctx, objective="dpo", length_margin_sign=-1)
+    # evaluation: the AUC budget only enters the metrics, not the results
+    p2 = dataclasses.replace(ctx.profile, evaluation=dataclasses.replace(ctx.profile.evaluation, budget=999))
+    assert A.row_keys(dataclasses.replace(ctx, profile=p2), row(ctx)) == keys(ctx)
+    # the base row depends on the base model and the evaluation only
+    base = A.make_row(ctx.profile, "base", "b", refine="off", objective="none")
+    assert set(A.row_keys(ctx, base)) == {"results"}
+    assert A.row_keys(ctx, base) == A.row_keys(ctx, dataclasses.replace(base, selection=row(ctx, alpha=0.9).selection))
+
+
+def test_shared_rows_have_equal_keys(prof, ctx):
+    rows = {(r.name, r.seed): r for r in A.build_rows(prof)}
+    k = {n: A.row_keys(ctx, r) for n, r in rows.items()}
+    assert k[("table2/q_dyn", 0)] == k[("table3/none", 0)] == k[("alpha/0.2", 0)]
+    assert k[("table3/kl", 0)] == k[("table4/dpo_l_sft", 0)] == k[("epsilon/0.005", 0)] == k[("sign/-1", 0)] == k[("eta/0.5", 0)]
+    assert k[("table3/no_kl", 0)] == k[("epsilon/inf", 0)]
+    assert k[("table4/dpo", 0)]["refined"] == k[("table3/kl", 0)]["refined"]
+    assert k[("table4/dpo", 1)]["model"] != k[("table4/dpo", 0)]["model"]
+    assert A.train_seed(prof, 0) == stage_seed(prof.seed, "training") != A.train_seed(prof, 1)
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def test_a_cached_row_is_not_recomputed(monkeypatch, ctx):
+    f = Fakes(monkeypatch)
+    r = row(ctx)
+    first = A.run_row(ctx, r)
+    assert set(first["sources"].values()) == {"computed"}
+    assert (len(f.refine), len(f.train), len(f.eval)) == (1, 1, 1)
+    assert f.refine[0]["model"] == "BASE" and f.refine[0]["seed"] == stage_seed(ctx.profile.seed, "refinement")
+    assert f.train[0]["seed"] == stage_seed(ctx.profile.seed, "training")
+    assert all(c.endswith("(refined)") for c in f.train[0]["chosen"])  # trained on the refined pairs
+    second = A.run_row(ctx, r)
+    assert set(second["sources"].values()) == {"cached"} and (len(f.refine), len(f.train), len(f.eval)) == (1, 1, 1)
+    for stage, key in first["keys"].items():
+        meta = (ctx.cache_dir / key / A.CACHE_META).read_text()
+        assert f'"kind": "{stage}"' in meta and '"source": "computed"' in meta
+
+
+def test_rows_share_their_common_prefix(monkeypatch, ctx, prof):
+    f = Fakes(monkeypatch)
+    out = A.run_rows(ctx, ["table3", "table4/dpo", "alpha", "epsilon/inf"], progress=False)
+    # table3: none (refine off), kl, no_kl; table4/dpo (2 seeds on ci); alpha 0.2 (= table3/none) and 0.5; eps inf (= no_kl)
+    assert len(out) == 3 + 2 + 2 + 1
+    assert [c["epsilon"] for c in f.refine] == [prof.refinement.epsilon, math.inf]  # once per distinct refinement
+    assert len(f.train) == 6  # none, kl, no_kl, dpo x 2 seeds, alpha 0.5
+    dpo = [t for t in f.train if t["cfg"].eta == 1.0]
+    assert [t["cfg"].lam for t in dpo] == [0.0, 0.0] and len({t["seed"] for t in dpo}) == 2
+    shared = out.set_index(["name", "seed"])
+    assert set(shared.loc[("alpha/0.2", 0)].dropna()) == {"cached"} and shared.loc[("epsilon/inf", 0), "refined"] == "cached"
+    before = (len(f.refine), len(f.train), len(f.eval))
+    again = A.run_rows(ctx, ["table3", "table4/dpo", "alpha", "epsilon/inf"], progress=False)
+    assert (again.drop(columns=["name", "seed"]).fillna("cached") == "cached").all().all()
+    assert (len(f.refine), len(f.train), len(f.eval)) == before
+    plan = A.plan(ctx, A.select_rows(A.build_rows(prof), ["table3", "table4/dpo"]))
+    assert plan["to_run"].sum() == 0 and plan.loc["model", "distinct"] == 5
+
+
+def test_force_recomputes_a_shared_entry_once(monkeypatch, ctx):
+    f = Fakes(monkeypatch)
+    A.run_rows(ctx, ["table3/kl", "table4/dpo_l_sft"], progress=False)
+    assert (len(f.refine), len(f.train)) == (1, 1)
+    out = A.run_rows(ctx, ["table3/kl", "table4/dpo_l_sft"], force=True, progress=False)
+    assert (len(f.refine), len(f.train)) == (2, 2)  # recomputed once, then reused by the second row
+    assert list(out["model"]) == ["computed", "cached"]
+
+
+def test_a_failing_row_leaves_no_entry_and_the_others_run(monkeypatch, ctx):
+    f = Fakes(monkeypatch, fail_train=True)
+    with pytest.raises(RuntimeError, match=r"2 of 3 ablation rows failed:[\s\S]*table2/q_fix[\s\S]*training blew up"):
+        A.run_rows(ctx, ["base", "table2/q_fix", "table2/shortest"], progress=False)
+    k = A.row_keys(ctx, next(r for r in A.build_rows(ctx.profile) if r.name == "table2/q_fix"))
+    assert (ctx.cache_dir / k["pairs"]).is_dir() and not (ctx.cache_dir / k["model"]).exists()
+    assert not [p for p in ctx.cache_dir.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    assert f.eval == ["BASE"]  # the base row ran
+
+
+def test_summarize_reads_metrics_from_cached_results(monkeypatch, ctx, prof):
+    Fakes(monkeypatch)
+    rows = A.select_rows(A.build_rows(prof), ["base", "table4"])
+    A.run_rows(ctx, rows, progress=False)
+    s = A.summarize(ctx, A.build_rows(prof))
+    # rows with the settings of a row that ran share its results: DPO-L + SFT is also Table 3's KL row, ε = 0.005, ...
+    assert set(s["name"]) == {"base", "table4/dpo", "table4/sft", "table4/dpo_sft", "table4/dpo_l_sft", "table3/kl",
+                              "epsilon/0.005", "sign/-1", "eta/0.5"}
+    assert len(s[s["group"] == "table4"]) == 5  # table4/dpo has two seeds on ci
+    # the fake results: problems e0..e3 x 2 responses, correct when (i + j) is even, length 10 + i + j
+    first = s.iloc[0]
+    assert first["acc"] == 0.5 and first["len_t"] == pytest.approx((10 + 12 + 12 + 14) / 4)
+    assert first["acc_hard"] == 0.5  # the hard half: k = 3 (e1, e3)
+    assert s.loc[s["name"] == "table4/sft", "n_pairs"].iloc[0] > 0
+    assert s.loc[s["name"] == "table4/sft", "tokens_per_step_after"].iloc[0] == pytest.approx(4.5)
+    assert s.loc[s["name"] == "table4/sft", "train_steps"].iloc[0] == 2
+    assert (A.row_results(ctx, rows)["model"].isin([r.label for r in rows])).all()
+
+
+def test_no_kl_is_epsilon_inf_through_refine_pairs(monkeypatch, ctx):
+    f = Fakes(monkeypatch)
+    A.run_row(ctx, next(r for r in A.build_rows(ctx.profile) if r.name == "table3/no_kl"))
+    assert f.refine[0]["enabled"] and math.isinf(f.refine[0]["epsilon"])
+
+
+# --------------------------------------------------------------------------- adoption of the pipeline's artifacts
+
+
+def _stage(run_dir: Path, stage: str, files: dict, manifest: dict) -> None:
+    """A fake finished pipeline stage: its files first, then its manifest."""
+    d = run_dir / stage
+    d.mkdir(parents=True, exist_ok=True)
+    for name, write in files.items():
+        write(d / name)
+    atomic_write_json(d / "manifest.json", {"stage": stage, "complete": True, **manifest})
+
+
+def test_default_row_adopts_notebooks_02_to_05(monkeypatch, ctx, prof):
+    from tsq_utils import selection
+
+    f = Fakes(monkeypatch)
+    base_inputs = {k: {"sha256": v} for k, v in ctx.base_hashes.items()}
+    pc = prof.to_dict()
+    pairs, stats = selection.select_pairs(ctx.samples, seed=stage_seed(prof.seed, "selection"))
+    _stage(ctx.run_dir, "selection", {"pairs.parquet": lambda p: save_table(pairs, p),
+                                      "problem_stats.parquet": lambda p: save_table(stats, p)},
+           {"profile_config": pc, "seed": stage_seed(prof.seed, "selection"), "inputs": {"samples": {"sha256": ctx.samples_sha}}})
+    refined, log = f.refine_pairs(None, None, pairs, prof.refinement, 0)
+    f.refine.clear()
+    _stage(ctx.run_dir, "refinement", {"refined_pairs.parquet": lambda p: save_table(refined, p),
+                                       "step_log.parquet": lambda p: save_table(log, p)},
+           {"profile_config": pc, "seed": stage_seed(prof.seed, "refinement"),
+            "inputs": {"pairs": {"sha256": file_hash(ctx.run_dir / "selection" / "pairs.parquet")}, **base_inputs}})
+
+    def model_dir(p):
+        p.mkdir()
+        (p / "weights.txt").write_text("04")
+
+    _stage(ctx.run_dir, "training", {"model": model_dir, "training_log.parquet": lambda p: save_table(
+        pd.DataFrame({"step": [1], "loss": [0.3]}), p)},
+        {"profile_config": pc, "seed": stage_seed(prof.seed, "training"),
+         "inputs": {"pairs": {"sha256": file_hash(ctx.run_dir / "refinement" / "refined_pairs.parquet")}, **base_inputs}})
+    res05 = pd.concat([f.evaluate(ctx, "x").assign(model=m) for m in ("base", "tokensqueeze")], ignore_index=True)
+    f.eval.clear()
+    _stage(ctx.run_dir, "evaluation", {"results.parquet": lambda p: save_table(res05, p)},
+           {"profile_config": pc, "seed": stage_seed(prof.seed, "evaluation"),
+            "inputs": {"trained_model": {"sha256": dir_hash(ctx.run_dir / "training" / "model")}, **base_inputs}})
+
+    rec = A.run_row(ctx, next(r for r in A.build_rows(prof) if r.name == "table3/kl"))
+    assert rec["sources"] == {"pairs": "adopted from notebooks/02_selection.ipynb",
+                              "refined": "adopted from notebooks/03_kl_refinement.ipynb",
+                              "model": "adopted from notebooks/04_dpo_l_training.ipynb",
+                              "results": "adopted from notebooks/05_evaluation.ipynb"}
+    assert f.refine == [] and f.train == [] and f.eval == []
+    got = load_table(ctx.cache_dir / rec["keys"]["results"] / "results.parquet")
+    assert len(got) == len(res05) / 2 and set(got["model"]) == {rec["keys"]["results"]}
+    base = A.run_row(ctx, A.make_row(prof, "base", "b", refine="off", objective="none"))
+    assert base["sources"]["results"].startswith("adopted")
+    # the pipeline's artifacts do not stand in for a row with other settings
+    dpo = A.run_row(ctx, next(r for r in A.build_rows(prof) if r.name == "table4/dpo"))
+    assert dpo["sources"] == {"pairs": "cached", "refined": "cached", "model": "computed", "results": "computed"}
+    eps = A.run_row(ctx, next(r for r in A.build_rows(prof) if r.name == "epsilon/0.05"))
+    assert eps["sources"]["pairs"] == "cached" and eps["sources"]["refined"] == "computed" and len(f.refine) == 1
+
+
+def test_a_stale_or_mismatched_stage_is_not_adopted(monkeypatch, ctx, prof):
+    from tsq_utils import selection
+
+    Fakes(monkeypatch)
+    pairs, stats = selection.select_pairs(ctx.samples, seed=stage_seed(prof.seed, "selection"))
+    manifest = {"profile_config": prof.to_dict(), "seed": stage_seed(prof.seed, "selection"),
+                "inputs": {"samples": {"sha256": "other" * 10}}}  # made from another samples table
+    _stage(ctx.run_dir, "selection", {"pairs.parquet": lambda p: save_table(pairs, p),
+                                      "problem_stats.parquet": lambda p: save_table(stats, p)}, manifest)
+    r = row(ctx, refine="off")
+    assert A.run_row(ctx, r)["sources"]["pairs"] == "computed"
+
+
+# --------------------------------------------------------------------------- tables, paper numbers, findings
+
+
+def _summary(rows: list[dict]) -> pd.DataFrame:
+    base = dict(group="", label="", x=float("nan"), seed=0, benchmark="toy", acc_se=0.05, len_t_se=2.0, len_a=50.0,
+                auc=0.3, acc_hard=0.4, acc_hard_se=0.05, n=100, n_pairs=10, chosen_tokens=20.0,
+                tokens_per_step_before=float("nan"), tokens_per_step_after=float("nan"), acceptance_rate=float("nan"))
+    out = []
+    for r in rows:
+        d = {**base, **r}
+        d["group"] = d["name"].split("/")[0]
+        out.append(d)
+    return pd.DataFrame(out)
+
+
+def test_aggregate_table_shape_means_sds_and_paper_columns(prof):
+    rows = A.build_rows(prof)
+    s = _summary([
+        dict(name="base", acc=0.4, len_t=100.0),
+        dict(name="table4/dpo", seed=0, acc=0.50, len_t=60.0, auc=0.2),
+        dict(name="table4/dpo", seed=1, acc=0.75, len_t=80.0, auc=0.4),
+        dict(name="table4/sft", acc=0.6, len_t=90.0),
+    ])
+    t = A.aggregate(s, "table4", rows, benchmarks=["toy"])
+    assert list(t.columns) == list(A.TABLE_COLUMNS)
+    assert list(t["name"]) == ["table4/dpo", "table4/sft", "table4/dpo_sft", "table4/dpo_l_sft"]  # full shape
+    dpo = t.set_index("name").loc["table4/dpo"]
+    assert dpo["n_seeds"] == 2 and dpo["acc"] == pytest.approx(0.625) and dpo["acc_sd"] == pytest.approx(0.1767767)
+    assert dpo["len_t"] == 70.0 and dpo["len_t_vs_base_pct"] == pytest.approx(-30.0) and dpo["auc_sd"] == pytest.approx(0.1414214)
+    assert (dpo["paper_acc"], dpo["paper_len_t"]) == (0.483, 4300)
+    sft = t.set_index("name").loc["table4/sft"]
+    assert sft["n_seeds"] == 1 and math.isnan(sft["acc_sd"])
+    assert t.set_index("name").loc["table4/dpo_sft", "n_seeds"] == 0
+    md = A.table_markdown(t, "T4")
+    assert "| DPO | toy | 2 | 62.5 ± 17.7 | 70.0 ± 14.1 |" in md and "48.3 / 4300 / 42.0" in md and "—" in md
+    t2 = A.aggregate(s, "table2", rows, benchmarks=["toy"])
+    assert len(t2) == 4 and t2["paper_math500_acc"].tolist() == [0.908, 0.922, 0.928, 0.908]
+    sweep = A.aggregate(_summary([dict(name="alpha/0.5", x=0.5, acc=0.3, len_t=5.0),
+                                  dict(name="alpha/0.2", x=0.2, acc=0.4, len_t=6.0)]), "alpha")
+    assert list(sweep["x"]) == [0.2, 0.5]
+    with pytest.raises(ValueError, match="unknown group"):
+        A.aggregate(s, "table9")
+
+
+def test_save_tables_writes_csv_and_markdown(tmp_path, prof):
+    s = _summary([dict(name="table3/kl", acc=0.5, len_t=40.0, tokens_per_step_after=3.25)])
+    paths = A.save_tables({"table3": A.aggregate(s, "table3", A.build_rows(prof))}, tmp_path, A.TITLES)
+    assert [p.name for p in paths] == ["table3_refinement.csv", "table3_refinement.md"]
+    assert pd.read_csv(paths[0])["tokens_per_step_after"].tolist()[1] == 3.25
+    assert "Table 3" in paths[1].read_text() and "3.25" in paths[1].read_text()
+
+
+def test_paper_constants():
+    p = A.PAPER_ABLATIONS.set_index(["row", "benchmark"])
+    expect = {  # PAPER.md: Tables 2-4 (AIME24 acc / Len-T; MATH500 for Table 2) and Table 1's base
+        ("table2/shortest", "AIME24"): (0.533, 5960), ("table2/shortest", "MATH500"): (0.908, 1926),
+        ("table2/q_fix", "AIME24"): (0.550, 6126), ("table2/q_fix", "MATH500"): (0.922, 2054),
+        ("table2/q_dyn_extra", "AIME24"): (0.523, 5666), ("table2/q_dyn_extra", "MATH500"): (0.908, 1742),
+        ("table2/q_dyn", "AIME24"): (0.573, 6190), ("table2/q_dyn", "MATH500"): (0.928, 2180),
+        ("table3/none", "AIME24"): (0.573, 6190), ("table3/no_kl", "AIME24"): (0.391, 6596),
+        ("table3/token_pruning", "AIME24"): (0.544, 6378), ("table3/kl", "AIME24"): (0.575, 5157),
+        ("table4/dpo", "AIME24"): (0.483, 4300), ("table4/sft", "AIME24"): (0.560, 5734),
+        ("table4/dpo_sft", "AIME24"): (0.570, 5420), ("table4/dpo_l_sft", "AIME24"): (0.575, 5157),
+        ("base", "AIME24"): (0.555, 7543), ("base", "MATH500"): (0.928, 3638),
+    }
+    assert len(p) == len(expect)
+    for k, (acc, len_t) in expect.items():
+        assert (p.loc[k, "acc"], p.loc[k, "len_t"]) == (acc, len_t), k
+    # AUC: Table 1's where reported, else acc * (1 - Len-T / 32768)
+    assert p.loc[("table3/kl", "AIME24"), "auc"] == 0.485 and p.loc[("base", "MATH500"), "auc"] == 0.836
+    assert p.loc[("table4/dpo", "AIME24"), "auc"] == pytest.approx(0.483 * (1 - 4300 / 32768))
+    assert p.loc[("table4/dpo", "AIME24"), "auc_source"] == "implied"
+    ours = {r.name for r in A.table_rows(load_profile("ci"))}
+    assert set(A.PAPER_ABLATIONS["row"]) - ours == {"table3/token_pruning"}  # TokenSkip has no row of ours
+
+
+def test_findings_verdicts(prof):
+    rows = A.build_rows(prof)
+    s = _summary([
+        dict(name="table4/dpo", seed=0, acc=0.20, len_t=30.0), dict(name="table4/dpo", seed=1, acc=0.22, len_t=31.0),
+        dict(name="table4/dpo_l_sft", seed=0, acc=0.60, len_t=50.0), dict(name="table4/sft", acc=0.61, len_t=49.0),
+        dict(name="table2/shortest", acc=0.5, len_t=40.0, acc_hard=0.39), dict(name="table2/q_dyn", acc=0.5, len_t=40.0, acc_hard=0.40),
+        dict(name="alpha/0.2", x=0.2, acc=0.50), dict(name="alpha/0.5", x=0.5, acc=0.52),
+    ])
+    tables = {g: A.aggregate(s, g, rows, benchmarks=["toy"]) for g in A.TABLE_FILES}
+    f = A.findings(tables).set_index("finding")["reproduced"]
+    assert f["pure DPO collapses (accuracy)"] == "yes"  # -39 points, far beyond 2 SE
+    assert f["Shortest hurts hard problems (accuracy on the hard half)"] == "direction only"  # -1 point, SE 7
+    assert f["SFT alone stays longer (Len-T)"] == "no"  # 49 < 50: the opposite way
+    assert f["KL refinement shortens correct responses (Len-T)"] == "—"  # not run
+    assert f["α = 0.2 is near the best α (accuracy)"] == "yes"  # 2 points below the best, SE 7
+    assert "| pure DPO collapses (accuracy) |" in A.findings_markdown(A.findings(tables))
+
+
+# --------------------------------------------------------------------------- the no-KL rewrite, for real
+
+
+def test_epsilon_inf_keeps_the_shortest_shorter_candidate_of_every_step():
+    """refine_pairs with epsilon = inf (the no-KL rewrite): each step with a scored (shorter) candidate takes the
+    shortest one; with epsilon = 0 none is taken. A tiny random model and a character tokenizer."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<|end|>": 2}
+    for c in string.printable:
+        vocab.setdefault(c, len(vocab))
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    t.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>")
+    tok.add_tokens(["<think>", "</think>"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                         pad_token_id=0, eos_token_id=2, bos_token_id=None)).eval()
+    text = "a5: start at 5\n\nb+6: 5+6=11\n\nc-3: 11-3=8\n</think>\n\nThe answer is \\boxed{8}."
+    pairs = pd.DataFrame([dict(problem_id="p0", k=3, prompt="Q:a5,b+6,c-3\n<think>\n", chosen=text, rejected="long",
+                               chosen_tokens=len(text), rejected_tokens=99, p=0.5, chosen_sample_idx=0,
+                               rejected_sample_idx=1)])
+    cfg = RefinementConfig(n_candidates=6, window=8, epsilon=math.inf, max_step_tokens=16, batch_size=4)
+    out, log = A.refinement.refine_pairs(model, tok, pairs, cfg, seed=3, progress=False)
+    scored_any = False
+    for _, r in log.iterrows():
+        shorter = [n for n, kl in zip(r["cand_tokens"], r["kl"]) if kl == kl and n < r["orig_tokens"]]
+        if shorter:
+            scored_any = True
+            assert r["accepted"] and r["new_tokens"] == min(shorter)
+        else:
+            assert not r["accepted"]
+    assert scored_any, "the random model drew no shorter candidate: the test checks nothing"
+    assert out["chosen_tokens"].iloc[0] < out["chosen_tokens_original"].iloc[0]
+    _, log0 = A.refinement.refine_pairs(model, tok, pairs, dataclasses.replace(cfg, epsilon=0.0), seed=3, progress=False)
+    assert not log0["accepted"].any()
+
+
+def test_sweep_and_tradeoff_figures(prof):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tsq_utils import plotting
+
+    rows = A.build_rows(prof)
+    s = _summary([dict(name="epsilon/0.005", x=0.005, acc=0.5, len_t=40.0, tokens_per_step_before=10.0, tokens_per_step_after=9.0),
+                  dict(name="epsilon/inf", x=math.inf, acc=0.3, len_t=30.0, tokens_per_step_before=10.0, tokens_per_step_after=6.0),
+                  dict(name="table4/dpo", acc=0.2, len_t=20.0), dict(name="table4/dpo", seed=1, acc=0.3, len_t=22.0)])
+    eps = A.aggregate(s, "epsilon", rows, benchmarks=["toy"])
+    fig = plotting.ablation_sweep_figure(eps, "ε", "t", logx=True, extra=[("tokens_per_step_after", "tokens per step")])
+    assert len(fig.axes) == 3 and [t.get_text() for t in fig.axes[0].get_xticklabels()][-1] == "∞"
+    t4 = A.aggregate(s, "table4", rows, benchmarks=["toy"])
+    fig = plotting.ablation_tradeoff_figure({"table4": t4}, A.TITLES)
+    assert len(fig.axes) == 1 and fig.axes[0].get_title() == A.TITLES["table4"]
