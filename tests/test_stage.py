@@ -5,6 +5,7 @@ import json
 import matplotlib
 import pandas as pd
 import pytest
+import yaml
 import torch
 
 matplotlib.use("Agg")
@@ -155,7 +156,10 @@ def test_rerun_when_something_differs(repo, change, reason):
         params = {"alpha": 0.3}
     elif change == "profile_edit":  # the same profile name, its YAML edited
         profile = repo / "toy.yaml"
-        profile.write_text((config.PROFILES_DIR / "toy.yaml").read_text() + "selection: {alpha: 0.3}\nsampling: {n: 4}\n")
+        raw = yaml.safe_load((config.PROFILES_DIR / "toy.yaml").read_text())
+        raw.setdefault("selection", {})["alpha"] = 0.3
+        raw.setdefault("sampling", {})["n"] = 4
+        profile.write_text(yaml.safe_dump(raw))
     elif change == "input":
         make_upstream(repo, "v2")
     elif change == "input_name":

@@ -59,7 +59,7 @@ class PretrainConfig:
     intermediate_size: int = field(default=512, metadata=_rng(16, 16384))
     vocab_size: int = field(default=512, metadata=_rng(64, 65536))
     block_size: int = field(default=512, metadata=_rng(32, 8192))
-    n_tokens: int = field(default=8_000_000, metadata=_rng(1000, 10**10))
+    n_tokens: int = field(default=14_000_000, metadata=_rng(1000, 10**10))
     batch_size: int = field(default=16, metadata=_rng(1, 4096))
     lr: float = field(default=3e-3, metadata=_rng(1e-7, 1.0))
     warmup_ratio: float = field(default=0.02, metadata=_rng(0.0, 0.5))

@@ -436,6 +436,7 @@ def build_reasoner(profile, progress: bool = True, checkpoint_every: int = 0, ch
         "threads": threads,
         "toyworld": world_description(profile.toyworld),
         "toyworld_config": dict(vars(profile.toyworld)),
+        "teacher_fingerprint": teacher_fingerprint(profile.toyworld),
         "pretrain_config": dict(vars(profile.pretrain)),
         "n_parameters": count_parameters(model),
         "vocab_size": len(tok),
@@ -465,3 +466,26 @@ def parse_question(question: str, problem_id: str = "") -> ToyProblem:
             raise ValueError(f"malformed term {part!r} in {question!r}")
         terms.append(Term(m.group(1), m.group(2), int(m.group(3))))
     return ToyProblem(problem_id, len(terms), terms)
+
+
+def teacher_fingerprint(cfg: ToyWorldConfig, n: int = 200) -> str:
+    """A hash of n teacher traces drawn with a fixed seed: it changes whenever the task or the teacher's habits change."""
+    import hashlib
+
+    rng = random.Random("fingerprint")
+    h = hashlib.sha256()
+    for _ in range(n):
+        p = make_problem(rng, rng.randint(cfg.k_min, cfg.k_max), cfg.max_value)
+        h.update((p.question + "\n" + teacher_trace(p, rng, cfg) + "\x00").encode())
+    return h.hexdigest()
+
+
+def record_heldout(model_dir: str | Path, checks: dict) -> None:
+    """Add the held-out measurements (notebook 00's checks) to a saved reasoner's manifest, atomically."""
+    from .artifacts import atomic_write_json
+
+    path = Path(model_dir) / "toy_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["heldout"] = {k: checks[k] for k in ("heldout_problems", "greedy_accuracy", "greedy_tokens", "oracle_tokens",
+                                                  "greedy_over_oracle", "sampled_accuracy", "sampled_responses", "mean_cv")}
+    atomic_write_json(path, manifest)
