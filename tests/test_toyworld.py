@@ -532,3 +532,14 @@ def test_shipped_reasoner_matches_config():
     for p, text, reason in zip(probs, (t[0] for t in res.texts), (r[0] for r in res.finish_reasons)):
         assert reason == "stop", text
         assert re.search(r"\n</think>\n\nThe answer is \\boxed\{\d+\}\.$", text), text
+
+
+def test_shipped_reasoner_was_trained_on_todays_teacher():
+    """The shipped manifest's teacher fingerprint equals the current code's: a teacher change needs a retrained reasoner."""
+    from tsq_utils.config import REPO_ROOT, load_profile
+    from tsq_utils.toyworld import read_manifest, teacher_fingerprint
+
+    path = REPO_ROOT / "checkpoints" / "toy-reasoner"
+    if not (path / "toy_manifest.json").exists():
+        pytest.skip("checkpoints/toy-reasoner is absent")
+    assert read_manifest(path)["teacher_fingerprint"] == teacher_fingerprint(load_profile("toy").toyworld)

@@ -453,7 +453,10 @@ def payloads(ctx: AblationContext, row: Row) -> dict[str, dict]:
                           "refinement": refinement_params(row.refinement), "seed": ctx.refinement_seed,
                           "grader": ctx.grader}
         data = cache_key(out["refined"])
-    out["model"] = {"kind": "model", "data": data, "base": ctx.base_hashes, "training": training_params(row.training),
+    training = training_params(row.training)
+    if ctx.max_steps:
+        training.pop("epochs")  # a fixed step count makes the epoch count irrelevant
+    out["model"] = {"kind": "model", "data": data, "base": ctx.base_hashes, "training": training,
                     "seed": train_seed(ctx.profile, row.seed), "max_steps": ctx.max_steps, "device": ctx.device}
     out["results"] = {"kind": "results", "model": cache_key(out["model"]), "eval": ctx.eval_spec()}
     return out
