@@ -17,3 +17,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+TINY_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_tokenizer():
+    """A tiny toy-world tokenizer (300 teacher documents, vocab at most 128), shared by the tests that sample."""
+    from tsq_utils import toyworld
+    from tsq_utils.config import ToyWorldConfig
+
+    return toyworld.train_tokenizer(ToyWorldConfig(), vocab_size=128, n_docs=300, seed=0)
+
+
+def tiny_toy_model(tokenizer):
+    """A freshly initialised one-layer toy reasoner (hidden 32) for the given tokenizer."""
+    from tsq_utils import toyworld
+    from tsq_utils.config import PretrainConfig
+
+    return toyworld.new_model(tokenizer, PretrainConfig(**TINY_MODEL), seed=0)

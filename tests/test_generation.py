@@ -5,10 +5,10 @@ import importlib.util
 import random
 
 import pytest
+from conftest import tiny_toy_model
 import torch
 
 from tsq_utils import toyworld as tw
-from tsq_utils.config import PretrainConfig, ToyWorldConfig
 from tsq_utils.generation import (
     SampleResult,
     count_tokens,
@@ -20,16 +20,16 @@ from tsq_utils.generation import (
 
 
 @pytest.fixture(scope="module")
-def tok():
-    """A tiny toy tokenizer (300 teacher documents, vocab at most 128)."""
-    return tw.train_tokenizer(ToyWorldConfig(), vocab_size=128, n_docs=300, seed=0)
+def tok(tiny_toy_tokenizer):
+    """The shared tiny toy tokenizer (conftest)."""
+    return tiny_toy_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model(tok):
     """A tiny random Llama with large weights: its greedy output varies from token to token (a 0.02-std init
     repeats one token, which would make the greedy tests vacuous)."""
-    m = tw.new_model(tok, PretrainConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), seed=0)
+    m = tiny_toy_model(tok)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():

@@ -4,11 +4,12 @@ import math
 
 import pandas as pd
 import pytest
+from conftest import tiny_toy_model
 import torch
 
 from tsq_utils import sampling
 from tsq_utils import toyworld as tw
-from tsq_utils.config import PretrainConfig, ToyWorldConfig, load_profile
+from tsq_utils.config import load_profile
 from tsq_utils.generation import SampleResult, count_tokens
 from tsq_utils.sampling import (
     SAMPLE_COLUMNS,
@@ -22,13 +23,14 @@ from tsq_utils.sampling import (
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tw.train_tokenizer(ToyWorldConfig(), vocab_size=128, n_docs=300, seed=0)
+def tok(tiny_toy_tokenizer):
+    """The shared tiny toy tokenizer (conftest)."""
+    return tiny_toy_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return tw.new_model(tok, PretrainConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), seed=0)
+    return tiny_toy_model(tok)
 
 
 @pytest.fixture(scope="module")
