@@ -66,9 +66,10 @@ class Fakes:
     """Stand-ins for the expensive stages (refine_pairs, train_model, evaluate) that count their calls."""
 
     def __init__(self, monkeypatch, fail_train: bool = False):
-        self.refine, self.train, self.eval = [], [], []
+        self.refine, self.rethreshold_eps, self.train, self.eval = [], [], [], []
         self.fail_train = fail_train
         monkeypatch.setattr(A.refinement, "refine_pairs", self.refine_pairs)
+        monkeypatch.setattr(A.refinement, "rethreshold", self.rethreshold)
         monkeypatch.setattr(A, "train_model", self.train_model)
         monkeypatch.setattr(A, "evaluate", self.evaluate)
         monkeypatch.setattr(A, "_eval_model", lambda ctx, model_dir: "BASE" if model_dir is None else model_dir)
@@ -80,8 +81,16 @@ class Fakes:
         out["chosen"] = pairs["chosen"] + " (refined)"
         out["chosen_tokens"] = pairs["chosen_tokens"] - 1
         out["refined"], out["reverted"] = True, False
-        log = pd.DataFrame({"accepted": [True, False], "orig_tokens": [4, 6], "final_tokens": [3, 6], "skipped": ["", ""]})
+        log = pd.DataFrame({"accepted": [True, False], "orig_tokens": [4, 6], "final_tokens": [3, 6], "skipped": ["", ""],
+                            "kl": [[0.1, float("nan")], [0.2]], "cand_texts": [["a", "bb"], ["c"]]})
         return out, log
+
+    def rethreshold(self, tokenizer, pairs, step_log, cfg, grade_fn_factory=None):
+        self.rethreshold_eps.append(cfg.epsilon)
+        out, _ = self.refine_pairs(None, tokenizer, pairs, cfg, 0)
+        self.refine.pop()
+        out["chosen"] = out["chosen"] + f" at {cfg.epsilon:g}"  # the kept candidates depend on ε
+        return out, step_log
 
     def train_model(self, ctx, pairs, cfg, seed, out_dir):
         if self.fail_train:
@@ -187,11 +196,12 @@ def test_same_inputs_same_keys(ctx, tmp_path, prof):
 
 def test_a_changed_input_changes_its_stage_and_everything_after(ctx):
     k = keys(ctx)
-    assert set(k) == {"pairs", "refined", "model", "results"}
+    assert set(k) == {"pairs", "scored", "refined", "model", "results"}
     a = keys(ctx, alpha=0.3)
     assert all(a[s] != k[s] for s in k)
     e = keys(ctx, epsilon=0.05)
-    assert e["pairs"] == k["pairs"] and all(e[s] != k[s] for s in ("refined", "model", "results"))
+    assert (e["pairs"], e["scored"]) == (k["pairs"], k["scored"])  # ε only decides which candidates are kept
+    assert all(e[s] != k[s] for s in ("refined", "model", "results"))
     o = keys(ctx, objective="dpo")
     assert (o["pairs"], o["refined"]) == (k["pairs"], k["refined"]) and o["model"] != k["model"] != o["results"]
     s = keys(ctx, seed=1)
@@ -202,15 +212,20 @@ def test_a_changed_input_changes_its_stage_and_everything_after(ctx):
     assert all(keys(ctx2)[s] != k[s] for s in k)
     ctx3 = dataclasses.replace(ctx, base_hashes={"base_model": "b" * 64, "base_weights": "v" * 64})
     b = keys(ctx3)
-    assert b["pairs"] == k["pairs"] and all(b[s] != k[s] for s in ("refined", "model", "results"))
+    assert b["pairs"] == k["pairs"] and all(b[s] != k[s] for s in ("scored", "refined", "model", "results"))
     ctx4 = dataclasses.replace(ctx, eval_n=3)
     n = keys(ctx4)
-    assert all(n[s] == k[s] for s in ("pairs", "refined", "model")) and n["results"] != k["results"]
+    assert all(n[s] == k[s] for s in ("pairs", "scored", "refined", "model")) and n["results"] != k["results"]
     ctx5 = dataclasses.replace(ctx, max_steps=5)
     assert keys(ctx5)["refined"] == k["refined"] and keys(ctx5)["model"] != k["model"]
+    p6 = dataclasses.replace(ctx.profile, ablations=dataclasses.replace(ctx.profile.ablations, batch_size=2))
+    r6 = A.make_row(p6, "x/y", "x")
+    assert r6.training.batch_size == 2 != ctx.profile.training.batch_size
+    b6 = A.row_keys(ctx, r6)
+    assert b6["refined"] == k["refined"] and b6["model"] != k["model"]
     r = row(ctx)
     r.refinement = dataclasses.replace(r.refinement, n_candidates=r.refinement.n_candidates + 1)
-    assert A.row_keys(ctx, r)["refined"] != k["refined"]
+    assert A.row_keys(ctx, r)["scored"] != k["scored"] and A.row_keys(ctx, r)["refined"] != k["refined"]
 
 
 def test_irrelevant_changes_keep_the_key(ctx):
@@ -260,8 +275,9 @@ def test_a_cached_row_is_not_recomputed(monkeypatch, ctx):
     assert set(first["sources"].values()) == {"computed"}
     assert (len(f.refine), len(f.train), len(f.eval)) == (1, 1, 1)
     assert f.refine[0]["model"] == "BASE" and f.refine[0]["seed"] == stage_seed(ctx.profile.seed, "refinement")
+    assert math.isinf(f.refine[0]["epsilon"]) and f.rethreshold_eps == [ctx.profile.refinement.epsilon]
     assert f.train[0]["seed"] == stage_seed(ctx.profile.seed, "training")
-    assert all(c.endswith("(refined)") for c in f.train[0]["chosen"])  # trained on the refined pairs
+    assert all(c.endswith(f"(refined) at {ctx.profile.refinement.epsilon:g}") for c in f.train[0]["chosen"])
     second = A.run_row(ctx, r)
     assert set(second["sources"].values()) == {"cached"} and (len(f.refine), len(f.train), len(f.eval)) == (1, 1, 1)
     for stage, key in first["keys"].items():
@@ -274,12 +290,18 @@ def test_rows_share_their_common_prefix(monkeypatch, ctx, prof):
     out = A.run_rows(ctx, ["table3", "table4/dpo", "alpha", "epsilon/inf"], progress=False)
     # table3: none (refine off), kl, no_kl; table4/dpo (2 seeds on ci); alpha 0.2 (= table3/none) and 0.5; eps inf (= no_kl)
     assert len(out) == 3 + 2 + 2 + 1
-    assert [c["epsilon"] for c in f.refine] == [prof.refinement.epsilon, math.inf]  # once per distinct refinement
-    assert len(f.train) == 6  # none, kl, no_kl, dpo x 2 seeds, alpha 0.5
+    assert [c["epsilon"] for c in f.refine] == [math.inf]  # one scoring run serves every ε
+    assert f.rethreshold_eps == [prof.refinement.epsilon, math.inf]  # once per distinct ε
+    # none, kl, no_kl, dpo x 2 seeds; alpha 0.5 picks the same pairs as alpha 0.2 here (one positive per problem)
+    assert len(f.train) == 5 and len(f.eval) == 5
     dpo = [t for t in f.train if t["cfg"].eta == 1.0]
     assert [t["cfg"].lam for t in dpo] == [0.0, 0.0] and len({t["seed"] for t in dpo}) == 2
     shared = out.set_index(["name", "seed"])
     assert set(shared.loc[("alpha/0.2", 0)].dropna()) == {"cached"} and shared.loc[("epsilon/inf", 0), "refined"] == "cached"
+    twin = shared.loc[("alpha/0.5", 0)]
+    none_keys = A.row_keys(ctx, next(r for r in A.build_rows(prof) if r.name == "table3/none"))
+    assert twin["pairs"] == "computed" and twin["model"] == f"same pairs and settings as {none_keys['model']}"
+    assert twin["results"] == f"same model as {none_keys['model']}"
     before = (len(f.refine), len(f.train), len(f.eval))
     again = A.run_rows(ctx, ["table3", "table4/dpo", "alpha", "epsilon/inf"], progress=False)
     assert (again.drop(columns=["name", "seed"]).fillna("cached") == "cached").all().all()
@@ -326,10 +348,10 @@ def test_summarize_reads_metrics_from_cached_results(monkeypatch, ctx, prof):
     assert (A.row_results(ctx, rows)["model"].isin([r.label for r in rows])).all()
 
 
-def test_no_kl_is_epsilon_inf_through_refine_pairs(monkeypatch, ctx):
+def test_no_kl_is_epsilon_inf_through_rethreshold(monkeypatch, ctx):
     f = Fakes(monkeypatch)
     A.run_row(ctx, next(r for r in A.build_rows(ctx.profile) if r.name == "table3/no_kl"))
-    assert f.refine[0]["enabled"] and math.isinf(f.refine[0]["epsilon"])
+    assert f.refine[0]["enabled"] and math.isinf(f.refine[0]["epsilon"]) and f.rethreshold_eps == [math.inf]
 
 
 # --------------------------------------------------------------------------- adoption of the pipeline's artifacts
@@ -388,8 +410,11 @@ def test_default_row_adopts_notebooks_02_to_05(monkeypatch, ctx, prof):
     # the pipeline's artifacts do not stand in for a row with other settings
     dpo = A.run_row(ctx, next(r for r in A.build_rows(prof) if r.name == "table4/dpo"))
     assert dpo["sources"] == {"pairs": "cached", "refined": "cached", "model": "computed", "results": "computed"}
+    # another ε re-thresholds 03's step log: no new scoring run
     eps = A.run_row(ctx, next(r for r in A.build_rows(prof) if r.name == "epsilon/0.05"))
-    assert eps["sources"]["pairs"] == "cached" and eps["sources"]["refined"] == "computed" and len(f.refine) == 1
+    assert eps["sources"]["pairs"] == "cached" and eps["sources"]["refined"] == "computed"
+    assert eps["sources"]["scored"] == "adopted from notebooks/03_kl_refinement.ipynb"
+    assert f.refine == [] and f.rethreshold_eps == [0.05]
 
 
 def test_a_stale_or_mismatched_stage_is_not_adopted(monkeypatch, ctx, prof):
@@ -497,6 +522,12 @@ def test_findings_verdicts(prof):
     assert f["KL refinement shortens correct responses (Len-T)"] == "—"  # not run
     assert f["α = 0.2 is near the best α (accuracy)"] == "yes"  # 2 points below the best, SE 7
     assert "| pure DPO collapses (accuracy) |" in A.findings_markdown(A.findings(tables))
+    # twins (the same pairs, one model): every number equal, nothing to test
+    s2 = s.copy()
+    s2.loc[s2["name"] == "table2/shortest", "acc_hard"] = 0.40
+    t2 = {g: A.aggregate(s2, g, rows, benchmarks=["toy"]) for g in A.TABLE_FILES}
+    assert A.findings(t2).set_index("finding")["reproduced"][
+        "Shortest hurts hard problems (accuracy on the hard half)"].startswith("not testable")
 
 
 # --------------------------------------------------------------------------- the no-KL rewrite, for real

@@ -238,6 +238,47 @@ def test_nan_loss_raises_naming_the_step(tok, tmp_path):
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
 
 
+@torch.no_grad()
+def test_split_forward_equals_the_joint_forward_on_real_tokens(tok, tmp_path):
+    from tsq_utils.dpo_l import split_forward
+
+    policy = _model(tok)
+    batch = _batch(_dpol(tok, tmp_path, policy, _model(tok)))
+    mask = batch["completion_mask"][:, 1:]
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    joint = policy(**kw, labels=labels, fused_lm_head=True)
+    split = split_forward(policy, kw, labels, mask.size(1))
+    n = mask.size(0) // 2
+    real = batch["attention_mask"].sum(dim=1)
+    assert real[:n].max() < real[n:].max()  # the chosen half is cut shorter: the case the split is for
+    for name in ("log_probs", "entropy", "mean_logits"):
+        a, b = getattr(joint, name)[:, -mask.size(1):], getattr(split, name)
+        assert b.shape == mask.shape
+        torch.testing.assert_close(b * mask, a * mask, rtol=1e-5, atol=1e-5)
+    assert torch.equal(split.is_top1 & mask.bool(), joint.is_top1[:, -mask.size(1):] & mask.bool())
+
+
+def test_a_run_shorter_than_an_epoch_scores_the_reference_on_the_fly(tok, tmp_path):
+    # 2 steps of 1 pair visit 2 of the 4 pairs: a frozen copy of the initial model scores them as they come,
+    # which must train exactly as the precomputed reference does
+    cfg = _cfg(batch_size=1)
+    logs = []
+    for pre in (None, True):
+        trainer = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / str(pre), seed=5, max_steps=2,
+                                     precompute_ref_log_probs=pre)
+        if pre is None:
+            assert trainer.args.precompute_ref_log_probs is False and trainer.ref_model is not None
+            assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+        trainer.train()
+        logs.append(training_log(trainer))
+    for col in ("loss", "dpo_l_loss", "sft_loss", "rewards/margins"):
+        assert logs[0][col].tolist() == pytest.approx(logs[1][col].tolist(), rel=1e-5, abs=1e-6)
+    # a run of at least one epoch precomputes (no second model kept)
+    full = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "full", seed=5, max_steps=4)
+    assert full.args.precompute_ref_log_probs is True and full.ref_model is None
+
+
 def test_make_trainer_wires_config_and_tokenizes_plain_text(tmp_path):
     tok = _tokenizer(add_bos=True)
     # A chat template that would visibly change the prompt if TRL applied it (it must not)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 import string
 from types import SimpleNamespace
@@ -717,3 +719,54 @@ def test_toy_world_segment_tokenization_equals_whole_text():
         segments = [prompt] + [x for s in steps for x in step_parts(s)] + [tail]
         seg_ids = [i for s in segments for i in ids(toy_tok, s)]
         assert seg_ids == ids(toy_tok, prompt + text)
+
+
+def _frames_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Equal tables, list cells (with NaN KLs) compared by repr."""
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for col in a.columns:
+        assert repr(a[col].tolist()) == repr(b[col].tolist()), col
+
+
+def test_rethreshold_equals_a_run_at_that_epsilon(model, tok, tmp_path):
+    """A run at one epsilon re-thresholded at another gives that run's tables exactly (real sampler; through a
+    parquet round trip of the step log, as the ablation cache stores it)."""
+    from tsq_utils.artifacts import load_table, save_table
+
+    pairs = _pairs()
+    cfg = RefinementConfig(n_candidates=6, window=8, epsilon=math.inf, max_step_tokens=12, batch_size=4)
+    grade = lambda row: (lambda text: "q" not in text)  # noqa: E731 -- a deterministic grade that rejects some texts
+    _, log_inf = refine_pairs(model, tok, pairs, cfg, seed=3, progress=False, sample_batch_size=8,
+                              grade_fn_factory=grade)
+    save_table(log_inf, tmp_path / "log.parquet")
+    stored = load_table(tmp_path / "log.parquet")
+    kls = sorted(v for ks in log_inf["kl"] for v in ks if not math.isnan(v))
+    assert len(kls) >= 4
+    accepted = []
+    for eps in (kls[0] / 2, kls[len(kls) // 2], math.inf):
+        c = dataclasses.replace(cfg, epsilon=eps)
+        direct = refine_pairs(model, tok, pairs, c, seed=3, progress=False, sample_batch_size=8, grade_fn_factory=grade)
+        for log in (log_inf, stored):
+            derived = refinement.rethreshold(tok, pairs, log, c, grade_fn_factory=grade)
+            _frames_equal(derived[0], direct[0])
+            _frames_equal(derived[1], direct[1])
+        accepted.append(int(direct[1]["accepted"].sum()))
+    assert accepted[0] == 0 < accepted[1] < accepted[2]  # the three thresholds keep different candidates
+    # going back down from a run at a finite epsilon works too (every shorter candidate was scored there)
+    mid = dataclasses.replace(cfg, epsilon=kls[len(kls) // 2])
+    _, log_mid = refine_pairs(model, tok, pairs, mid, seed=3, progress=False, sample_batch_size=8, grade_fn_factory=grade)
+    _frames_equal(refinement.rethreshold(tok, pairs, log_mid, cfg, grade_fn_factory=grade)[1], log_inf)
+
+
+def test_rethreshold_rejects_a_log_of_other_responses(model, tok, monkeypatch):
+    monkeypatch.setattr(refinement, "sample", PrefixSampler())
+    pairs = _pairs()
+    cfg = RefinementConfig(n_candidates=2, window=8, epsilon=1e9)
+    _, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False)
+    with pytest.raises(ValueError, match="does not match its steps"):
+        refinement.rethreshold(tok, pairs.assign(chosen=pairs["chosen"].str.replace("a5", "a55")), log, cfg)
+    with pytest.raises(ValueError, match="older refinement run"):
+        refinement.rethreshold(tok, pairs, log.drop(columns="cand_texts"), cfg)
+    # a response the log never refined (max_responses grew) is an error too, not silently left alone
+    with pytest.raises(ValueError, match="does not match its steps"):
+        refinement.rethreshold(tok, pairs, log[log["response_id"] == "p0/0"], cfg)

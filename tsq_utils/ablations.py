@@ -19,16 +19,26 @@ temp folder renamed into place, so an entry that exists is complete), where key 
 determines it:
 
     pairs    samples table (bytes), the selection parameters the variant reads, the selection seed
-    refined  pairs key, base model, every refinement parameter (ε = ∞ for the no-KL rewrite), its seed
+    scored   pairs key, base model, every refinement parameter except ε, its seed: each step's candidates and
+             their windowed KLs (the expensive half of refinement, run once at ε = ∞ without grading)
+    refined  scored key, ε (∞ for the no-KL rewrite), the grader: the candidates kept under ε, reassembled and
+             regraded (refinement.rethreshold, exact: candidates are drawn and scored before ε is looked at)
     model    pairs or refined key, base model, the training parameters the objective reads, training seed,
              max_steps, device
     results  model key (or the base model), the evaluation problems (content), n, temperature, top_p,
              max_new_tokens, seed, sampling batch size and backend, device
 
 so rows that share a prefix share its work (Table 3's "none" is Table 2's Q-DYN and Fig. 4's α = 0.2; α = 0
-is "Shortest", since q = 0·(1 − p) gives k = 1), and a rerun is instant. Parameters a stage does not read
-(α for Shortest, λ when η = 0, the evaluation budget, which only enters the metrics) do not change keys.
-Keys cover inputs and parameters, not code: after editing tsq_utils, rerun with force=True.
+is "Shortest", since q = 0·(1 − p) gives k = 1; every ε point and the no-KL rewrite share one scoring run), and
+a rerun is instant. Parameters a stage does not read (α for Shortest, λ when η = 0, the evaluation budget, which
+only enters the metrics) do not change keys. Keys cover inputs and parameters, not code: after editing
+tsq_utils, rerun with force=True.
+
+Twins. Rows with different selection settings can still give the very same pairs (at N = 8 samples, Q-DYN with
+any α ≤ 0.5 takes one positive per problem, exactly as Shortest). Before training, a row looks up
+cache/twins/<hash of the pairs' texts and its training settings>; when another key already trained on that
+content with those settings, its model (and its results, evaluated the same way) are linked instead of
+recomputed: the same computation, run once.
 
 Seeds. Selection, refinement and evaluation use notebooks 02, 03 and 05's stage seeds for every row, so
 rows differ only in what they vary, and the default row reproduces (and adopts: see below) the pipeline's
@@ -179,6 +189,8 @@ def make_row(profile: Profile, name: str, label: str, *, variant: str | None = N
     eps = math.inf if refine == "no_kl" else float(profile.refinement.epsilon if epsilon is None else epsilon)
     ref = dataclasses.replace(profile.refinement, enabled=refine != "off", epsilon=eps)
     tr = dataclasses.replace(profile.training, **OBJECTIVES.get(objective, {}))
+    if profile.ablations.batch_size:
+        tr.batch_size = profile.ablations.batch_size
     if eta is not None:
         tr.eta = float(eta)
     if length_margin_sign is not None:
@@ -332,6 +344,22 @@ def refinement_params(ref: RefinementConfig) -> dict:
     return d
 
 
+def refinement_payloads(pairs_key: str, base_hashes: dict, ref: RefinementConfig, seed: int, grader: str
+                        ) -> tuple[dict, dict]:
+    """The payloads of the scored entry (candidates and their KLs: every refinement parameter but ε) and of the
+    refined entry (the scored entry, ε and the grader that decides reverts)."""
+    params = refinement_params(ref)
+    epsilon = params.pop("epsilon")
+    scored = {"kind": "scored", "pairs": pairs_key, "base": base_hashes, "refinement": params, "seed": seed}
+    return scored, {"kind": "refined", "scored": cache_key(scored), "epsilon": epsilon, "grader": grader}
+
+
+def data_sha(table: pd.DataFrame) -> str:
+    """SHA-256 of what training reads from a pairs table: its prompt, chosen and rejected texts, in order."""
+    rows = table[["prompt", "chosen", "rejected"]].astype(str).values.tolist()
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
 def training_params(tr: TrainingConfig) -> dict:
     """The training parameters the objective reads: none of β, λ, s when η = 0 (SFT); no s when λ = 0."""
     d = dataclasses.asdict(tr)
@@ -442,16 +470,15 @@ def make_context(profile: Profile, run_dir: Path) -> AblationContext:
 
 
 def payloads(ctx: AblationContext, row: Row) -> dict[str, dict]:
-    """The key payloads of a row's stages: pairs, refined (rows with refinement), model and results."""
+    """The key payloads of a row's stages: pairs, scored and refined (rows with refinement), model and results."""
     if row.is_base:
         return {"results": {"kind": "results", "model": {"base": ctx.base_hashes}, "eval": ctx.eval_spec()}}
     out = {"pairs": {"kind": "pairs", "samples": ctx.samples_sha, "selection": selection_params(row.selection),
                      "seed": ctx.selection_seed}}
     data = cache_key(out["pairs"])
     if row.refine != "off":
-        out["refined"] = {"kind": "refined", "pairs": data, "base": ctx.base_hashes,
-                          "refinement": refinement_params(row.refinement), "seed": ctx.refinement_seed,
-                          "grader": ctx.grader}
+        out["scored"], out["refined"] = refinement_payloads(data, ctx.base_hashes, row.refinement, ctx.refinement_seed,
+                                                            ctx.grader)
         data = cache_key(out["refined"])
     training = training_params(row.training)
     if ctx.max_steps:
@@ -463,7 +490,7 @@ def payloads(ctx: AblationContext, row: Row) -> dict[str, dict]:
 
 
 def row_keys(ctx: AblationContext, row: Row) -> dict[str, str]:
-    """The cache keys of a row's stages (pairs, refined, model, results; only results for the base row)."""
+    """The cache keys of a row's stages (pairs, scored, refined, model, results; only results for the base row)."""
     return {stage: cache_key(p) for stage, p in payloads(ctx, row).items()}
 
 
@@ -530,9 +557,8 @@ def _adopt_pairs(ctx: AblationContext, key: str, tmp: Path) -> str | None:
     return "adopted from notebooks/02_selection.ipynb"
 
 
-def _adopt_refined(ctx: AblationContext, key: str, pairs_key: str, tmp: Path) -> str | None:
-    """Link notebook 03's refined pairs when it refined these pairs with settings that give this key."""
-    files = ("refined_pairs.parquet", "step_log.parquet")
+def _refinement_manifest(ctx: AblationContext, pairs_key: str, files: Sequence[str]) -> tuple[dict, RefinementConfig] | None:
+    """Notebook 03's manifest and settings when it refined these pairs (this pairs key's file) with this base model."""
     m = _stage_manifest(ctx, "refinement", files)
     ref = m and _section(m, RefinementConfig, "refinement")
     if not ref or not ref.enabled or not _same_base(ctx, m):
@@ -540,10 +566,33 @@ def _adopt_refined(ctx: AblationContext, key: str, pairs_key: str, tmp: Path) ->
     pairs_file = ctx.cache_dir / pairs_key / "pairs.parquet"
     if (m.get("inputs") or {}).get("pairs", {}).get("sha256") != file_hash(pairs_file):
         return None
-    grader = ctx.grader  # 03 grades with the profile's grader, as the rows do
-    p = {"kind": "refined", "pairs": pairs_key, "base": ctx.base_hashes, "refinement": refinement_params(ref),
-         "seed": m.get("seed"), "grader": grader}
-    if cache_key(p) != key:
+    return m, ref
+
+
+def _adopt_scored(ctx: AblationContext, key: str, pairs_key: str, tmp: Path) -> str | None:
+    """Link notebook 03's step log (every candidate with its KL) when its settings, ε aside, give this key."""
+    found = _refinement_manifest(ctx, pairs_key, ("step_log.parquet",))
+    if not found:
+        return None
+    m, ref = found
+    scored, _ = refinement_payloads(pairs_key, ctx.base_hashes, ref, m.get("seed"), ctx.grader)
+    log = ctx.run_dir / "refinement" / "step_log.parquet"
+    if cache_key(scored) != key or "cand_texts" not in load_table(log).columns:  # an older log lacks the texts
+        return None
+    _link_or_copy(log, tmp / "step_log.parquet")
+    return "adopted from notebooks/03_kl_refinement.ipynb"
+
+
+def _adopt_refined(ctx: AblationContext, key: str, pairs_key: str, tmp: Path) -> str | None:
+    """Link notebook 03's refined pairs when it refined these pairs with settings that give this key."""
+    files = ("refined_pairs.parquet", "step_log.parquet")
+    found = _refinement_manifest(ctx, pairs_key, files)
+    if not found:
+        return None
+    m, ref = found
+    # 03 grades with the profile's grader, as the rows do
+    _, refined = refinement_payloads(pairs_key, ctx.base_hashes, ref, m.get("seed"), ctx.grader)
+    if cache_key(refined) != key:
         return None
     for f in files:
         _link_or_copy(ctx.run_dir / "refinement" / f, tmp / f)
@@ -671,13 +720,27 @@ def _describe_pairs(d: Path) -> dict:
     return selection.selection_summary(load_table(d / "pairs.parquet"), load_table(d / "problem_stats.parquet"))
 
 
-def _refine(ctx: AblationContext, row: Row, pairs_dir: Path, tmp: Path) -> None:
-    """Stage 03 for a row: refined pairs and the step log (ε = ∞ for the no-KL rewrite)."""
+def _score(ctx: AblationContext, row: Row, pairs_dir: Path, tmp: Path) -> None:
+    """Stage 03's expensive half for a row: every step's candidates and their KLs (run at ε = ∞, no grading)."""
     pairs = load_table(pairs_dir / "pairs.parquet")
-    refined, step_log = refinement.refine_pairs(ctx.base_model, ctx.tokenizer, pairs, row.refinement,
-                                                seed=ctx.refinement_seed,
-                                                grade_fn_factory=refinement.grader_factory(ctx.samples, ctx.grader),
-                                                progress=False)
+    cfg = dataclasses.replace(row.refinement, epsilon=math.inf)
+    _, step_log = refinement.refine_pairs(ctx.base_model, ctx.tokenizer, pairs, cfg, seed=ctx.refinement_seed,
+                                          progress=False)
+    save_table(step_log, tmp / "step_log.parquet")
+
+
+def _describe_scored(d: Path) -> dict:
+    """A scored entry's size: steps, candidates drawn and candidates scored."""
+    log = load_table(d / "step_log.parquet")
+    kls = [v for ks in log["kl"] for v in ks]
+    return {"n_steps": int(len(log)), "n_candidates": len(kls), "n_scored": int(sum(not math.isnan(v) for v in kls))}
+
+
+def _rethreshold(ctx: AblationContext, row: Row, pairs_dir: Path, scored_dir: Path, tmp: Path) -> None:
+    """Stage 03's cheap half for a row: keep the candidates under the row's ε (∞ for the no-KL rewrite), regrade."""
+    refined, step_log = refinement.rethreshold(ctx.tokenizer, load_table(pairs_dir / "pairs.parquet"),
+                                               load_table(scored_dir / "step_log.parquet"), row.refinement,
+                                               grade_fn_factory=refinement.grader_factory(ctx.samples, ctx.grader))
     save_table(refined, tmp / "refined_pairs.parquet")
     save_table(step_log, tmp / "step_log.parquet")
 
@@ -769,6 +832,42 @@ def _describe_results(d: Path) -> dict:
     return {"responses": int(len(res)), "accuracy": float(res["correct"].mean())}
 
 
+TWINS = "twins"  # cache/twins/<key>: the model entry trained on this content with these settings
+
+
+def _twin_index(ctx: AblationContext, model_payload: dict, data_file: Path) -> Path:
+    """Where the model trained on this data *content* with this row's settings is recorded.
+
+    Rows whose selections or refinements differ in their settings can still give the very same pairs (on the toy
+    profile at N = 8, Q-DYN with any α ≤ 0.5 picks one positive per problem, as Shortest does); training is then
+    the same computation, so it runs once."""
+    content = {**model_payload, "data": {"content": data_sha(load_table(data_file))}}
+    return ctx.cache_dir / TWINS / cache_key(content)
+
+
+def _adopt_twin_model(ctx: AblationContext, key: str, twin: Path, tmp: Path) -> str | None:
+    """Link the model of another key trained on the same pairs with the same settings."""
+    other = twin.read_text().strip() if twin.is_file() else ""
+    if not other or other == key or not (ctx.cache_dir / other).is_dir():
+        return None
+    for f in ("model", "training_log.parquet"):
+        _link_or_copy(ctx.cache_dir / other / f, tmp / f)
+    (tmp / "twin_of").write_text(other)
+    return f"same pairs and settings as {other}"
+
+
+def _adopt_twin_results(ctx: AblationContext, key: str, model_dir: Path, tmp: Path) -> str | None:
+    """Take the results of the model this one is a twin of, when evaluated the same way."""
+    twin_of = model_dir / "twin_of"
+    if not twin_of.is_file():
+        return None
+    other = cache_key({"kind": "results", "model": twin_of.read_text().strip(), "eval": ctx.eval_spec()})
+    if not (ctx.cache_dir / other / "results.parquet").is_file():
+        return None
+    save_table(load_table(ctx.cache_dir / other / "results.parquet").assign(model=key), tmp / "results.parquet")
+    return f"same model as {twin_of.read_text().strip()}"
+
+
 def run_row(ctx: AblationContext, row: Row, force: bool = False) -> dict:
     """Run (or reuse) each stage of one row; return its keys and where each stage came from."""
     keys, pl = row_keys(ctx, row), payloads(ctx, row)
@@ -784,17 +883,33 @@ def run_row(ctx: AblationContext, row: Row, force: bool = False) -> dict:
                                               lambda t: _adopt_pairs(ctx, keys["pairs"], t), _describe_pairs, force)
         data_key, data_file = keys["pairs"], pairs_dir / "pairs.parquet"
         if row.refine != "off":
+            # the refined entry needs the scored one only when it is not there yet (nor adoptable from 03)
+            scored: list[Path] = []
+
+            def scored_dir() -> Path:
+                if not scored:
+                    d, sources["scored"] = _ensure(ctx, keys["scored"], pl["scored"], lambda t: _score(ctx, row, pairs_dir, t),
+                                                   lambda t: _adopt_scored(ctx, keys["scored"], keys["pairs"], t),
+                                                   _describe_scored, force)
+                    scored.append(d)
+                return scored[0]
+
             ref_dir, sources["refined"] = _ensure(ctx, keys["refined"], pl["refined"],
-                                                  lambda t: _refine(ctx, row, pairs_dir, t),
+                                                  lambda t: _rethreshold(ctx, row, pairs_dir, scored_dir(), t),
                                                   lambda t: _adopt_refined(ctx, keys["refined"], keys["pairs"], t),
                                                   _describe_refined, force)
             data_key, data_file = keys["refined"], ref_dir / "refined_pairs.parquet"
+        twin = _twin_index(ctx, pl["model"], data_file)
         model_dir, sources["model"] = _ensure(ctx, keys["model"], pl["model"], lambda t: _train(ctx, row, data_file, t),
-                                              lambda t: _adopt_model(ctx, keys["model"], data_key, data_file, t),
+                                              lambda t: (_adopt_model(ctx, keys["model"], data_key, data_file, t)
+                                                         or _adopt_twin_model(ctx, keys["model"], twin, t)),
                                               _describe_model, force)
+        if not twin.exists():
+            atomic_write_text(twin, keys["model"])
         _, sources["results"] = _ensure(ctx, keys["results"], pl["results"],
                                         lambda t: _results(ctx, keys["results"], model_dir, t),
-                                        lambda t: _adopt_results(ctx, keys["results"], model_dir, t),
+                                        lambda t: (_adopt_results(ctx, keys["results"], model_dir, t)
+                                                   or _adopt_twin_results(ctx, keys["results"], model_dir, t)),
                                         _describe_results, force)
     return {"name": row.name, "seed": row.seed, "keys": keys, "sources": sources}
 
@@ -836,8 +951,11 @@ def run_rows(ctx: AblationContext, rows: Sequence[Row | str] | None = None, forc
 
 
 def plan(ctx: AblationContext, rows: Sequence[Row]) -> pd.DataFrame:
-    """Distinct work per stage for these rows: how many entries exist already and how many remain to compute."""
-    seen: dict[str, set] = {"pairs": set(), "refined": set(), "model": set(), "results": set()}
+    """Distinct work per stage for these rows: how many entries exist already and how many remain to compute.
+
+    Counts keys: rows whose pairs turn out to be identical share one training and evaluation at run time (twins),
+    which cannot be known before their pairs exist, so "to_run" can overcount models and results."""
+    seen: dict[str, set] = {"pairs": set(), "scored": set(), "refined": set(), "model": set(), "results": set()}
     for r in rows:
         for stage, key in row_keys(ctx, r).items():
             seen[stage].add(key)
@@ -888,6 +1006,7 @@ SUMMARY_COLUMNS = (
 def _summary_lines(ctx: AblationContext, r: Row, keys: dict[str, str], res: pd.DataFrame, budget: float) -> list[dict]:
     """The summary lines of one row and seed (one per benchmark) from its results and its entries' meta.json."""
     sel, ref, mod = _meta(ctx, keys.get("pairs")), _meta(ctx, keys.get("refined")), _meta(ctx, keys.get("model"))
+    scored = _meta(ctx, keys.get("scored"))
     si, ri = sel.get("info", {}), ref.get("info", {})
     stage_info = {
         "n_pairs": si.get("n_pairs"),
@@ -895,7 +1014,8 @@ def _summary_lines(ctx: AblationContext, r: Row, keys: dict[str, str], res: pd.D
         "tokens_per_step_before": ri.get("tokens_per_step_before"),
         "tokens_per_step_after": ri.get("tokens_per_step_after"), "acceptance_rate": ri.get("acceptance_rate"),
         "train_steps": mod.get("info", {}).get("steps"),
-        "seconds_refine": ref.get("seconds") if ref.get("source") == "computed" else None,
+        "seconds_refine": (sum(m["seconds"] for m in (scored, ref) if m.get("source") == "computed")
+                           if ref.get("source") == "computed" or scored.get("source") == "computed" else None),
         "seconds_train": mod.get("seconds") if mod.get("source") == "computed" else None,
         "seconds_eval": _meta(ctx, keys["results"]).get("seconds"),
         "model_key": keys.get("model"), "results_key": keys["results"],
@@ -1098,8 +1218,11 @@ def findings(tables: dict[str, pd.DataFrame], benchmark: str | None = None) -> p
         d = _val(tb, a, col) - _val(tb, b, col)
         se = math.sqrt(_se(tb, a, col) ** 2 + _se(tb, b, col) ** 2)
         ours = f"{_val(tb, a, col) * scale:.1f} vs {_val(tb, b, col) * scale:.1f} ({d * scale:+.1f} {unit})"
+        # every number equal: the two rows are one model (twins: their settings picked the same pairs)
+        same = all(_val(tb, a, c) == _val(tb, b, c) for c in ("acc", "len_t", "auc", "acc_hard"))
+        verdict = "not testable (the same pairs, so one model)" if same else _verdict(d, se, expect_negative)
         return {"finding": finding, "paper (7B)": paper, "ours": ours, "difference": d * scale, "se": se * scale,
-                "reproduced": _verdict(d, se, expect_negative)}
+                "reproduced": verdict}
 
     out = [
         pair("table4", "table4/dpo", "table4/dpo_l_sft", "acc", True, "pure DPO collapses (accuracy)",

@@ -183,6 +183,8 @@ class AblationsConfig:
     n_eval_samples: int = field(default=1, metadata=_rng(0, 4096))
     # optimizer steps per trained row (0 = training.epochs in full, as notebook 04)
     max_steps: int = field(default=0, metadata=_rng(0, 10**7))
+    # pairs per optimizer step of every trained row (0 = training.batch_size, as notebook 04)
+    batch_size: int = field(default=0, metadata=_rng(0, 10**6))
 
 
 @dataclass

@@ -19,9 +19,11 @@ log((ℓ_w + ℓ_l)/ℓ_w) with s = −1.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -100,6 +102,36 @@ def dpo_l_pair_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
     return -F.logsigmoid(beta * delta + margin)
 
 
+# Per-position outputs of TRL's fused LM head (the log-probs of the labels, 0 where a label is -100, and the
+# statistics DPOLTrainer logs)
+_PER_POSITION = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+def split_forward(model, model_kwargs: dict[str, Any], labels: torch.Tensor, width: int) -> SimpleNamespace:
+    """Forward a [chosen; rejected] batch as two halves, each cut after its own last real token; per-position
+    outputs come back aligned with the shifted labels, [2B, width], zero (False) past each half's end."""
+    # The collator pads both halves to one width: a chosen half padded to the longer rejected responses' length
+    # spends most of its forward on padding (on the toy profile, about a third of a training step's time).
+    mask = model_kwargs["attention_mask"]
+    rows_all = mask.size(0)
+    n = rows_all // 2
+    parts: list[tuple[Any, int]] = []
+    for rows in (slice(0, n), slice(n, rows_all)):
+        real = mask[rows].any(dim=0).nonzero()
+        cut = max(2, int(real.max()) + 1) if len(real) else 2
+        kw = {k: (v[rows, :cut] if torch.is_tensor(v) and v.dim() == 2 and v.size(0) == rows_all else v)
+              for k, v in model_kwargs.items()}
+        parts.append((model(**kw, labels=labels[rows, :cut], fused_lm_head=True), cut - 1))
+    merged = {}
+    for name in _PER_POSITION:
+        values = [getattr(out, name, None) for out, _ in parts]
+        if any(v is None for v in values):
+            continue
+        # keep the last (cut - 1) positions (prompt-learning PEFT prepends virtual tokens), pad to width on the right
+        merged[name] = torch.cat([F.pad(v[:, v.size(1) - k:], (0, width - k)) for v, (_, k) in zip(values, parts)])
+    return SimpleNamespace(**merged)
+
+
 class DPOLTrainer(DPOTrainer):
     """DPOTrainer whose loss is η·L_DPO-L + (1 − η)·L_SFT; stops with NonFiniteLossError on a NaN/inf loss."""
 
@@ -115,6 +147,15 @@ class DPOLTrainer(DPOTrainer):
         """Reference sequence log-probs of the chosen and rejected halves: precomputed, or from the reference."""
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        if self.ref_model is not None:
+            # a separate frozen reference: the same two-half forward as the policy's, without gradients
+            shift_mask = inputs["completion_mask"][:, 1:]
+            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            model_kwargs["use_cache"] = False
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            with torch.no_grad():
+                out = split_forward(self.ref_model, model_kwargs, labels, shift_mask.size(1))
+            return (out.log_probs * shift_mask).sum(dim=1).chunk(2, dim=0)
         # TRL's public per-batch helper: no_grad, adapter switching for PEFT, gradient checkpointing off
         return self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
 
@@ -127,9 +168,8 @@ class DPOLTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        # TRL's fused LM head returns per-token log-probs of the labels (0 where label = -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        per_token_logps = outputs.log_probs[:, -shift_mask.size(1):] * shift_mask
+        outputs = split_forward(model, model_kwargs, labels, shift_mask.size(1))
+        per_token_logps = outputs.log_probs * shift_mask
         chosen_logps, rejected_logps = per_token_logps.sum(dim=1).chunk(2, dim=0)
         ref_chosen_logps, ref_rejected_logps = self._reference_logps(inputs)
 
@@ -279,6 +319,11 @@ def _check_prepared(dataset: Dataset, tokenizer, max_length: int, name: str) -> 
                       "truncated: their losses and length margins use the truncated completions", stacklevel=3)
 
 
+def _shorter_than_an_epoch(cfg: TrainingConfig, max_steps: int | None, n_pairs: int) -> bool:
+    """True when max_steps optimizer steps visit fewer pairs than the dataset holds."""
+    return bool(max_steps) and max_steps > 0 and max_steps * cfg.batch_size * cfg.grad_accum < n_pairs
+
+
 def make_dpo_l_trainer(model, ref_model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, output_dir: str,
                        seed: int, max_steps: int | None = None, *, eval_pairs: pd.DataFrame | None = None,
                        device: str = "auto", precompute_ref_log_probs: bool | None = None,
@@ -292,9 +337,13 @@ def make_dpo_l_trainer(model, ref_model, tokenizer, pairs: pd.DataFrame, cfg: Tr
         # transformers 5 has no warmup_ratio: warmup_steps < 1 is a ratio and >= 1 a step count
         raise ValueError(f"warmup_ratio must lie in [0, 1), got {cfg.warmup_ratio}")
     if precompute_ref_log_probs is None:
-        # Without a reference model, the reference is the initial policy: score the data once before training
-        # instead of keeping a second copy of the model in memory
-        precompute_ref_log_probs = ref_model is None
+        # Without a reference model, the reference is the initial policy. Scoring the whole dataset once before
+        # training saves a second copy of the model, and costs less than a reference forward per step as soon as
+        # the run visits every pair at least once; a run shorter than an epoch (an ablation row's max_steps)
+        # scores only the pairs it visits, on the fly, with a frozen copy of the initial model.
+        precompute_ref_log_probs = ref_model is None and not _shorter_than_an_epoch(cfg, max_steps, len(pairs))
+        if ref_model is None and not precompute_ref_log_probs:
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if ref_model is None and not precompute_ref_log_probs:
         raise ValueError("with ref_model=None the reference log-probs must be precomputed "
                          "(precompute_ref_log_probs=True); pass a reference model otherwise")

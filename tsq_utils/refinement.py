@@ -94,7 +94,7 @@ MAX_STEPS_PER_CALL = 4096
 REDUCTIONS = ("mean", "sum")
 STEP_LOG_COLUMNS = (
     "response_id", "problem_id", "step", "orig_tokens", "n_sampled", "n_dropped", "cand_tokens", "kl",
-    "accepted", "new_tokens", "kl_chosen", "skipped", "reverted", "final_tokens",
+    "accepted", "new_tokens", "kl_chosen", "skipped", "reverted", "final_tokens", "cand_texts",
 )
 
 
@@ -432,12 +432,20 @@ def _score_job(model, tokenizer, plan: _Plan, i: int, window: int, epsilon: floa
                     plan.cont_ids(i, window), reduction=reduction, batch_size=batch_size)
     for j, v in zip(to_score, kls.tolist()):
         rec.kl[j] = v
-    ok = [j for j in to_score if rec.cand_tokens[j] < rec.orig_tokens and rec.kl[j] < epsilon]
+    best = _accept(rec, epsilon)
+    return None if best is None else job.cands[best]
+
+
+def _accept(rec: StepRecord, epsilon: float) -> int | None:
+    """Index of the shortest scored candidate shorter than the step with KL < epsilon (ties: lower KL, then
+    order); sets the record's accepted, new_tokens and kl_chosen. An unscored candidate's KL is NaN: never kept."""
+    ok = [j for j, (n, kl) in enumerate(zip(rec.cand_tokens, rec.kl)) if n < rec.orig_tokens and kl < epsilon]
+    rec.accepted, rec.new_tokens, rec.kl_chosen = False, rec.orig_tokens, float("nan")
     if not ok:
         return None
     best = min(ok, key=lambda j: (rec.cand_tokens[j], rec.kl[j], j))
     rec.accepted, rec.new_tokens, rec.kl_chosen = True, rec.cand_tokens[best], rec.kl[best]
-    return job.cands[best]
+    return best
 
 
 def _assemble(tokenizer, plan: _Plan, chosen: dict[int, str], grade_fn: Callable[[str], bool] | None) -> RefineResult:
@@ -531,17 +539,13 @@ def _step_rows(res: RefineResult, problem_id: Any) -> list[dict]:
     return rows
 
 
-def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, seed: int,
-                 grade_fn_factory: Callable[[pd.Series], Callable[[str], bool] | None] | None = None,
-                 progress: bool = True, sample_batch_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Refine each distinct chosen response once; return the refined pairs table and the per-step log."""
+def _targets(pairs: pd.DataFrame, cfg: RefinementConfig) -> tuple[list, list, list[pd.Series]]:
+    """The distinct (prompt, chosen) keys of a pairs table, those refine_pairs refines, and their first rows."""
     if not isinstance(pairs, pd.DataFrame):
         raise ValueError(f"pairs must be a pandas DataFrame, got {type(pairs).__name__}")
     missing = [c for c in PAIRS_REQUIRED if c not in pairs.columns]
     if missing:
         raise ValueError(f"pairs table lacks column(s) {missing} (needs {list(PAIRS_REQUIRED)})")
-    if sample_batch_size is None:  # a config that carries the knob wins over the module default
-        sample_batch_size = getattr(cfg, "sample_batch_size", SAMPLE_BATCH_SIZE)
     # A response is refined in the context of its own prompt, so the cache key is (prompt, chosen).
     keys = list(dict.fromkeys(zip(pairs["prompt"], pairs["chosen"])))
     if not cfg.enabled:
@@ -551,13 +555,17 @@ def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, s
     first_row: dict[tuple[str, str], int] = {}
     for pos, key in enumerate(zip(pairs["prompt"], pairs["chosen"])):
         first_row.setdefault(key, pos)
-    rows = [pairs.iloc[first_row[key]] for key in keys_to_refine]
-    items = [(key[0], key[1], f"{row['problem_id']}/{row['chosen_sample_idx']}",
-              grade_fn_factory(row) if grade_fn_factory is not None else None)
-             for key, row in zip(keys_to_refine, rows)]
-    refined = _refine_many(model, tokenizer, items, cfg.n_candidates, cfg.window, cfg.epsilon, cfg.kl_reduction,
-                           cfg.temperature, cfg.max_step_tokens, seed, cfg.batch_size, sample_batch_size,
-                           cap_to_original=True, progress=progress)
+    return keys, keys_to_refine, [pairs.iloc[first_row[key]] for key in keys_to_refine]
+
+
+def _response_id(row: pd.Series) -> str:
+    """The step log's name of a pair row's chosen response."""
+    return f"{row['problem_id']}/{row['chosen_sample_idx']}"
+
+
+def _tables(tokenizer, pairs: pd.DataFrame, keys: list, keys_to_refine: list, rows: list[pd.Series],
+            refined: list[RefineResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The refined pairs table and the step log from the refined responses."""
     results: dict[tuple[str, str], RefineResult] = dict(zip(keys_to_refine, refined))
     log_rows: list[dict] = []
     for row, res in zip(rows, refined):
@@ -573,6 +581,62 @@ def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, s
     out["reverted"] = [k in results and results[k].reverted for k in pair_keys]
     step_log = pd.DataFrame(log_rows, columns=list(STEP_LOG_COLUMNS))
     return out, step_log
+
+
+def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, seed: int,
+                 grade_fn_factory: Callable[[pd.Series], Callable[[str], bool] | None] | None = None,
+                 progress: bool = True, sample_batch_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Refine each distinct chosen response once; return the refined pairs table and the per-step log."""
+    keys, keys_to_refine, rows = _targets(pairs, cfg)
+    if sample_batch_size is None:  # a config that carries the knob wins over the module default
+        sample_batch_size = getattr(cfg, "sample_batch_size", SAMPLE_BATCH_SIZE)
+    items = [(key[0], key[1], _response_id(row), grade_fn_factory(row) if grade_fn_factory is not None else None)
+             for key, row in zip(keys_to_refine, rows)]
+    refined = _refine_many(model, tokenizer, items, cfg.n_candidates, cfg.window, cfg.epsilon, cfg.kl_reduction,
+                           cfg.temperature, cfg.max_step_tokens, seed, cfg.batch_size, sample_batch_size,
+                           cap_to_original=True, progress=progress)
+    return _tables(tokenizer, pairs, keys, keys_to_refine, rows, refined)
+
+
+def rethreshold(tokenizer, pairs: pd.DataFrame, step_log: pd.DataFrame, cfg: RefinementConfig,
+                grade_fn_factory: Callable[[pd.Series], Callable[[str], bool] | None] | None = None
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """refine_pairs' result at cfg.epsilon, from the step log of a run on the same pairs at any other epsilon.
+
+    Exact because the candidates are drawn, and every candidate shorter than its step is scored, before epsilon
+    is looked at: the run (same model, seed and other settings) differs only in which candidate each step keeps.
+    """
+    keys, keys_to_refine, rows = _targets(pairs, cfg)
+    missing = [c for c in STEP_LOG_COLUMNS if c not in step_log.columns]
+    if missing:
+        raise ValueError(f"step log lacks column(s) {missing}: it comes from an older refinement run; rerun it")
+    by_id = {rid: g.sort_values("step") for rid, g in step_log.groupby("response_id", sort=False)}
+    refined = []
+    for key, row in zip(keys_to_refine, rows):
+        rid = _response_id(row)
+        # window and token cap only decide the jobs' continuation and sampling limits, which the log already holds
+        plan = _plan_response(tokenizer, key[0], key[1], window=1, max_step_tokens=1, cap_to_original=True,
+                              response_id=rid)
+        log = by_id.get(rid)
+        n_log = 0 if log is None else len(log)
+        if n_log != len(plan.records) or (n_log and (log["step"].tolist() != [r.step for r in plan.records]
+                                                     or log["orig_tokens"].tolist() != [r.orig_tokens for r in plan.records])):
+            raise ValueError(f"response {rid}: the step log does not match its steps (another pairs table, "
+                             "tokenizer or refinement run?)")
+        chosen: dict[int, str] = {}
+        for rec, (_, e) in zip(plan.records, log.iterrows() if n_log else []):
+            rec.skipped, rec.n_sampled, rec.n_dropped = e["skipped"], int(e["n_sampled"]), int(e["n_dropped"])
+            rec.cand_tokens = [int(x) for x in e["cand_tokens"]]
+            rec.cand_texts = [str(x) for x in e["cand_texts"]]
+            rec.kl = [float(x) for x in e["kl"]]
+            if rec.skipped:
+                continue
+            best = _accept(rec, cfg.epsilon)
+            if best is not None:
+                chosen[rec.step] = rec.cand_texts[best]
+        grade_fn = grade_fn_factory(row) if grade_fn_factory is not None else None
+        refined.append(_assemble(tokenizer, plan, chosen, grade_fn))
+    return _tables(tokenizer, pairs, keys, keys_to_refine, rows, refined)
 
 
 def _mean_or_none(values: pd.Series) -> float | None:
