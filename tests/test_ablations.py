@@ -218,9 +218,10 @@ def test_a_changed_input_changes_its_stage_and_everything_after(ctx):
     assert all(n[s] == k[s] for s in ("pairs", "scored", "refined", "model")) and n["results"] != k["results"]
     ctx5 = dataclasses.replace(ctx, max_steps=5)
     assert keys(ctx5)["refined"] == k["refined"] and keys(ctx5)["model"] != k["model"]
-    p6 = dataclasses.replace(ctx.profile, ablations=dataclasses.replace(ctx.profile.ablations, batch_size=2))
+    p6 = dataclasses.replace(ctx.profile, ablations=dataclasses.replace(ctx.profile.ablations, batch_size=2, lr=0.125))
     r6 = A.make_row(p6, "x/y", "x")
     assert r6.training.batch_size == 2 != ctx.profile.training.batch_size
+    assert r6.training.lr == 0.125 != ctx.profile.training.lr
     b6 = A.row_keys(ctx, r6)
     assert b6["refined"] == k["refined"] and b6["model"] != k["model"]
     r = row(ctx)
@@ -520,6 +521,7 @@ def test_findings_verdicts(prof):
     assert f["Shortest hurts hard problems (accuracy on the hard half)"] == "direction only"  # -1 point, SE 7
     assert f["SFT alone stays longer (Len-T)"] == "no"  # 49 < 50: the opposite way
     assert f["KL refinement shortens correct responses (Len-T)"] == "—"  # not run
+    assert f["extra negatives cost accuracy"] == "—"  # q_dyn_extra not run
     assert f["α = 0.2 is near the best α (accuracy)"] == "yes"  # 2 points below the best, SE 7
     assert "| pure DPO collapses (accuracy) |" in A.findings_markdown(A.findings(tables))
     # twins (the same pairs, one model): every number equal, nothing to test

@@ -191,6 +191,8 @@ def make_row(profile: Profile, name: str, label: str, *, variant: str | None = N
     tr = dataclasses.replace(profile.training, **OBJECTIVES.get(objective, {}))
     if profile.ablations.batch_size:
         tr.batch_size = profile.ablations.batch_size
+    if profile.ablations.lr:
+        tr.lr = profile.ablations.lr
     if eta is not None:
         tr.eta = float(eta)
     if length_margin_sign is not None:
@@ -1229,6 +1231,8 @@ def findings(tables: dict[str, pd.DataFrame], benchmark: str | None = None) -> p
              "DPO 48.3 vs DPO-L + SFT 57.5 on AIME24"),
         pair("table2", "table2/shortest", "table2/q_dyn", "acc_hard", True,
              "Shortest hurts hard problems (accuracy on the hard half)", "Shortest 53.3 vs Q-DYN 57.3 on AIME24"),
+        pair("table2", "table2/q_dyn_extra", "table2/q_dyn", "acc", True, "extra negatives cost accuracy",
+             "Q-DYN + extra negatives 52.3 vs Q-DYN 57.3 on AIME24"),
         pair("table3", "table3/kl", "table3/none", "len_t", True, "KL refinement shortens correct responses (Len-T)",
              "6190 → 5157 tokens on AIME24", scale=1.0, unit="tokens"),
         pair("table3", "table3/no_kl", "table3/kl", "acc", True, "a rewrite without the KL check costs accuracy",

@@ -185,6 +185,9 @@ class AblationsConfig:
     max_steps: int = field(default=0, metadata=_rng(0, 10**7))
     # pairs per optimizer step of every trained row (0 = training.batch_size, as notebook 04)
     batch_size: int = field(default=0, metadata=_rng(0, 10**6))
+    # learning rate of every trained row (0 = training.lr): a row trained for far fewer steps than notebook 04 gets
+    # further with a larger rate, and lands nearer where 04's full training does
+    lr: float = field(default=0.0, metadata=_rng(0.0, 1.0))
 
 
 @dataclass
