@@ -15,15 +15,21 @@ notebooks to runs/<profile>/notebooks/ (with a .log of papermill's output beside
 
   --profile NAME   the profile, profiles/NAME.yaml (default: toy); also exported as TSQ_PROFILE
   --only LIST      run only these notebooks, by number: --only 00,01 (still in pipeline order)
-  -p KEY VALUE     pass a parameter to every notebook's parameters cell (repeatable), as papermill
-                   does: -p alpha 0.3 -p epsilon 0.01 ("profile" is set by --profile)
+  -p KEY VALUE     pass a parameter to the notebooks whose parameters cell defines KEY (repeatable),
+                   as papermill does: -p alpha 0.3 -p epsilon 0.01 ("profile" is set by --profile).
+                   -p NN:KEY VALUE sends it to notebook NN only: a name that two notebooks of the
+                   run read differently (eta is training.eta in 04, tldr.eta in 07; lr; max_steps;
+                   n_samples; temperature; max_new_tokens) must say which: -p 07:eta 4.
+                   Every -p is checked before anything runs: an unknown name (the message names the
+                   closest one), an ambiguous one, or a value the profile's ranges refuse stops here.
   --dry-run, -n    print what would run, set up and run nothing
   -h, --help       this text
 
 First it makes sure .venv exists and holds the package: it creates .venv (python3 -m venv) when
-missing and runs `pip install torch==2.13.0 -e .[dev]` when the package is not importable or
-pyproject.toml changed since the last install, then installs a Jupyter kernel "tsq" (the venv's
-Python) that the notebooks run on.
+missing and runs `pip install -e .[dev]` when the package is not importable or pyproject.toml
+changed since the last install, adding torch==2.13.0 (the CPU wheel) only when the venv holds no
+torch inside pyproject's pin (a CUDA torch and vLLM already there are never replaced); then it
+installs a Jupyter kernel "tsq" (the venv's Python) that the notebooks run on.
 
 Environment:
   TSQ_SKIP_SETUP=1    skip the venv set-up and use TSQ_PYTHON (default .venv/bin/python) as it is
@@ -32,8 +38,12 @@ Environment:
   TSQ_NOTEBOOKS_DIR   where the notebooks are (default: notebooks/)
   TSQ_RUNS_DIR        root of the run folders (default: runs/)
 
+  TSQ_RUNS_DIR and TSQ_FIGURES_DIR may be relative: they are made absolute (against the current
+  folder) once, here, so every notebook writes to the same place.
+
 A failing notebook stops the run: the message names the notebook, the failing cell and its
-exception, and the executed notebook to open.
+exception, and the executed notebook to open (NN_name.failed.ipynb; the last good run's
+NN_name.ipynb and .log are kept). Ctrl-C stops it too, saying at which cell of which notebook.
 EOF
 }
 
@@ -47,7 +57,8 @@ die_usage() {
 profile="toy"
 only=""
 dry_run=0
-params=()
+pkeys=()
+pvals=()
 while (($#)); do
     case "$1" in
         --profile)
@@ -70,9 +81,11 @@ while (($#)); do
             ;;
         -p | --parameters)
             (($# >= 3)) || die_usage "$1 needs a KEY and a VALUE"
-            [[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die_usage "-p $2: the key must be a Python name (a variable of the parameters cell)"
-            [[ "$2" != "profile" ]] || die_usage "-p profile: use --profile NAME"
-            params+=(-p "$2" "$3")
+            [[ "$2" =~ ^([0-9][0-9]:)?[A-Za-z_][A-Za-z0-9_]*$ ]] ||
+                die_usage "-p $2: the key must be a Python name (a variable of the parameters cell), optionally NN: for one notebook (-p 07:eta 4)"
+            [[ "${2#*:}" != "profile" ]] || die_usage "-p profile: use --profile NAME"
+            pkeys+=("$2")
+            pvals+=("$3")
             shift 3
             ;;
         -n | --dry-run)
@@ -136,14 +149,49 @@ else
     notebooks=("${all_nbs[@]}")
 fi
 
-RUNS_ROOT="${TSQ_RUNS_DIR:-$REPO/runs}"
+# Relative folders are resolved once, here: the notebooks run with notebooks/ as their working folder.
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+RUNS_ROOT="$(abspath "${TSQ_RUNS_DIR:-$REPO/runs}")"
+export TSQ_RUNS_DIR="$RUNS_ROOT"
+[[ -z "${TSQ_FIGURES_DIR:-}" ]] || export TSQ_FIGURES_DIR="$(abspath "$TSQ_FIGURES_DIR")"
 OUT_DIR="$RUNS_ROOT/$profile/notebooks"
 KERNEL="${TSQ_KERNEL:-tsq}"
 
+# Check the profile and every -p against the notebooks' parameters cells; sets nb_params[NAME]="i j ..."
+# (the indices of the -p pairs that notebook NAME gets).
+declare -A nb_params=()
+check_parameters() {
+    local plan line name pairs=() k
+    for k in "${!pkeys[@]}"; do pairs+=("${pkeys[$k]}" "${pvals[$k]}"); done
+    plan="$("$1" -m tsq_utils.runner check "$REPO/profiles/$profile.yaml" "${#notebooks[@]}" "${notebooks[@]}" \
+        ${pairs[@]+"${pairs[@]}"})" || {
+        echo "$ME: nothing was run: fix the profile or the -p parameters above (./run_all.sh --help)" >&2
+        exit 2
+    }
+    while read -r name line; do nb_params["$name"]="$line"; done <<<"$plan"
+}
+
+# The papermill -p arguments of one notebook: profile, then the -p pairs it gets.
+nb_args() {
+    local name="$1" i
+    args=(-p profile "$profile")
+    for i in ${nb_params["$name"]:-}; do args+=(-p "${pkeys[$i]#*:}" "${pvals[$i]}"); done
+}
+
 if ((dry_run)); then
+    dry_py="${TSQ_PYTHON:-$REPO/.venv/bin/python}"
+    if "$dry_py" -c 'import tsq_utils.runner' >/dev/null 2>&1; then
+        check_parameters "$dry_py"
+    else
+        echo "(parameters not checked: no Python with the package at $dry_py)"
+        for nb in "${notebooks[@]}"; do
+            nb_params["$(basename "$nb")"]="${!pkeys[*]}"
+        done
+    fi
     echo "profile $profile, kernel $KERNEL, executed notebooks to $OUT_DIR"
     for nb in "${notebooks[@]}"; do
-        echo "would run: papermill $nb $OUT_DIR/$(basename "$nb") -k $KERNEL -l python --cwd $NB_DIR -p profile $profile ${params[*]:-}"
+        nb_args "$(basename "$nb")"
+        echo "would run: papermill $nb $OUT_DIR/$(basename "$nb") -k $KERNEL -l python --cwd $NB_DIR ${args[*]}"
     done
     exit 0
 fi
@@ -153,46 +201,20 @@ fi
 source "$REPO/scripts/setup_venv.sh"
 tsq_setup_venv "$REPO" || exit 1
 
-# Validate the profile with the real loader now, before any notebook runs.
-"$TSQ_PY" -c 'import sys; from tsq_utils.config import load_profile; load_profile(sys.argv[1])' \
-    "$REPO/profiles/$profile.yaml" || {
-    echo "$ME: profile '$profile' is not valid (see above)" >&2
-    exit 1
-}
+# Validate the profile and the parameters with the real loader now, before any notebook runs.
+check_parameters "$TSQ_PY"
 
 export TSQ_PROFILE="$profile"
 mkdir -p "$OUT_DIR"
 
-# Print "cell N (In [k]): Ename: evalue" for the first failing cell of an executed notebook.
+# "cell N (In [k]): Ename: evalue" for the failing cell of an executed notebook (or where it was interrupted).
 describe_failure() {
-    "$TSQ_PY" - "$1" <<'PY' 2>/dev/null || true
-import json, sys
-SKIP = {"injected-parameters", "papermill-error-cell-tag"}  # cells papermill adds
-try:
-    nb = json.load(open(sys.argv[1], encoding="utf-8"))
-except (OSError, ValueError):
-    sys.exit(0)
-n = 0
-for cell in nb.get("cells", []):
-    if SKIP & set(cell.get("metadata", {}).get("tags", [])):
-        continue
-    n += 1  # the cell's position in the source notebook
-    if cell.get("cell_type") != "code":
-        continue
-    errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-    pm = cell.get("metadata", {}).get("papermill", {})
-    if errors or pm.get("exception") or pm.get("status") == "failed":
-        where = f"cell {n} (In [{cell.get('execution_count') or ' '}])"
-        if errors:
-            e = errors[0]
-            msg = f"{e.get('ename')}: {e.get('evalue')}"
-        else:
-            msg = "the cell did not finish (the kernel may have died)"
-        first = next((line for line in "".join(cell.get("source", "")).splitlines() if line.strip()), "")
-        print(f"{where}: {msg}\n  cell starts: {first[:100]}")
-        break
-PY
+    "$TSQ_PY" -m tsq_utils.runner describe "$@" 2>/dev/null || true
 }
+
+# Ctrl-C reaches papermill (which stops its kernel); the script itself lives on to say where it stopped.
+interrupted=0
+trap 'interrupted=1' INT
 
 rel() { local p="$1"; echo "${p#"$REPO"/}"; }
 
@@ -206,31 +228,58 @@ for nb in "${notebooks[@]}"; do
     name="$(basename "$nb")"
     out="$OUT_DIR/$name"
     log="$OUT_DIR/${name%.ipynb}.log"
+    # Written under temporary names and moved into place on success: a failed run keeps the last good one.
+    run_out="$OUT_DIR/.${name%.ipynb}.running.ipynb"
+    run_log="$OUT_DIR/.${name%.ipynb}.running.log"
+    rm -f "$run_out" "$run_log"
+    nb_args "$name"
     echo "==> [$i/${#notebooks[@]}] $name"
     start="$(now)"
     set +e
-    "$TSQ_PY" -m papermill "$nb" "$out" -k "$KERNEL" -l python --cwd "$NB_DIR" -p profile "$profile" ${params[@]+"${params[@]}"} 2>&1 | tee "$log"
+    # tee -i: a Ctrl-C must not cut the log short
+    "$TSQ_PY" -m papermill "$nb" "$run_out" -k "$KERNEL" -l python --cwd "$NB_DIR" "${args[@]}" 2>&1 | tee -i "$run_log"
     rc=${PIPESTATUS[0]}
     set -e
     secs="$(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"
-    if ((rc != 0)); then
-        cell="$(describe_failure "$out")"
+    ((rc != 130)) || interrupted=1
+    if ((rc != 0 || interrupted)); then
+        failed_out="$OUT_DIR/${name%.ipynb}.failed.ipynb"
+        failed_log="$OUT_DIR/${name%.ipynb}.failed.log"
+        [[ -f "$run_out" ]] && mv -f "$run_out" "$failed_out"
+        [[ -f "$run_log" ]] && mv -f "$run_log" "$failed_log"
+        if ((interrupted)) || grep -q '^KeyboardInterrupt' "$failed_log" 2>/dev/null; then
+            interrupted=1
+            cell="$(describe_failure "$failed_out" interrupted)"
+            [[ -n "$cell" ]] || cell="interrupted before the first cell ran (while the kernel started)"
+        else
+            cell="$(describe_failure "$failed_out")"
+        fi
         if [[ -z "$cell" ]]; then
             # No executed notebook to read (papermill failed before or while starting the kernel).
-            cell="$(grep -E '^[A-Za-z_.]*(Error|Exception|Interrupt|Exit)[A-Za-z]*:' "$log" | tail -n 1 || true)"
-            [[ -n "$cell" ]] || cell="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 || true)"
+            cell="$(grep -E '^[A-Za-z_.]*(Error|Exception|Exit)[A-Za-z]*:' "$failed_log" | tail -n 1 || true)"
+            [[ -n "$cell" ]] || cell="$(grep -v -e '^[[:space:]]*$' -e 'Executing:' "$failed_log" | tail -n 1 || true)"
             cell="none ran: ${cell:-see the log}"
         fi
         {
             echo
-            echo "$ME: FAILED: $name (profile $profile) after $secs s"
-            echo "  failing cell: $cell"
-            [[ -f "$out" ]] && echo "  executed notebook: $(rel "$out")"
-            echo "  papermill log: $(rel "$log")"
+            if ((interrupted)); then
+                first="${cell%%$'\n'*}"
+                echo "$ME: ${first} of notebook $name (profile $profile) after $secs s${cell#"$first"}"
+            else
+                echo "$ME: FAILED: $name (profile $profile) after $secs s"
+                echo "  failing cell: $cell"
+            fi
+            [[ -f "$failed_out" ]] && echo "  executed notebook: $(rel "$failed_out")"
+            echo "  papermill log: $(rel "$failed_log")"
+            [[ -f "$out" ]] && echo "  the last good run's notebook is kept: $(rel "$out")"
             echo "  notebooks after it were not run."
         } >&2
+        ((interrupted)) && exit 130
         exit 1
     fi
+    mv -f "$run_out" "$out"
+    mv -f "$run_log" "$log"
+    rm -f "$OUT_DIR/${name%.ipynb}.failed.ipynb" "$OUT_DIR/${name%.ipynb}.failed.log"
     timings+=("$(printf '%-28s %8s s' "$name" "$secs")")
     echo "<== $name done in $secs s"
 done

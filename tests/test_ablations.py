@@ -13,7 +13,8 @@ import torch
 
 import tsq_utils.ablations as A
 from tsq_utils.artifacts import atomic_write_json, dir_hash, file_hash, load_table, save_table
-from tsq_utils.config import ProfileError, RefinementConfig, load_profile, stage_seed
+from tsq_utils.config import ProfileError, RefinementConfig, SelectionConfig, load_profile, stage_seed
+from tsq_utils.fingerprint import package_hash
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -74,7 +75,7 @@ class Fakes:
         monkeypatch.setattr(A, "evaluate", self.evaluate)
         monkeypatch.setattr(A, "_eval_model", lambda ctx, model_dir: "BASE" if model_dir is None else model_dir)
 
-    def refine_pairs(self, model, tokenizer, pairs, cfg, seed, grade_fn_factory=None, progress=True):
+    def refine_pairs(self, model, tokenizer, pairs, cfg, seed, grade_fn_factory=None, progress=True, **kw):
         self.refine.append({"epsilon": cfg.epsilon, "enabled": cfg.enabled, "seed": seed, "model": model})
         out = pairs.copy()
         out["chosen_original"], out["chosen_tokens_original"] = pairs["chosen"], pairs["chosen_tokens"]
@@ -82,10 +83,11 @@ class Fakes:
         out["chosen_tokens"] = pairs["chosen_tokens"] - 1
         out["refined"], out["reverted"] = True, False
         log = pd.DataFrame({"accepted": [True, False], "orig_tokens": [4, 6], "final_tokens": [3, 6], "skipped": ["", ""],
-                            "kl": [[0.1, float("nan")], [0.2]], "cand_texts": [["a", "bb"], ["c"]]})
+                            "kl": [[0.1, float("nan")], [0.2]], "cand_texts": [["a", "bb"], ["c"]],
+                            "cand_tokens": [[1, 5], [1]]})
         return out, log
 
-    def rethreshold(self, tokenizer, pairs, step_log, cfg, grade_fn_factory=None):
+    def rethreshold(self, tokenizer, pairs, step_log, cfg, grade_fn_factory=None, **kw):
         self.rethreshold_eps.append(cfg.epsilon)
         out, _ = self.refine_pairs(None, tokenizer, pairs, cfg, 0)
         self.refine.pop()
@@ -255,6 +257,57 @@ def test_irrelevant_changes_keep_the_key(ctx):
     assert A.row_keys(ctx, base) == A.row_keys(ctx, dataclasses.replace(base, selection=row(ctx, alpha=0.9).selection))
 
 
+def test_every_key_covers_the_code(ctx, monkeypatch):
+    """An edit to tsq_utils gives every entry a new key: nothing computed by the old code is reused."""
+    k = A.row_keys(ctx, row(ctx))
+    base = A.make_row(ctx.profile, "base", "b", refine="off", objective="none")
+    kb = A.row_keys(ctx, base)
+    monkeypatch.setattr(A, "package_hash", lambda: "edited" * 10)
+    k2, kb2 = A.row_keys(ctx, row(ctx)), A.row_keys(ctx, base)
+    assert set(k2) == set(k) and all(k2[s] != k[s] for s in k) and kb2["results"] != kb["results"]
+
+
+def test_selection_keys_follow_the_variant_registry(ctx, monkeypatch):
+    """Each variant's pairs key reads exactly the knobs its registry entry declares, so a new variant that reads
+    alpha gets one entry per alpha (before: selection_params encoded the knobs by hand, and a new variant shared one
+    entry across alpha)."""
+    from tsq_utils import selection
+
+    def pairs_key(**sel):
+        r = row(ctx, refine="off")
+        r.selection = SelectionConfig(**{**dataclasses.asdict(r.selection), **sel})
+        return A.row_keys(ctx, r)["pairs"]
+
+    monkeypatch.setitem(selection.REGISTRY, "q_alpha_fix", selection.Variant(
+        "q_alpha_fix", ("alpha", "q_fix"), lambda k, p: min(1.0, k["q_fix"] + k["alpha"] * p)))
+    assert pairs_key(variant="q_alpha_fix", alpha=0.1) != pairs_key(variant="q_alpha_fix", alpha=0.3)
+    assert pairs_key(variant="q_alpha_fix", q_fix=0.1) != pairs_key(variant="q_alpha_fix", q_fix=0.3)
+    assert pairs_key(variant="q_alpha_fix", extra_neg_ratio=2.0) == pairs_key(variant="q_alpha_fix", extra_neg_ratio=3.0)
+    # the existing variants keep reading what they read: q_fix shares one entry across alpha, q_dyn does not
+    assert pairs_key(variant="q_fix", alpha=0.1) == pairs_key(variant="q_fix", alpha=0.3)
+    assert pairs_key(variant="q_dyn", alpha=0.1) != pairs_key(variant="q_dyn", alpha=0.3)
+    # and it selects with its quantile: q = q_fix + alpha * p
+    pairs, stats = selection.select_pairs(ctx.samples, variant="q_alpha_fix", alpha=0.5, q_fix=0.25, seed=0)
+    p0 = stats.set_index("problem_id").loc["p0"]
+    assert p0["q"] == 0.25 + 0.5 * 0.5 and p0["n_pos"] == 1  # ceil(0.5 * 2) = 1
+
+
+def test_selection_params_of_the_existing_variants_are_unchanged():
+    """The registry gives the very payloads the hand-written selection_params gave (the toy pairs are unchanged)."""
+    def sp(**kw):
+        return A.selection_params(SelectionConfig(**{"max_pairs": 7, "alpha": 0.2, "q_fix": 0.3, "extra_neg_ratio": 2.0, **kw}))
+
+    assert sp(variant="shortest") == {"variant": "shortest", "max_pairs": 7}
+    assert sp(variant="q_fix") == {"variant": "q_fix", "max_pairs": 7, "q_fix": 0.3}
+    assert sp(variant="q_dyn") == {"variant": "q_dyn", "max_pairs": 7, "alpha": 0.2}
+    assert sp(variant="q_dyn", alpha=0.0) == {"variant": "shortest", "max_pairs": 7}
+    assert sp(variant="q_dyn_extra") == {"variant": "q_dyn_extra", "max_pairs": 7, "alpha": 0.2, "extra_neg_ratio": 2.0}
+    assert sp(variant="q_dyn_extra", alpha=0.0) == {"variant": "q_dyn_extra", "max_pairs": 7, "alpha": 0.0,
+                                                    "extra_neg_ratio": 2.0}
+    with pytest.raises(ValueError, match="unknown selection variant 'nope'"):
+        sp(variant="nope")
+
+
 def test_shared_rows_have_equal_keys(prof, ctx):
     rows = {(r.name, r.seed): r for r in A.build_rows(prof)}
     k = {n: A.row_keys(ctx, r) for n, r in rows.items()}
@@ -359,12 +412,12 @@ def test_no_kl_is_epsilon_inf_through_rethreshold(monkeypatch, ctx):
 
 
 def _stage(run_dir: Path, stage: str, files: dict, manifest: dict) -> None:
-    """A fake finished pipeline stage: its files first, then its manifest."""
+    """A fake finished pipeline stage, computed by today's code: its files first, then its manifest."""
     d = run_dir / stage
     d.mkdir(parents=True, exist_ok=True)
     for name, write in files.items():
         write(d / name)
-    atomic_write_json(d / "manifest.json", {"stage": stage, "complete": True, **manifest})
+    atomic_write_json(d / "manifest.json", {"stage": stage, "complete": True, "code": {"package": package_hash()}, **manifest})
 
 
 def test_default_row_adopts_notebooks_02_to_05(monkeypatch, ctx, prof):
@@ -431,6 +484,24 @@ def test_a_stale_or_mismatched_stage_is_not_adopted(monkeypatch, ctx, prof):
     assert A.run_row(ctx, r)["sources"]["pairs"] == "computed"
 
 
+@pytest.mark.parametrize("code", [None, {"package": "0" * 64}])
+def test_a_stage_computed_by_other_code_is_not_adopted(monkeypatch, ctx, prof, code):
+    """A manifest without a code fingerprint (an older version) or with another one: its pairs are recomputed."""
+    from tsq_utils import selection
+
+    Fakes(monkeypatch)
+    pairs, stats = selection.select_pairs(ctx.samples, seed=stage_seed(prof.seed, "selection"))
+    files = {"pairs.parquet": lambda p: save_table(pairs, p), "problem_stats.parquet": lambda p: save_table(stats, p)}
+    manifest = {"profile_config": prof.to_dict(), "seed": stage_seed(prof.seed, "selection"),
+                "inputs": {"samples": {"sha256": ctx.samples_sha}}}
+    _stage(ctx.run_dir, "selection", files, {**manifest, "code": code})
+    r = row(ctx, refine="off")
+    assert A.run_row(ctx, r)["sources"]["pairs"] == "computed"
+    other = make_ctx(ctx.run_dir.parent / "other", prof)
+    _stage(other.run_dir, "selection", files, manifest)  # the same stage, computed by today's code
+    assert A.run_row(other, r)["sources"]["pairs"] == "adopted from notebooks/02_selection.ipynb"
+
+
 # --------------------------------------------------------------------------- tables, paper numbers, findings
 
 
@@ -485,7 +556,7 @@ def test_save_tables_writes_csv_and_markdown(tmp_path, prof):
 
 def test_paper_constants():
     p = A.PAPER_ABLATIONS.set_index(["row", "benchmark"])
-    expect = {  # PAPER.md: Tables 2-4 (AIME24 acc / Len-T; MATH500 for Table 2) and Table 1's base
+    expect = {  # the papers (docs/method.md): Tables 2-4 (AIME24 acc / Len-T; MATH500 for Table 2) and Table 1's base
         ("table2/shortest", "AIME24"): (0.533, 5960), ("table2/shortest", "MATH500"): (0.908, 1926),
         ("table2/q_fix", "AIME24"): (0.550, 6126), ("table2/q_fix", "MATH500"): (0.922, 2054),
         ("table2/q_dyn_extra", "AIME24"): (0.523, 5666), ("table2/q_dyn_extra", "MATH500"): (0.908, 1742),

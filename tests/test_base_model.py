@@ -29,8 +29,11 @@ def test_read_pointer_missing_names_notebook_00(tmp_path):
 
 def test_pointer_round_trip(tmp_path):
     stage_dir = tmp_path / "base_model"
+    (tmp_path / "model").mkdir()
     path = bm.write_pointer(stage_dir, tmp_path / "model", "toy", {"note": "x"})
     assert path == stage_dir / bm.POINTER
+    # stored relative to the run folder, read back resolved
+    assert json.loads(path.read_text()) == {"model": "model", "kind": "toy", "relative_to": "run", "note": "x"}
     assert bm.read_pointer(tmp_path, "toy") == {"model": str(tmp_path / "model"), "kind": "toy", "note": "x"}
     bm.write_pointer(stage_dir, "org/model", "hub")  # overwritten, not merged
     assert bm.read_pointer(tmp_path, "r1") == {"model": "org/model", "kind": "hub"}
@@ -39,6 +42,7 @@ def test_pointer_round_trip(tmp_path):
 
 
 def test_base_inputs(tmp_path):
+    (tmp_path / "m").mkdir()
     bm.write_pointer(tmp_path / "base_model", tmp_path / "m", "toy")
     p = load_profile("toy")
     assert bm.base_inputs(tmp_path, p) == {"base_model": tmp_path / "base_model" / bm.POINTER,

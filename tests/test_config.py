@@ -81,9 +81,12 @@ def test_load_by_path(tmp_path):
     assert p.sampling.temperature == 1.0  # untouched keys keep their defaults
 
 
-def test_empty_profile_file_gives_defaults(tmp_path):
-    p = load_profile(str(write_profile(tmp_path, "")))
-    assert p.seed == 1234 and p.selection == config.SelectionConfig()
+def test_empty_profile_file_is_an_error(tmp_path):
+    for body in ["", "# only a comment\n", "---\n"]:
+        msg = load_error(write_profile(tmp_path, body))
+        assert "the profile is empty" in msg and "custom.yaml" in msg
+    p = load_profile(str(write_profile(tmp_path, "seed: 5\n")))  # one key: the rest are the defaults
+    assert p.seed == 5 and p.selection == config.SelectionConfig()
 
 
 # ----------------------------------------------------------------------------- errors name the key and the file

@@ -12,12 +12,16 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 
+from tsq_utils.compat import checkpointing_kwargs
 from tsq_utils.config import TrainingConfig
 from tsq_utils.dpo_l import (
     DPOLConfig,
     DPOLTrainer,
     NonFiniteLossError,
+    checkpoint_settings,
+    global_batch,
     make_dpo_l_trainer,
+    master_weights_fp32,
     pairs_to_dataset,
     training_log,
 )
@@ -76,7 +80,7 @@ def _perturb(model, seed: int, scale: float) -> None:
 
 def _common_args(tmp_path) -> dict:
     return dict(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", save_strategy="no",
-                use_cpu=True, bf16=False, activation_checkpointing=False, dataloader_pin_memory=False)
+                use_cpu=True, bf16=False, dataloader_pin_memory=False, **checkpointing_kwargs(False, DPOLConfig))
 
 
 def _dpol(tok, tmp_path, policy, ref, pairs=PAIRS, **kw) -> DPOLTrainer:
@@ -328,7 +332,7 @@ def test_truncation_warns(tok, tmp_path):
 def test_config_rejects_bad_values(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
         DPOLConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
-                   activation_checkpointing=False, **kw)
+                   **checkpointing_kwargs(False, DPOConfig), **kw)
 
 
 def test_bad_inputs_raise(tok, tmp_path):
@@ -345,3 +349,91 @@ def test_bad_inputs_raise(tok, tmp_path):
     with pytest.raises(TypeError, match="DPOLConfig"):
         DPOLTrainer(_model(tok), _model(tok), args=DPOConfig(**_common_args(tmp_path)),
                     train_dataset=pairs_to_dataset(PAIRS, tok), processing_class=tok)
+
+
+def _share_moved(tok, tmp_path, model) -> float:
+    """Train 4 steps with the GPU settings; the share of the transformer layers' weights that changed."""
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    cfg = _cfg(lr=5e-6, bf16=True, gradient_checkpointing=True, batch_size=2)
+    trainer = make_dpo_l_trainer(model, None, tok, PAIRS, cfg, tmp_path, seed=0, max_steps=4, device="cpu")
+    assert trainer.args.bf16
+    trainer.train()
+    assert trainer.model.is_gradient_checkpointing  # the trainer turns it on when training starts
+    # the layers only: embedding rows of characters no pair uses get no gradient in any precision
+    layers = [(n, p) for n, p in trainer.model.named_parameters() if ".layers." in n]
+    moved = sum((p.detach().float() != before[n]).sum().item() for n, p in layers)
+    return moved / sum(p.numel() for _, p in layers)
+
+
+def test_bf16_training_keeps_fp32_master_weights_that_move(tok, tmp_path, monkeypatch):
+    """The GPU settings (bf16 weights as loaded, bf16 mixed precision, gradient checkpointing, the paper's lr 5e-6)
+    run on CPU: the optimizer updates fp32 master weights and nearly all of them move; without them most do not."""
+    from tsq_utils import dpo_l
+
+    model = _model(tok, noise=0.05).to(torch.bfloat16)
+    share = _share_moved(tok, tmp_path / "fp32", model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert share > 0.95, share
+    monkeypatch.setattr(dpo_l, "master_weights_fp32", lambda m: m)  # the old behaviour: bf16 weights
+    bf16_share = _share_moved(tok, tmp_path / "bf16", _model(tok, noise=0.05).to(torch.bfloat16))
+    assert bf16_share < 0.5, bf16_share
+
+
+def test_master_weights_fp32_leaves_fp32_models_alone(tok):
+    model = _model(tok)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    assert master_weights_fp32(model) is model and [p.data_ptr() for p in model.parameters()] == ptrs
+    half = master_weights_fp32(_model(tok).to(torch.bfloat16))
+    assert {p.dtype for p in half.parameters()} == {torch.float32}
+
+
+def test_global_batch_and_checkpoint_settings():
+    cfg = _cfg(batch_size=1, grad_accum=16)
+    assert global_batch(cfg) == 16 and checkpoint_settings(cfg) == {"save_strategy": "no"}
+    cfg.num_processes, cfg.save_steps = 8, 25  # the keys of the scale-out profiles
+    assert global_batch(cfg) == 128
+    assert checkpoint_settings(cfg) == {"save_strategy": "steps", "save_steps": 25, "save_total_limit": 2,
+                                        "save_only_model": False}
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_an_interrupted_training_resumes_from_its_last_checkpoint(tok, tmp_path, monkeypatch):
+    """save_steps checkpoints; a rerun of the same training resumes at the last one and ends with the same weights
+    as an uninterrupted run (optimizer, scheduler and data order restored); other settings start afresh."""
+    from transformers import TrainerCallback
+
+    from tsq_utils import dpo_l
+
+    cfg = _cfg(batch_size=2, lr=1e-2)
+    cfg.save_steps = 1
+    straight = _model(tok)
+    log_straight = dpo_l.train_and_save(straight, tok, PAIRS, cfg, tmp_path / "straight", seed=4, max_steps=4)
+
+    class CrashAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise _Crash("killed after checkpoint 2")
+
+    real = dpo_l.make_dpo_l_trainer
+    monkeypatch.setattr(dpo_l, "make_dpo_l_trainer", lambda *a, **k: real(*a, callbacks=[CrashAfterSave()], **k))
+    with pytest.raises(_Crash):
+        dpo_l.train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "resumed", seed=4, max_steps=4)
+    scratch = tmp_path / "resumed" / ".trainer"
+    assert dpo_l.last_checkpoint(scratch).endswith("checkpoint-2")
+    assert not (tmp_path / "resumed" / "model").exists()
+    monkeypatch.setattr(dpo_l, "make_dpo_l_trainer", real)
+    resumed = _model(tok)
+    log_resumed = dpo_l.train_and_save(resumed, tok, PAIRS, cfg, tmp_path / "resumed", seed=4, max_steps=4)
+    assert list(log_resumed.index) == [1, 2, 3, 4]
+    assert log_resumed["loss"].tolist() == pytest.approx(log_straight["loss"].tolist(), rel=1e-5)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not scratch.exists() and (tmp_path / "resumed" / "model" / "model.safetensors").is_file()
+    # a checkpoint of other settings is not resumed: it is cleared and the run starts at step 1
+    scratch.mkdir()
+    (scratch / "run_fingerprint.txt").write_text("another run\n")
+    (scratch / "checkpoint-3").mkdir()
+    assert dpo_l._resume_point(scratch, "this run") is None and not (scratch / "checkpoint-3").exists()

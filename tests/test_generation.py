@@ -221,3 +221,52 @@ def test_vllm_requests(tok, prompts):
     assert vllm_requests(tok, prompts, 3, 1.0, 1.0, 50, seed=5)[1][0]["seed"] != params[0]["seed"]
     with pytest.raises(ValueError, match="max_new_tokens"):
         vllm_requests(tok, prompts, 3, 1.0, 1.0, 0, seed=4)
+
+
+def test_prefill_keeps_only_the_last_positions_logits(model, tok, prompts):
+    """Memory-safe generation: no forward (prefill or step) builds logits for more than the last position."""
+    seen = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _inp, out: seen.append(tuple(out.shape)))
+    try:
+        res = sample(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=5, seed=0, batch_size=4)
+    finally:
+        handle.remove()
+    assert res.texts and len(seen) >= 2
+    longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    assert longest > 1  # the prefill has more than one position: keeping one is a real cut
+    assert all(s[1] == 1 and s[2] == len(tok) for s in seen), seen
+    assert seen[0][0] == 4  # the first forward is a full batch's prefill
+
+
+def test_chunked_prefill_equals_one_forward(model, tok, prompts):
+    """Long prompts are prefilled in position chunks that extend the KV cache: the same last-position logits and the
+    same next-step logits as one forward over the whole (left-padded) prompt, and no forward exceeds the budget."""
+    from tsq_utils import compat
+    from tsq_utils.generation import prefill
+
+    tok.padding_side = "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = "right"
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    widths = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda _m, a: widths.append(a[0].shape))
+    try:
+        whole_cache, whole = prefill(model, ids, mask, pos)
+        assert len(widths) == 1
+        budget = 2 * ids.shape[0] + 1  # two positions per forward for these 3 rows
+        chunk_cache, chunked = prefill(model, ids, mask, pos, chunk_tokens=budget)
+    finally:
+        handle.remove()
+    assert ids.shape[1] > 4 and len(widths) == 1 + -(-ids.shape[1] // 2)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    nxt = whole.argmax(-1)[:, None]
+    step_mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+    a = compat.forward_with_cache(model, whole_cache, input_ids=nxt, attention_mask=step_mask,
+                                  position_ids=pos[:, -1:] + 1, use_cache=True).logits
+    b = compat.forward_with_cache(model, chunk_cache, input_ids=nxt, attention_mask=step_mask,
+                                  position_ids=pos[:, -1:] + 1, use_cache=True).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import nbformat
@@ -40,3 +41,43 @@ def test_parameters_cell_is_parsed_by_papermill(path, caplog):
     names = [line.split("=", 1)[0].strip() for line in tagged[0].source.splitlines()
              if "=" in line and not line.startswith(("#", " ", "import", "from"))]
     assert set(names) <= set(params), f"{path.name}: parameters papermill did not see: {set(names) - set(params)}"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _markdown(path: Path) -> str:
+    if path.suffix == ".md":
+        return path.read_text()
+    return "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + [ROOT / "docs" / "method.md"], ids=lambda p: p.name)
+def test_relative_links_resolve(path):
+    """Links between lessons, to docs/ and to the package point at files that exist (and never at ../shared)."""
+    links = [u for u in MARKDOWN_LINK.findall(_markdown(path)) if not re.match(r"^[a-z]+:", u)]
+    assert links, f"{path.name}: no links"
+    for url in links:
+        assert "shared/" not in url, f"{path.name}: cites {url}, which users do not have"
+        target = (path.parent / url.split("#", 1)[0]).resolve()
+        assert target.is_file(), f"{path.name}: broken link {url}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_lesson_has_its_parts(path):
+    """Navigation, the inline core code with its assert, the generated summary, and 3-5 exercises with answers."""
+    nb = nbformat.read(path, as_version=4)
+    i = NOTEBOOKS.index(path)
+    head = nb.cells[0].source
+    if i > 0:
+        assert f"({NOTEBOOKS[i - 1].name})" in head and "previous" in head
+    if i < len(NOTEBOOKS) - 1:
+        assert f"({NOTEBOOKS[i + 1].name})" in head and "next" in head
+    assert "../docs/method.md" in head and "../tsq_utils/" in head
+    by_tag = {c.metadata.get("tsq_lesson"): c for c in nb.cells if c.metadata.get("tsq_lesson")}
+    core = by_tag["core"].source
+    assert "assert" in core
+    assert "lessons.seen(" in by_tag["seen"].source
+    n_ex = len(re.findall(r"^\d+\. \*\(", by_tag["ex"].source, re.M))
+    assert 3 <= n_ex <= 5 and by_tag["ans"].source.count("lessons.answer(") == n_ex

@@ -250,3 +250,39 @@ def test_bad_inputs():
     bad.loc[0, "prompt"] = "another prompt"
     with pytest.raises(ValueError, match="prompt"):
         select_pairs(bad)
+
+
+def test_variant_registry_agrees_with_the_profile_schema():
+    """Every registered variant is a choice of selection.variant and back; each declares knobs that exist."""
+    import dataclasses
+
+    from tsq_utils import selection
+    from tsq_utils.config import SelectionConfig
+
+    field = {f.name: f for f in dataclasses.fields(SelectionConfig)}
+    assert tuple(selection.REGISTRY) == selection.VARIANTS == field["variant"].metadata["choices"]
+    for v in selection.REGISTRY.values():
+        assert set(v.knobs) <= set(field) - {"variant", "max_pairs"}, v.name
+    with pytest.raises(ValueError, match="already registered"):
+        selection.register(selection.REGISTRY["q_dyn"])
+
+
+def test_registry_quantiles_are_the_papers():
+    from tsq_utils import selection
+
+    knobs = {"alpha": 0.2, "q_fix": 0.35, "extra_neg_ratio": 1.5}
+    q = {name: v.quantile(knobs, 0.25) for name, v in selection.REGISTRY.items()}
+    assert q == {"shortest": 0.0, "q_fix": 0.35, "q_dyn": 0.2 * 0.75, "q_dyn_extra": 0.2 * 0.75}
+    assert [v.name for v in selection.REGISTRY.values() if v.extra_negatives] == ["q_dyn_extra"]
+
+
+def test_a_registered_variant_selects_with_its_quantile(monkeypatch):
+    """A new variant needs only its registry entry (and a schema choice to reach it from a profile)."""
+    from tsq_utils import selection
+
+    monkeypatch.setitem(selection.REGISTRY, "half", selection.Variant("half", (), lambda k, p: 0.5))
+    samples = make_samples({"a": [(10, True), (11, True), (12, True), (13, True), (20, False), (30, False)]})
+    pairs, stats = select_pairs(samples, variant="half", seed=0)
+    assert stats["n_pos"].tolist() == [2] and len(pairs) == 4  # ceil(0.5 * 4) = 2 positives x 2 longer wrong
+    with pytest.raises(ValueError, match="unknown selection variant 'halve'"):
+        select_pairs(samples, variant="halve")

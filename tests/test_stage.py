@@ -16,14 +16,6 @@ from tsq_utils.artifacts import file_hash, save_table  # noqa: E402
 from tsq_utils.stage import STAGES, MissingArtifactError, notebook_for, setup_stage  # noqa: E402
 
 
-@pytest.fixture
-def repo(tmp_path, monkeypatch):
-    """A fake repository root holding runs/ and figures/, so paths print repo-relative."""
-    monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
-    monkeypatch.setenv("TSQ_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("TSQ_FIGURES_DIR", str(tmp_path / "figures"))
-    return tmp_path
-
 
 def test_stages_in_pipeline_order():
     assert list(STAGES.items()) == [
@@ -89,6 +81,10 @@ def test_require_names_the_notebook_to_run(repo):
     assert str(e.value) == "runs/toy/sampling/samples.parquet is missing: run notebooks/01_sampling.ipynb first (profile toy)"
     path = repo / "runs" / "toy" / "sampling" / "samples.parquet"
     save_table(pd.DataFrame({"a": [1]}), path)
+    # a file without a finished run of its stage is not handed on
+    with pytest.raises(MissingArtifactError, match=r"no record of a finished run.*rerun notebooks/01_sampling\.ipynb"):
+        st.require("sampling", "samples.parquet")
+    setup_stage("sampling", "toy").finish({}, ["samples.parquet"])
     assert st.require("sampling", "samples.parquet") == path
     with pytest.raises(ValueError, match="unknown stage"):
         st.require("samplin", "samples.parquet")
@@ -140,7 +136,8 @@ def test_resume_when_everything_matches(repo, capsys):
     "change, reason",
     [
         ("params", "params changed: alpha"),
-        ("profile_edit", "profile values changed: sampling.n, selection.alpha"),
+        # sampling.n is edited too, but 02 does not read it (pipeline.PIPELINE): only alpha is a reason
+        ("profile_edit", "profile values changed: selection.alpha"),
         ("input", "inputs changed: samples"),
         ("input_name", "inputs changed: samples, samples2"),
         ("output", "outputs missing: pairs.parquet"),

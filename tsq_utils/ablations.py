@@ -31,8 +31,11 @@ determines it:
 so rows that share a prefix share its work (Table 3's "none" is Table 2's Q-DYN and Fig. 4's α = 0.2; α = 0
 is "Shortest", since q = 0·(1 − p) gives k = 1; every ε point and the no-KL rewrite share one scoring run), and
 a rerun is instant. Parameters a stage does not read (α for Shortest, λ when η = 0, the evaluation budget, which
-only enters the metrics) do not change keys. Keys cover inputs and parameters, not code: after editing
-tsq_utils, rerun with force=True.
+only enters the metrics) do not change keys; which selection knobs a variant reads is declared once, in its
+entry of selection.REGISTRY. Every key also covers the code: cache_key hashes the payload together with the
+fingerprint of the tsq_utils source (fingerprint.package_hash), so after an edit to the package nothing computed
+by the old code is reused, and a pipeline stage is adopted (below) only when its manifest records the same
+fingerprint.
 
 Twins. Rows with different selection settings can still give the very same pairs (at N = 8 samples, Q-DYN with
 any α ≤ 0.5 takes one positive per problem, exactly as Shortest). Before training, a row looks up
@@ -80,6 +83,7 @@ from .artifacts import (atomic_dir, atomic_write_json, atomic_write_text, dir_ha
 from .config import (AblationsConfig, Profile, RefinementConfig, SelectionConfig, TrainingConfig, resolve_device,
                      stage_seed)
 from .evaluation import metrics_table
+from .fingerprint import package_hash
 
 OBJECTIVES: dict[str, dict[str, float]] = {
     "dpo": {"eta": 1.0, "lam": 0.0},
@@ -101,7 +105,7 @@ PAPER_BUDGET = 32768
 
 # The paper's 7B numbers for each row (accuracy as a fraction, Len-T in tokens). The ablations report AIME24
 # (and MATH500 for Table 2); base rows are Table 1. AUC: Table 1's where reported, else implied by
-# acc·(1 − Len-T/B) at B = 32,768, which Table 1's numbers fit (PAPER.md §5).
+# acc·(1 − Len-T/B) at B = 32,768, which Table 1's numbers fit (docs/method.md).
 PAPER_ABLATIONS = pd.DataFrame(
     [
         ("base", "AIME24", 0.555, 7543, 0.416, "R1-Distill-Qwen-7B (Table 1)"),
@@ -312,28 +316,17 @@ def _canon(value: Any) -> Any:
 
 
 def cache_key(payload: dict) -> str:
-    """The cache key of a payload: the first 20 hex digits of the SHA-256 of its canonical JSON."""
-    text = json.dumps(_canon(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The cache key of a payload: the first 20 hex digits of the SHA-256 of its canonical JSON and of the code
+    fingerprint (fingerprint.package_hash: after an edit to tsq_utils no entry computed by the old code is reused)."""
+    text = json.dumps(_canon({"code": package_hash(), "payload": payload}), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-_SEL_FIELDS = {"variant", "alpha", "q_fix", "max_pairs", "extra_neg_ratio"}
-
-
 def selection_params(sel: SelectionConfig) -> dict:
-    """The selection parameters that the variant reads (q_dyn with α = 0 is Shortest: q = 0 gives k = 1)."""
-    d = dataclasses.asdict(sel)
-    variant = "shortest" if d["variant"] == "q_dyn" and d["alpha"] == 0 else d["variant"]
-    out = {"variant": variant, "max_pairs": d["max_pairs"]}
-    if variant == "q_fix":
-        out["q_fix"] = d["q_fix"]
-    if variant in ("q_dyn", "q_dyn_extra"):
-        out["alpha"] = d["alpha"]
-    if variant == "q_dyn_extra":
-        out["extra_neg_ratio"] = d["extra_neg_ratio"]
-    # a field this module does not know yet counts (the safe side)
-    out.update({k: v for k, v in d.items() if k not in _SEL_FIELDS})
-    return out
+    """The selection parameters that the variant reads, as its registry entry declares them (selection.REGISTRY;
+    q_dyn with α = 0 is Shortest: q = 0 gives k = 1)."""
+    return selection.variant_params(sel)
 
 
 def refinement_params(ref: RefinementConfig) -> dict:
@@ -522,6 +515,9 @@ def _stage_manifest(ctx: AblationContext, stage: str, files: Sequence[str]) -> d
         return None
     if not isinstance(m, dict) or m.get("complete") is not True or m.get("stage") != stage:
         return None
+    # computed by other code: the keys it would give under today's code say nothing about it
+    if not isinstance(m.get("code"), dict) or m["code"].get("package") != package_hash():
+        return None
     # a rerun that died after rewriting an output but before its manifest leaves the output newer
     limit = mpath.stat().st_mtime
     if not all((d / f).exists() and (d / f).stat().st_mtime <= limit for f in files):
@@ -580,6 +576,8 @@ def _adopt_scored(ctx: AblationContext, key: str, pairs_key: str, tmp: Path) -> 
     scored, _ = refinement_payloads(pairs_key, ctx.base_hashes, ref, m.get("seed"), ctx.grader)
     log = ctx.run_dir / "refinement" / "step_log.parquet"
     if cache_key(scored) != key or "cand_texts" not in load_table(log).columns:  # an older log lacks the texts
+        return None
+    if not refinement.fully_scored(load_table(log)):  # 03 ran with scoring="fast": its KLs cannot be re-thresholded
         return None
     _link_or_copy(log, tmp / "step_log.parquet")
     return "adopted from notebooks/03_kl_refinement.ipynb"
@@ -699,7 +697,8 @@ def _ensure(ctx: AblationContext, key: str, payload: dict, build: Callable[[Path
         seconds = time.perf_counter() - t0
         info = describe(tmp)
         atomic_write_json(tmp / CACHE_META, {
-            "key": key, "payload": _canon(payload), "source": source, "seconds": round(seconds, 3),
+            "key": key, "payload": _canon(payload), "code": package_hash(), "source": source,
+            "seconds": round(seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "info": _canon(info),
         })
     if force:
@@ -725,7 +724,7 @@ def _describe_pairs(d: Path) -> dict:
 def _score(ctx: AblationContext, row: Row, pairs_dir: Path, tmp: Path) -> None:
     """Stage 03's expensive half for a row: every step's candidates and their KLs (run at ε = ∞, no grading)."""
     pairs = load_table(pairs_dir / "pairs.parquet")
-    cfg = dataclasses.replace(row.refinement, epsilon=math.inf)
+    cfg = dataclasses.replace(row.refinement, epsilon=math.inf, scoring="full")  # 06 re-thresholds: exact KLs
     _, step_log = refinement.refine_pairs(ctx.base_model, ctx.tokenizer, pairs, cfg, seed=ctx.refinement_seed,
                                           progress=False)
     save_table(step_log, tmp / "step_log.parquet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -88,8 +89,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a JSON file; a file that is not valid JSON raises ValueError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: {e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from e
 
 
 def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -109,7 +116,21 @@ def load_table(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table")
-    return pd.read_parquet(path)
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path} is not a readable Parquet table (truncated or overwritten?): {e}") from e
+
+
+def table_rows(path: str | os.PathLike) -> int:
+    """Number of rows of a Parquet table, read from its footer (the table itself is not loaded)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable Parquet table (truncated or overwritten?): {e}") from e
 
 
 def _records(records: Mapping | Iterable[Mapping]) -> list[Mapping]:
@@ -165,13 +186,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path`, on error it is removed.
 
     The swap is two renames (old folder aside, new folder in), so between them `path` is briefly
-    absent; it is never half-written.
+    absent; it is never half-written. Temp names are unique, so two writers of the same folder never
+    share one: the last to finish wins, and neither fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a folder")
-    tag = uuid.uuid4().hex[:8]
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     tmp.mkdir()
     try:
@@ -180,14 +202,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = path.parent / f".{path.name}.old-{tag}"
-    if path.exists():
-        os.replace(path, old)
     try:
-        os.replace(tmp, path)
+        for _ in range(100):
+            # Another writer may move its own folder in between our two renames: then the second rename
+            # finds a non-empty folder (ENOTEMPTY/EEXIST) and we move that one aside too and retry.
+            with contextlib.suppress(FileNotFoundError):
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        else:
+            raise OSError(f"{path}: could not move the new folder in (another process keeps replacing it)")
     except BaseException:
-        if old.exists():  # put the previous version back
-            os.replace(old, path)
+        if old.exists() and not path.exists():  # put the previous version back
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

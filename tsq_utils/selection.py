@@ -19,18 +19,88 @@ Choices made here (all documented in notebook 02):
 - q_dyn_extra: extra rejected responses are *correct* responses longer than extra_neg_ratio x the
   positive's length (other positives included: the preference order stays consistent). They
   share the max_pairs cap with the ordinary pairs.
+
+Variants are a registry (REGISTRY): each declares the SelectionConfig knobs it reads, its quantile rule
+and whether it adds extra negatives. The ablation cache keys a variant's pairs on exactly the knobs it
+declares (variant_params), so a variant that reads alpha gets one cache entry per alpha, and one that
+does not shares an entry across alphas. To add a variant: register it here, add its name to
+config.SelectionConfig's variant choices (a test checks the two agree), and, for a new knob, add it to
+SelectionConfig and as a keyword of select_pairs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-VARIANTS = ("shortest", "q_fix", "q_dyn", "q_dyn_extra")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A selection variant: the knobs it reads, the quantile q it uses, and whether it adds extra negatives."""
+
+    name: str
+    # SelectionConfig fields the variant reads besides max_pairs (every variant's cap): the cache keys on these
+    knobs: tuple[str, ...]
+    # q for a problem with correctness rate p, from the knob values {knob: value}
+    quantile: Callable[[Mapping[str, float], float], float]
+    extra_negatives: bool = False
+    # for some knob values the variant is another one (q_dyn at alpha 0 is shortest): that variant's name, else None
+    same_as: Callable[[Mapping[str, Any]], str | None] | None = None
+    doc: str = ""
+
+
+REGISTRY: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    """Add a variant to the registry (a name already there is an error)."""
+    if variant.name in REGISTRY:
+        raise ValueError(f"selection variant {variant.name!r} is already registered")
+    REGISTRY[variant.name] = variant
+    return variant
+
+
+register(Variant("shortest", (), lambda k, p: 0.0, doc="k = max(1, ceil(0)) = 1: only tau_1"))
+register(Variant("q_fix", ("q_fix",), lambda k, p: k["q_fix"], doc="a fixed quantile q_fix"))
+register(Variant("q_dyn", ("alpha",), lambda k, p: k["alpha"] * (1.0 - p),
+                 same_as=lambda k: "shortest" if k["alpha"] == 0 else None,  # q = 0 * (1 - p) gives k = 1
+                 doc="the paper's q = alpha * (1 - p)"))
+register(Variant("q_dyn_extra", ("alpha", "extra_neg_ratio"), lambda k, p: k["alpha"] * (1.0 - p), extra_negatives=True,
+                 doc="q_dyn, plus correct responses longer than extra_neg_ratio x the positive as extra negatives"))
+
+# The registered variants' names, in registration order.
+VARIANTS = tuple(REGISTRY)
+
+
+def get_variant(name: str) -> Variant:
+    """The registered variant of this name; ValueError naming the registered ones otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown selection variant {name!r}; one of {list(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def variant_params(sel: Any) -> dict:
+    """The selection settings a variant's pairs depend on: its name (after same_as), max_pairs and the knobs it reads.
+
+    `sel` is a SelectionConfig or a mapping of its fields. A field that no registered variant declares counts
+    too (the safe side: a knob added to SelectionConfig before any variant declares it).
+    """
+    d = dataclasses.asdict(sel) if dataclasses.is_dataclass(sel) else dict(sel)
+    v = get_variant(d["variant"])
+    if v.same_as is not None:
+        v = get_variant(v.same_as(d) or v.name)
+    out = {"variant": v.name, "max_pairs": d["max_pairs"], **{k: d[k] for k in v.knobs}}
+    known = {"variant", "max_pairs"}.union(*(r.knobs for r in REGISTRY.values()))
+    out.update({k: val for k, val in d.items() if k not in known})
+    return out
 REQUIRED_COLUMNS = ("problem_id", "k", "sample_idx", "prompt", "text", "n_tokens", "correct", "finish_reason")
 PAIR_COLUMNS = (
     "problem_id", "k", "prompt", "chosen", "rejected", "chosen_tokens", "rejected_tokens", "p",
@@ -72,13 +142,9 @@ def quantile_count(alpha: float, c: int, n: int) -> int:
     return count_from_q(alpha * (n - c) / n, int(c))
 
 
-def _variant_q(variant: str, alpha: float, q_fix: float, p: float) -> float:
+def _variant_q(name: str, alpha: float, q_fix: float, p: float, extra_neg_ratio: float = 1.5) -> float:
     """The quantile q a variant uses for a problem with correctness rate p."""
-    if variant == "shortest":
-        return 0.0  # k = max(1, ceil(0)) = 1: only tau_1
-    if variant == "q_fix":
-        return q_fix
-    return alpha * (1.0 - p)
+    return get_variant(name).quantile({"alpha": alpha, "q_fix": q_fix, "extra_neg_ratio": extra_neg_ratio}, p)
 
 
 def _problem_seed(seed: int, problem_id: Any) -> np.random.Generator:
@@ -97,8 +163,8 @@ def _validate(samples: pd.DataFrame, variant: str, alpha: float, q_fix: float, m
         raise ValueError(f"samples table lacks column(s) {missing} (needs {list(REQUIRED_COLUMNS)})")
     if samples.empty:
         raise ValueError("samples table is empty: nothing to select from")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown selection variant {variant!r}; one of {list(VARIANTS)}")
+    if variant not in REGISTRY:
+        raise ValueError(f"unknown selection variant {variant!r}; one of {list(REGISTRY)}")
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
     if not (0.0 <= q_fix <= 1.0):
@@ -159,7 +225,7 @@ def _select_problem(g: pd.DataFrame, variant: str, alpha: float, q_fix: float, m
     ok = g["_ok"].to_numpy()
     n, c = len(g), int(ok.sum())
     p = c / n
-    q = _variant_q(variant, alpha, q_fix, p)
+    q = _variant_q(variant, alpha, q_fix, p, extra_neg_ratio)
     stats = {
         "problem_id": pid, "k": k, "n": n, "c": c, "p": p, "q": q, "n_pos": 0, "pos_tokens": [],
         "n_pos_paired": 0, "n_incorrect": n - c, "n_unfinished": int(g["_unfinished"].sum()),
@@ -172,7 +238,7 @@ def _select_problem(g: pd.DataFrame, variant: str, alpha: float, q_fix: float, m
     right = g[ok].sort_values(order, kind="stable")
     wrong = g[~ok].sort_values(order, kind="stable")
     pos = right.iloc[: count_from_q(q, c)]
-    cands = _candidates(pos, wrong, right, variant == "q_dyn_extra", extra_neg_ratio)
+    cands = _candidates(pos, wrong, right, REGISTRY[variant].extra_negatives, extra_neg_ratio)
     stats.update(n_pos=len(pos), pos_tokens=[int(t) for t in pos["n_tokens"]], n_candidate_pairs=len(cands))
     if not cands:
         stats["reason"] = "no_longer_negative"

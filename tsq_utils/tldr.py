@@ -38,6 +38,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from . import compat
+
 SHORT, LONG = 0, 1
 POOLS = ("short", "long")
 
@@ -520,8 +522,9 @@ def train_mixture(model, tokenizer, pools: pd.DataFrame, cfg, evaluate: Callable
         output_dir=str(output_dir), learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
         max_length=max_length, completion_only_loss=True, packing=False, bf16=bf16, seed=seed, data_seed=seed,
-        # set explicitly: TRL's SFTConfig turns activation (gradient) checkpointing on by default
-        activation_checkpointing=activation_checkpointing,
+        # set explicitly: TRL's SFTConfig turns activation (gradient) checkpointing on by default (the keyword is
+        # activation_checkpointing on newer transformers, gradient_checkpointing on older ones)
+        **compat.checkpointing_kwargs(activation_checkpointing, SFTConfig),
         # about 50 loss rows per run: enough for a curve, short enough for a notebook's progress table
         report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=max(1, cfg.max_steps // 50),
         disable_tqdm=not progress,

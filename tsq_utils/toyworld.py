@@ -355,25 +355,14 @@ def _estimate_doc_tokens(tokenizer, cfg: ToyWorldConfig, n: int = 200) -> float:
 
 def save_reasoner(model, tokenizer, path: str | Path, manifest: dict) -> Path:
     """Save model (safetensors), tokenizer and a manifest of how it was made into a folder, atomically."""
-    import shutil
+    from .artifacts import atomic_dir
 
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "toy_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    if path.exists():
-        old = path.parent / f".{path.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
+    # Unique temp/old names (atomic_dir): two processes saving at once both succeed, the last one wins.
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "toy_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return path
 
 

@@ -1,0 +1,445 @@
+"""Fault injection: resume cannot be fooled, and bad input is refused before it costs a run (issue 17).
+
+One test (or one parametrised case) per fault of the issue's table: the fault is injected at the level of the
+stage/artifact/profile APIs the notebooks call (fast: no notebook runs), except the Ctrl-C and failed-run rows,
+which need run_all.sh and one small kernel. Tests that start run_all.sh have "run_all" in their name, so a test
+lane that deselects run_all (-k "not run_all") skips them.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from tsq_utils import base_model as bm
+from tsq_utils import config, runner
+from tsq_utils.artifacts import atomic_dir, load_table, read_json, save_table
+from tsq_utils.config import ProfileError, load_profile
+from tsq_utils.stage import EmptyArtifactError, StageBusyError, StaleArtifactError, setup_stage
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+
+def upstream_samples(repo: Path, rows: int = 3) -> Path:
+    """A finished sampling stage (samples.parquet with `rows` rows); returns the table's path."""
+    st = setup_stage("sampling", "ci")
+    save_table(pd.DataFrame({"problem_id": [f"p{i}" for i in range(rows)]}), st.dir / "samples.parquet")
+    st.finish({}, ["samples.parquet"])
+    return st.dir / "samples.parquet"
+
+
+def run_selection(repo: Path, max_pairs: int, n_rows: int, finish: bool = True):
+    """Notebook 02's bookkeeping: setup, is_done, write pairs.parquet (n_rows rows), finish."""
+    samples = repo / "runs" / "ci" / "sampling" / "samples.parquet"
+    st = setup_stage("selection", "ci", {"selection.max_pairs": max_pairs})
+    inputs = {"samples": samples}
+    done = st.is_done(inputs)
+    if not done:
+        save_table(pd.DataFrame({"pair": range(n_rows)}), st.dir / "pairs.parquet")
+    if finish:
+        st.finish(inputs, ["pairs.parquet"], summary={"pairs": n_rows})
+    return st, inputs, done
+
+
+# ----------------------------------------------------------------------------- wrong data accepted as complete
+
+
+def test_crash_after_writing_outputs_leaves_nothing_that_passes_for_complete(repo):
+    """03 run with other params crashes after writing its tables: the defaults rerun, downstream refuses the tables."""
+    upstream_samples(repo)
+    run_selection(repo, max_pairs=5, n_rows=5)
+    run_selection(repo, max_pairs=1, n_rows=1, finish=False)  # the crash: outputs written, no finish
+    m = read_json(repo / "runs/ci/selection/manifest.json")
+    assert m["complete"] is False and m["rerun_reason"] == "profile values changed: selection.max_pairs"
+    downstream = setup_stage("refinement", "ci")
+    with pytest.raises(StaleArtifactError, match=r"did not complete.*rerun notebooks/02_selection\.ipynb"):
+        downstream.require("selection", "pairs.parquet")
+    _, _, done = run_selection(repo, max_pairs=5, n_rows=5)
+    assert not done  # before: "[selection] up to date" and 1 row passed on as 5
+    assert len(load_table(downstream.require("selection", "pairs.parquet"))) == 5
+
+
+KILL_MID_STAGE = textwrap.dedent("""
+    import os, signal, sys
+    import pandas as pd
+    from tsq_utils.artifacts import save_table
+    from tsq_utils.stage import setup_stage
+    st = setup_stage("selection", "ci", {"selection.max_pairs": 4})
+    assert not st.is_done({"samples": sys.argv[1]})
+    save_table(pd.DataFrame({"pair": range(4)}), st.dir / "pairs.parquet")
+    os.kill(os.getpid(), signal.SIGKILL)  # dies before finish
+""")
+
+
+def test_sigkill_after_outputs_written_reruns(repo):
+    upstream_samples(repo)
+    run_selection(repo, max_pairs=5, n_rows=5)
+    samples = repo / "runs/ci/sampling/samples.parquet"
+    r = subprocess.run([sys.executable, "-c", KILL_MID_STAGE, str(samples)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert len(load_table(repo / "runs/ci/selection/pairs.parquet")) == 4  # the half-finished rerun's table
+    st = setup_stage("selection", "ci", {"selection.max_pairs": 5})
+    assert st.stale_reason({"samples": samples}) == "the previous run did not complete"
+    with pytest.raises(StaleArtifactError, match="did not complete"):
+        setup_stage("refinement", "ci").require("selection", "pairs.parquet")
+
+
+HOLD_STAGE = textwrap.dedent("""
+    import sys
+    from tsq_utils.stage import setup_stage
+    st = setup_stage("selection", "ci", {"selection.max_pairs": 1})
+    print("HOLDING", flush=True)
+    sys.stdin.read()  # hold the stage until the test closes stdin
+""")
+
+
+def test_second_writer_of_a_stage_fails_clearly(repo):
+    """Two concurrent 02 runs: the second is refused naming the holder (before: both exit 0, manifest 1 pair, table 5)."""
+    upstream_samples(repo)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_STAGE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=os.environ.copy())
+    try:
+        lines = iter(holder.stdout.readline, "")
+        assert any(line.strip() == "HOLDING" for line in lines)  # after setup_stage's summary
+        with pytest.raises(StageBusyError, match=rf"stage selection .* another process \(pid {holder.pid} since"):
+            setup_stage("selection", "ci", {"selection.max_pairs": 5})
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    run_selection(repo, max_pairs=5, n_rows=5)  # the lock went with the process
+
+
+@pytest.mark.parametrize("damage", ["truncate", "rewrite"])
+def test_output_changed_under_a_complete_manifest_reruns_and_is_refused_downstream(repo, damage):
+    """A truncated (or silently rewritten) output: its hash no longer matches (before: 'up to date', then a crash)."""
+    samples = upstream_samples(repo)
+    if damage == "truncate":
+        samples.write_bytes(samples.read_bytes()[:50])
+    else:
+        save_table(pd.DataFrame({"problem_id": ["other"]}), samples)
+    st = setup_stage("sampling", "ci")
+    assert st.stale_reason({}) == "outputs changed since the manifest was written: samples.parquet (sha256 differs)"
+    with pytest.raises(StaleArtifactError, match=r"samples\.parquet changed after notebooks/01_sampling\.ipynb finished"):
+        setup_stage("selection", "ci").require("sampling", "samples.parquet")
+    if damage == "truncate":
+        with pytest.raises(ValueError, match=r"samples\.parquet is not a readable Parquet table"):
+            load_table(samples)
+
+
+def test_skipped_stage_keeps_its_manifest(repo):
+    upstream_samples(repo)
+    run_selection(repo, max_pairs=5, n_rows=5)
+    mpath = repo / "runs/ci/selection/manifest.json"
+    before, mtime = mpath.read_bytes(), mpath.stat().st_mtime_ns
+    time.sleep(0.01)
+    _, _, done = run_selection(repo, max_pairs=5, n_rows=5)
+    assert done
+    assert mpath.read_bytes() == before and mpath.stat().st_mtime_ns == mtime  # finished_at, wall_time_s unchanged
+
+
+# ----------------------------------------------------------------------------- locking, temp names
+
+
+def _swap_many(target: str, tag: str, n: int) -> None:
+    for i in range(n):
+        with atomic_dir(target) as d:
+            (Path(d) / "weights").write_text(f"{tag}{i}")
+
+
+def test_concurrent_atomic_dir_writers_never_fail(tmp_path):
+    """Two processes replacing one folder 30 times each (before, fixed temp names: 31 of 60 failed)."""
+    import multiprocessing as mp
+
+    target = tmp_path / "model"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_swap_many, args=(str(target), tag, 30)) for tag in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (target / "weights").read_text() in {"a29", "b29"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folder left
+
+
+# ----------------------------------------------------------------------------- degenerate but valid inputs
+
+
+def test_zero_pairs_is_a_clear_message_at_the_next_stage(repo):
+    """Greedy sampling gives zero pairs: 03 says so at once (before: 04 died with an IndexError)."""
+    upstream_samples(repo)
+    run_selection(repo, max_pairs=5, n_rows=0)
+    with pytest.raises(EmptyArtifactError, match=r"pairs\.parquet has no rows.*sampling\.temperature 0"):
+        setup_stage("refinement", "ci").require("selection", "pairs.parquet")
+
+
+# ----------------------------------------------------------------------------- portable run folders
+
+
+def test_moved_and_copied_run_folders_use_their_own_model(repo):
+    run_a = repo / "runs" / "a"
+    (run_a / "base_model" / "model").mkdir(parents=True)
+    (run_a / "base_model" / "model" / "model.safetensors").write_bytes(b"weights A")
+    bm.write_pointer(run_a / "base_model", run_a / "base_model" / "model", "toy")
+    prof = load_profile("ci")
+    hashes_a = {k: Path(v).read_bytes() for k, v in bm.base_inputs(run_a, prof).items()}
+    run_b = repo / "runs" / "b"
+    shutil.copytree(run_a, run_b)  # copied: must not use the original's model
+    (run_b / "base_model" / "model" / "model.safetensors").write_bytes(b"weights B")
+    assert bm.read_pointer(run_b, "ci")["model"] == str(run_b / "base_model" / "model")
+    run_c = repo / "moved"
+    run_a.rename(run_c)  # moved: same records, so nothing downstream reruns
+    assert {k: Path(v).read_bytes() for k, v in bm.base_inputs(run_c, prof).items()} == hashes_a
+    shutil.rmtree(run_c / "base_model" / "model")
+    with pytest.raises(FileNotFoundError, match=r"base model .*moved/base_model/model.*rerun notebooks/00_base_model"):
+        bm.read_pointer(run_c, "ci")
+
+
+def test_relative_runs_dir_is_resolved_once(repo, monkeypatch):
+    monkeypatch.setenv("TSQ_RUNS_DIR", "rel/runs")
+    monkeypatch.chdir(repo / "..")
+    assert config.runs_root() == repo / "rel" / "runs"  # the repository root, not the working folder
+
+
+def test_run_all_resolves_a_relative_runs_dir_once(tmp_path):
+    """run_all.sh makes TSQ_RUNS_DIR absolute against the caller's folder (the notebooks run in notebooks/)."""
+    nbdir = tmp_path / "nb"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("profile = 'toy'\nnap = 0")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells.append(cell)
+    nbformat.write(nb, nbdir / "00_a.ipynb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
+    env.update(TSQ_SKIP_SETUP="1", TSQ_PYTHON=sys.executable, TSQ_NOTEBOOKS_DIR=str(nbdir), TSQ_RUNS_DIR="rel/runs")
+    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "-n", "--profile", "ci", "-p", "00:nap", "2"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path}/rel/runs/ci/notebooks/00_a.ipynb" in r.stdout and r.stdout.rstrip().endswith("-p nap 2")
+
+
+# ----------------------------------------------------------------------------- parameters, before anything runs
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([("alhpa", "0.3")], "no notebook has a parameter 'alhpa'; did you mean 'alpha'?"),
+    ([("eta", "4")], "read 'eta' differently (04 as training.eta; 07 as tldr.eta); say which one: -p 04:eta 4 or -p 07:eta 4"),
+    ([("epsilon", "abc")], "refinement.epsilon: expected float, got str 'abc'"),
+    ([("04:eta", "4")], "training.eta: 4.0 is above the maximum 1.0"),
+    ([("force", "yes")], "force expects a bool"),
+    ([("07:etaa", "4")], "07_tldr.ipynb has no parameter 'etaa'; did you mean 'eta'?"),
+])
+def test_bad_parameters_are_refused_before_any_notebook(pairs, message):
+    with pytest.raises(runner.ParameterError) as e:
+        runner.plan(str(REPO / "profiles/ci.yaml"), NOTEBOOKS, pairs)
+    assert message in str(e.value)
+
+
+def test_parameters_go_only_to_the_notebooks_that_read_them():
+    gets = runner.plan(str(REPO / "profiles/ci.yaml"), NOTEBOOKS, [("07:eta", "4"), ("alpha", "0.3"), ("force", "True")])
+    assert gets["07_tldr.ipynb"] == [0, 2] and gets["02_selection.ipynb"] == [1, 2] and gets["04_dpo_l_training.ipynb"] == [2]
+    only04 = runner.plan(str(REPO / "profiles/ci.yaml"), [REPO / "notebooks/04_dpo_l_training.ipynb"], [("eta", "0.3")])
+    assert only04 == {"04_dpo_l_training.ipynb": [0]}  # one notebook of the run reads it: no ambiguity
+
+
+def test_run_all_refuses_a_misspelt_parameter_before_running(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
+    env.update(TSQ_SKIP_SETUP="1", TSQ_PYTHON=sys.executable, TSQ_RUNS_DIR=str(tmp_path / "runs"))
+    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--profile", "ci", "-p", "alhpa", "0.3"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "did you mean 'alpha'?" in r.stderr and "nothing was run" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- profile validation
+
+
+def write(tmp_path: Path, body: str, name: str = "custom") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(body)
+    return path
+
+
+BOMB = "\n".join([
+    "data:", "  local_files:", '    a: &a ["x","x","x","x","x","x","x","x","x"]',
+    *[f"    {n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdef", "bcdefg")],
+])
+
+
+@pytest.mark.parametrize("body, message", [
+    ("sampling:\n  top_p: 0\n", "sampling.top_p: 0.0 must be above 0.0"),
+    ("evaluation:\n  top_p: 0.0\n", "evaluation.top_p: 0.0 must be above 0.0"),
+    ("training:\n  epochs: 0\n", "training.epochs: 0.0 must be above 0.0"),
+    ("seed: 1\nseed: 2\n", "the key 'seed' appears twice in one mapping (lines 1 and 2)"),
+    ("sampling:\n  n: 2\nselection:\n  alpha: 0.1\nsampling:\n  n: 3\n", "the key 'sampling' appears twice"),
+    ("", "the profile is empty"),
+    ("name: /abs/path\n", "is not a safe folder name"),
+    ("name: ../..\n", "is not a safe folder name"),
+    ("name: toy\n", "name 'toy' differs from the file name 'custom.yaml'"),
+    (BOMB, "expands to more than 100000 values"),
+])
+def test_profile_faults_are_refused_naming_file_and_key(tmp_path, body, message):
+    path = write(tmp_path, body)
+    with pytest.raises(ProfileError) as e:
+        load_profile(str(path))
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    p = load_profile(str(write(tmp_path, "training:\n  lr: 1e-5\ntldr:\n  lr: 2E-6\n")))
+    assert p.training.lr == 1e-5 and p.tldr.lr == 2e-6
+
+
+# ----------------------------------------------------------------------------- corrupt state names the file and the fix
+
+
+def test_corrupt_base_model_pointer_names_file_and_fix(tmp_path):
+    (tmp_path / "base_model").mkdir()
+    (tmp_path / "base_model" / "base_model.json").write_text('{"model": ')
+    with pytest.raises(bm.CorruptStateError, match=r"base_model\.json is not valid JSON .*rerun notebooks/00_base_model"):
+        bm.read_pointer(tmp_path, "ci")
+    (tmp_path / "base_model" / "base_model.json").write_text("[1, 2]")
+    with pytest.raises(bm.CorruptStateError, match=r"base_model\.json is not a base-model record.*rerun notebooks/00"):
+        bm.read_pointer(tmp_path, "ci")
+
+
+def test_manifest_that_is_a_list_reruns_and_force_works(repo, capsys):
+    upstream_samples(repo)
+    run_selection(repo, max_pairs=5, n_rows=5)
+    (repo / "runs/ci/selection/manifest.json").write_text("[1, 2]")
+    for force in (False, True):
+        st = setup_stage("selection", "ci", {"selection.max_pairs": 5}, force=force)  # before: AttributeError
+        assert "unreadable manifest.json" in capsys.readouterr().out
+        assert not st.is_done({"samples": repo / "runs/ci/sampling/samples.parquet"})
+        (repo / "runs/ci/selection/manifest.json").write_text("[1, 2]")
+    with pytest.raises(StaleArtifactError, match=r"selection/manifest\.json is not marked complete.*rerun notebooks/02"):
+        setup_stage("refinement", "ci").require("selection", "pairs.parquet")
+    (repo / "runs/ci/selection/manifest.json").write_text("{not json")
+    with pytest.raises(StaleArtifactError, match=r"manifest\.json is unreadable .*not valid JSON.*rerun notebooks/02"):
+        setup_stage("refinement", "ci").require("selection", "pairs.parquet")
+
+
+def test_truncated_retrained_weights_are_rebuilt(tmp_path, monkeypatch, tiny_toy_tokenizer):
+    """A truncated model.safetensors of a retrained reasoner: 00 rebuilds it (before: it kept failing to load)."""
+    from conftest import tiny_toy_model
+
+    from tsq_utils import toyworld
+
+    prof = load_profile("ci")
+    path = tmp_path / "base_model" / "model"
+    manifest = {"pretrain_config": dict(vars(prof.pretrain))}
+    toyworld.save_reasoner(tiny_toy_model(tiny_toy_tokenizer), tiny_toy_tokenizer, path, manifest)
+    assert bm._retrain_reason(path, prof) is None
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert "damaged" in bm._retrain_reason(path, prof)
+    built = []
+    def build(p, progress=True):
+        built.append(1)
+        return tiny_toy_model(tiny_toy_tokenizer), tiny_toy_tokenizer, manifest
+
+    monkeypatch.setattr(toyworld, "build_reasoner", build)
+
+    class FakeStage:
+        profile, run_dir, dir, force = prof, tmp_path, tmp_path / "base_model", False
+
+    model, tok, info = bm.prepare_base(FakeStage(), progress=False)
+    assert built == [1] and info == manifest and bm._retrain_reason(path, prof) is None
+    assert json.loads((tmp_path / "base_model/base_model.json").read_text())["model"] == "base_model/model"
+
+
+# ----------------------------------------------------------------------------- grading worker
+
+
+def test_grading_worker_that_died_idle_is_replaced():
+    from tsq_utils import grading
+
+    box = "</think>\n\n\\boxed{7}"
+    assert grading.grade_math(box, "7") == "correct"
+    idle = list(grading._IDLE)
+    assert idle
+    for w in idle:
+        w.proc.kill()
+        w.proc.wait()
+    time.sleep(0.2)  # the reader thread sees the end of the pipe
+    t0 = time.monotonic()
+    assert grading.grade_math(box, "7") == "correct"  # before: "timeout" in 0.00 s
+    assert time.monotonic() - t0 < grading.WORKER_START_TIMEOUT_S
+
+
+# ----------------------------------------------------------------------------- run_all.sh: Ctrl-C, failed runs
+
+
+def test_run_all_interrupt_names_the_cell_and_a_failed_run_keeps_the_last_good_notebook(tmp_path):
+    nbdir, runs = tmp_path / "nb", tmp_path / "runs"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_markdown_cell("# nap"))
+    params = nbformat.v4.new_code_cell("profile = 'toy'\nnap = 0")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells += [params, nbformat.v4.new_code_cell("print('ok')"),
+                 nbformat.v4.new_code_cell("# the napping cell\nimport time\ntime.sleep(nap)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, nbdir / "00_nap.ipynb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
+    env.update(TSQ_SKIP_SETUP="1", TSQ_PYTHON=sys.executable, TSQ_NOTEBOOKS_DIR=str(nbdir), TSQ_RUNS_DIR=str(runs),
+               TSQ_KERNEL="python3")
+    cmd = ["bash", str(REPO / "run_all.sh"), "--profile", "ci"]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=180).returncode == 0
+    out = runs / "ci" / "notebooks"
+    good = (out / "00_nap.ipynb").read_bytes()
+
+    # as from a terminal: the whole process group gets the SIGINT, with the default handler
+    proc = subprocess.Popen([*cmd, "-p", "nap", "120"], env=env, start_new_session=True, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    running = out / ".00_nap.running.ipynb"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            cells = json.loads(running.read_text())["cells"]
+        except (OSError, ValueError, KeyError):
+            cells = []
+        if any("napping" in "".join(c["source"]) and c["metadata"].get("papermill", {}).get("status") == "running"
+               for c in cells):
+            break
+        time.sleep(0.3)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted at cell 4 (In [" in err and "of notebook 00_nap.ipynb (profile ci)" in err, err
+    assert "cell starts: # the napping cell" in err
+    assert (out / "00_nap.ipynb").read_bytes() == good  # the last good executed notebook is kept
+    assert (out / "00_nap.log").is_file() and (out / "00_nap.failed.ipynb").is_file()
+    assert "the last good run's notebook is kept" in err
+
+
+def test_describe_an_interrupted_notebook():
+    nb = {"cells": [
+        {"cell_type": "markdown", "metadata": {}, "source": "# t"},
+        {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": "x = 1", "outputs": []},
+        {"cell_type": "code", "metadata": {"papermill": {"status": "completed"}}, "source": "a = 1", "outputs": [],
+         "execution_count": 2},
+        {"cell_type": "code", "metadata": {"papermill": {"status": "running"}}, "source": "train()", "outputs": [],
+         "execution_count": 3},
+        {"cell_type": "code", "metadata": {"papermill": {"status": "pending"}}, "source": "b = 2", "outputs": []},
+    ]}
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ipynb", delete=False) as f:
+        json.dump(nb, f)
+    assert runner.describe(f.name, interrupted=True) == "interrupted at cell 3 (In [3])\n  cell starts: train()"
+    os.unlink(f.name)
