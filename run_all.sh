@@ -163,7 +163,7 @@ declare -A nb_params=()
 check_parameters() {
     local plan line name pairs=() k
     for k in "${!pkeys[@]}"; do pairs+=("${pkeys[$k]}" "${pvals[$k]}"); done
-    plan="$("$1" -m tsq_utils.runner check "$REPO/profiles/$profile.yaml" "${#notebooks[@]}" "${notebooks[@]}" \
+    plan="$("$1" -m tsq_utils.core.runner check "$REPO/profiles/$profile.yaml" "${#notebooks[@]}" "${notebooks[@]}" \
         ${pairs[@]+"${pairs[@]}"})" || {
         echo "$ME: nothing was run: fix the profile or the -p parameters above (./run_all.sh --help)" >&2
         exit 2
@@ -180,7 +180,7 @@ nb_args() {
 
 if ((dry_run)); then
     dry_py="${TSQ_PYTHON:-$REPO/.venv/bin/python}"
-    if "$dry_py" -c 'import tsq_utils.runner' >/dev/null 2>&1; then
+    if "$dry_py" -c 'import tsq_utils.core.runner' >/dev/null 2>&1; then
         check_parameters "$dry_py"
     else
         echo "(parameters not checked: no Python with the package at $dry_py)"
@@ -209,7 +209,7 @@ mkdir -p "$OUT_DIR"
 
 # "cell N (In [k]): Ename: evalue" for the failing cell of an executed notebook (or where it was interrupted).
 describe_failure() {
-    "$TSQ_PY" -m tsq_utils.runner describe "$@" 2>/dev/null || true
+    "$TSQ_PY" -m tsq_utils.core.runner describe "$@" 2>/dev/null || true
 }
 
 # Ctrl-C reaches papermill (which stops its kernel); the script itself lives on to say where it stopped.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: unit tests (tests/) and every notebook under nbval on the ci profile, in one pytest run.
+# The test command: ruff first, then the unit tests (tests/) and every notebook under nbval on the ci profile, in one
+# pytest run.
 #   ./run_tests.sh [extra pytest arguments, e.g. -x or -k stage]
 # Sets up .venv first exactly like run_all.sh (scripts/setup_venv.sh; TSQ_SKIP_SETUP=1 skips it). Then runs the unit
 # tests a second time under the oldest transformers the pins allow (TSQ_LANE=0 skips that, TSQ_LANE=1 forces it).
@@ -10,6 +11,17 @@ cd "$REPO"
 # shellcheck source=scripts/setup_venv.sh
 source "$REPO/scripts/setup_venv.sh"
 tsq_setup_venv "$REPO" || exit 1
+
+# Lint first (seconds): ruff over the package, tests, scripts and the notebooks' code cells ([tool.ruff] in
+# pyproject.toml). A finding stops here, before the minutes of tests, so that CI fails on it fast.
+if ! "$TSQ_PY" -m ruff --version >/dev/null 2>&1; then
+    echo "run_tests.sh: ruff is not installed for $TSQ_PY; it is in the dev extra (pip install -e '.[dev]')" >&2
+    exit 1
+fi
+if ! "$TSQ_PY" -m ruff check .; then
+    echo "run_tests.sh: ruff check . found the problems above; fix them (ruff check --fix for the safe ones) and rerun" >&2
+    exit 1
+fi
 
 targets=(tests)
 shopt -s nullglob
@@ -22,7 +34,7 @@ else
 fi
 
 # Second lane (TSQ_LANE=0 skips it; off by default with TSQ_SKIP_SETUP=1, which creates no venv): the unit tests once more under the oldest transformers pyproject allows, the
-# GPU stack's side of the pin (vLLM needs an older transformers than the CPU install has; tsq_utils.compat bridges
+# GPU stack's side of the pin (vLLM needs an older transformers than the CPU install has; tsq_utils.model.compat bridges
 # them). Its venv, .venv/lane-transformers-<version>, sees the main venv's packages (a .pth line) and holds only
 # that transformers (and what it needs in other versions) of its own: about a minute to set up, no second torch. Notebook runs are left to the main lane.
 lane_setup() {

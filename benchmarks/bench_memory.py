@@ -79,8 +79,8 @@ def _status(key: str) -> int:
 
 def measure_toy(rows: int, tokens: int, chunk_tokens: int) -> float:
     """Peak resident bytes above the start of one prefill + 4 decode steps of rows x a tokens-long prefix."""
-    from tsq_utils import generation
-    from tsq_utils.toyworld import load_reasoner
+    from tsq_utils.model import generation
+    from tsq_utils.model.toy_reasoner import load_reasoner
 
     model, tok = load_reasoner(REPO / "checkpoints" / "toy-reasoner")
     g = torch.Generator().manual_seed(0)
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=9000, help="R1 prefix tokens for part 2")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from tsq_utils.generation import PREFILL_CHUNK_TOKENS
+    from tsq_utils.model.generation import PREFILL_CHUNK_TOKENS
 
     a = toy_arch()
     print(f"Part 1 (measured on this CPU): {a.name}, {args.rows} rows continuing one prefix, 4 decode steps")
@@ -123,8 +123,10 @@ def main() -> None:
     for t in args.tokens:
         for chunk in (PREFILL_CHUNK_TOKENS, 4096):
             got = measure_toy(args.rows, t, chunk)
-            kv, tr, lg = a.kv_bytes(args.rows, t + 4), a.prefill_transient(args.rows, t, chunk), a.last_logits(args.rows)
-            print(f"{t:>7} {chunk:>8} {got / 1e6:>12.0f} {(kv + tr + lg) / 1e6:>9.0f} {kv / 1e6:>7.0f} {tr / 1e6:>13.0f} "
+            kv, tr = a.kv_bytes(args.rows, t + 4), a.prefill_transient(args.rows, t, chunk)
+            lg = a.last_logits(args.rows)
+            print(f"{t:>7} {chunk:>8} {got / 1e6:>12.0f} {(kv + tr + lg) / 1e6:>9.0f} {kv / 1e6:>7.0f} "
+                  f"{tr / 1e6:>13.0f} "
                   f"{got / (kv + tr + lg):>15.2f} {a.full_logits(args.rows, t) / 1e6:>25.0f}")
 
     t, k = args.prefix, 64

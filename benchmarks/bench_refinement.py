@@ -18,7 +18,7 @@ their step that were decided per second of scoring time, the wall time and the a
     new exact KLs      the same candidates, "full" scoring (every KL exact: what rethreshold needs): same
                        decisions as "new"?
 Workload "toy": the shipped toy reasoner on toy teacher traces (the toy profile's K = 16, L = 512). Workload
-"r1": the R1 stand-in (tsq_utils.standin, built into a temporary folder) on real R1-Distill-Qwen-1.5B AIME25
+"r1": the R1 stand-in (tsq_utils.model.standin, built into a temporary folder) on real R1-Distill-Qwen-1.5B AIME25
 traces from ../shared/data, each cut at a step boundary to --r1-chars characters (the stand-in's 4,096 positions),
 K = 64, L = 512. Forward tokens are counted by a hook on the model's decoder; wall times are on this machine.
 
@@ -50,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tsq_utils.refinement import kl_window  # noqa: E402
+from tsq_utils.method.refinement import kl_window  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -160,19 +160,19 @@ def bench_kl(args: argparse.Namespace) -> None:
 
 def load_toy(args: argparse.Namespace):
     """The toy reasoner and its tokenizer (or --model), else a random toy-size model and a fresh toy tokenizer."""
-    from tsq_utils import toyworld
-    from tsq_utils.config import PretrainConfig, ToyWorldConfig
+    from tsq_utils.core.config import PretrainConfig, ToyWorldConfig
+    from tsq_utils.model import toy_reasoner
 
     path = Path(args.model) if args.model else REPO / "checkpoints" / "toy-reasoner"
     if (path / "model.safetensors").exists():
-        model, tok = toyworld.load_reasoner(path, device=args.device)
-        return model, tok, f"{path.name} ({toyworld.count_parameters(model) / 1e6:.2f}M params)"
+        model, tok = toy_reasoner.load_reasoner(path, device=args.device)
+        return model, tok, f"{path.name} ({toy_reasoner.count_parameters(model) / 1e6:.2f}M params)"
     if args.model:
         raise SystemExit(f"no safetensors model at {path}")
     pcfg = PretrainConfig()
-    tok = toyworld.train_tokenizer(ToyWorldConfig(), vocab_size=pcfg.vocab_size, n_docs=500, seed=args.seed)
-    model = toyworld.new_model(tok, pcfg, seed=args.seed).to(args.device).eval()
-    return model, tok, (f"random toy-size Llama ({toyworld.count_parameters(model) / 1e6:.2f}M params, hidden "
+    tok = toy_reasoner.train_tokenizer(ToyWorldConfig(), vocab_size=pcfg.vocab_size, n_docs=500, seed=args.seed)
+    model = toy_reasoner.new_model(tok, pcfg, seed=args.seed).to(args.device).eval()
+    return model, tok, (f"random toy-size Llama ({toy_reasoner.count_parameters(model) / 1e6:.2f}M params, hidden "
                         f"{pcfg.hidden_size}, {pcfg.num_layers} layers)")
 
 
@@ -182,15 +182,15 @@ def toy_pairs(tok, n: int, seed: int):
 
     import pandas as pd
 
-    from tsq_utils import toyworld
-    from tsq_utils.config import ToyWorldConfig
+    from tsq_utils.core.config import ToyWorldConfig
+    from tsq_utils.task import toy
 
     cfg, rng = ToyWorldConfig(), random.Random(f"bench:{seed}")
     rows = []
     for i in range(n):
-        p = toyworld.make_problem(rng, 2 + i % 7, cfg.max_value, f"bench-{i}")
-        text = toyworld.teacher_trace(p, rng, cfg)
-        rows.append(dict(problem_id=p.problem_id, prompt=toyworld.prompt_for(p.question, tok), chosen=text,
+        p = toy.make_problem(rng, 2 + i % 7, cfg.max_value, f"bench-{i}")
+        text = toy.teacher_trace(p, rng, cfg)
+        rows.append(dict(problem_id=p.problem_id, prompt=toy.prompt_for(p.question, tok), chosen=text,
                          chosen_tokens=len(tok(text, add_special_tokens=False)["input_ids"]), chosen_sample_idx=0))
     return pd.DataFrame(rows)
 
@@ -213,9 +213,9 @@ class SampleTimer:
 
 def bench_pairs(args: argparse.Namespace) -> None:
     """Time refine_pairs on N toy responses: all steps sampled together vs one response (and step) at a time."""
-    import tsq_utils.refinement as refinement
-    from tsq_utils.config import RefinementConfig
-    from tsq_utils.refinement import count_steps, refine_pairs
+    import tsq_utils.method.refinement as refinement
+    from tsq_utils.core.config import RefinementConfig
+    from tsq_utils.method.refinement import count_steps, refine_pairs
 
     model, tok, desc = load_toy(args)
     pairs = toy_pairs(tok, args.responses, args.seed)
@@ -264,7 +264,8 @@ def bench_pairs(args: argparse.Namespace) -> None:
               f"sampling CPU {s_cpu:6.2f} s, scoring+rest CPU {cpu - s_cpu:5.2f} s  x{base_cpu / cpu:4.2f}  "
               f"({info[name]})")
     print("ratio batched/one-at-a-time throughput (CPU time): "
-          + ", ".join(f"{name.split('(')[1][:-1]}: {base_cpu / m[1]:.2f}" for name, m in med.items() if name != base_name))
+          + ", ".join(f"{name.split('(')[1][:-1]}: {base_cpu / m[1]:.2f}"
+                      for name, m in med.items() if name != base_name))
 
 
 PATHS = {  # name: (candidates, scoring)
@@ -312,7 +313,7 @@ def r1_pairs(tok, n: int, n_chars: int):
 
     import pandas as pd
 
-    from tsq_utils.data import r1_prompt
+    from tsq_utils.task.data import r1_prompt
 
     path = REPO.parent / "shared" / "data" / "aime25_DeepSeek-R1-Distill-Qwen-1.5B_aime_25_rollout_temperature0.6.jsonl"
     if not path.exists():
@@ -334,8 +335,8 @@ def r1_pairs(tok, n: int, n_chars: int):
 
 def run_paths(name: str, model, tok, pairs, cfg, seed: int, which: Sequence[str] = tuple(PATHS)) -> None:
     """refine_pairs along each path on the same pairs; print the table."""
-    import tsq_utils.refinement as refinement
-    from tsq_utils.refinement import refine_pairs
+    import tsq_utils.method.refinement as refinement
+    from tsq_utils.method.refinement import refine_pairs
 
     counter = TokenCounter(refinement)
     handle = model.get_decoder().register_forward_pre_hook(counter, with_kwargs=True)
@@ -391,7 +392,8 @@ def run_paths(name: str, model, tok, pairs, cfg, seed: int, which: Sequence[str]
               f"{decided / max(score_s, 1e-9):8.0f} "
               f"{int(log['accepted'].sum()):8d} {same:>14s}")
     new_log = results["new"]["log"] if "new" in results else None
-    kls = [] if new_log is None else [(v, b) for ks, bs in zip(new_log["kl"], new_log["kl_bound"]) for v, b in zip(ks, bs)]
+    kls = [] if new_log is None else [(v, b) for ks, bs in zip(new_log["kl"], new_log["kl_bound"])
+                                      for v, b in zip(ks, bs)]
     n_exact = sum(1 for v, b in kls if v == v and not b)
     n_bound = sum(1 for v, b in kls if b)
     n_nan = sum(1 for v, b in kls if v != v)
@@ -438,7 +440,7 @@ def bench_paths(args: argparse.Namespace) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tsq_utils.config import RefinementConfig
+    from tsq_utils.core.config import RefinementConfig
 
     if args.workload in ("toy", "both"):
         model, tok, desc = load_toy(args)
@@ -447,7 +449,7 @@ def bench_paths(args: argparse.Namespace) -> None:
                                max_step_tokens=128)
         run_paths(f"(a) toy: {desc}, toy teacher traces", model, tok, pairs, cfg, args.seed, args.paths.split(","))
     if args.workload in ("r1", "both"):
-        from tsq_utils.standin import build_standin
+        from tsq_utils.model.standin import build_standin
 
         with tempfile.TemporaryDirectory() as d:
             build_standin(d)

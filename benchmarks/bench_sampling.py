@@ -23,9 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tsq_utils import toyworld as tw  # noqa: E402
-from tsq_utils.config import load_profile, set_threads  # noqa: E402
-from tsq_utils.generation import SampleResult, sample  # noqa: E402
+from tsq_utils.model import toy_reasoner  # noqa: E402
+from tsq_utils.task import toy  # noqa: E402
+from tsq_utils.core.config import load_profile, set_threads  # noqa: E402
+from tsq_utils.model.generation import SampleResult, sample  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,12 +53,12 @@ def load(args: argparse.Namespace, profile):
     """(model, tokenizer, description): the saved reasoner if present, else a fresh one of the profile's config."""
     path = Path(args.model) if args.model else REPO / profile.model.path
     if (path / "model.safetensors").exists():
-        model, tok = tw.load_reasoner(path, device=args.device)
+        model, tok = toy_reasoner.load_reasoner(path, device=args.device)
         return model, tok, f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path} (trained)"
     if args.model:
         raise SystemExit(f"no toy reasoner at {path}")
-    tok = tw.train_tokenizer(profile.toyworld, profile.pretrain.vocab_size, 2000, args.seed)
-    model = tw.new_model(tok, profile.pretrain, args.seed).to(args.device).eval()
+    tok = toy_reasoner.train_tokenizer(profile.toyworld, profile.pretrain.vocab_size, 2000, args.seed)
+    model = toy_reasoner.new_model(tok, profile.pretrain, args.seed).to(args.device).eval()
     return model, tok, f"freshly initialised {profile.name} config ({path} is absent; untrained, it seldom emits EOS)"
 
 
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     profile = load_profile(args.profile)
     model, tok, desc = load(args, profile)
     w = profile.toyworld
-    problems = tw.make_problems(args.prompts, seed=args.seed, k_min=w.k_min, k_max=w.k_max, max_value=w.max_value,
+    problems = toy.make_problems(args.prompts, seed=args.seed, k_min=w.k_min, k_max=w.k_max, max_value=w.max_value,
                                 split="bench")
-    prompts = [tw.prompt_for(p.question, tok) for p in problems]
-    print(f"model: {desc}, {tw.count_parameters(model) / 1e6:.2f}M parameters, device {args.device}, "
+    prompts = [toy.prompt_for(p.question, tok) for p in problems]
+    print(f"model: {desc}, {toy_reasoner.count_parameters(model) / 1e6:.2f}M parameters, device {args.device}, "
           f"torch threads {threads}, torch {torch.__version__}")
     print(f"work: {args.prompts} prompts (k {sorted({p.k for p in problems})}) x {args.n} samples, "
           f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, batch size {args.batch_size}")

@@ -29,9 +29,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tsq_utils import toyworld  # noqa: E402
-from tsq_utils.config import PretrainConfig, ToyWorldConfig, TrainingConfig  # noqa: E402
-from tsq_utils.dpo_l import make_dpo_l_trainer, split_forward  # noqa: E402
+from tsq_utils.model import toy_reasoner  # noqa: E402
+from tsq_utils.task import toy  # noqa: E402
+from tsq_utils.core.config import PretrainConfig, ToyWorldConfig, TrainingConfig  # noqa: E402
+from tsq_utils.method.dpo_l import make_dpo_l_trainer, split_forward  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,19 +51,19 @@ def load(args: argparse.Namespace):
     """The toy reasoner and its tokenizer, or a random model of its size with a fresh toy tokenizer."""
     path = Path(args.model) if args.model else REPO / "checkpoints" / "toy-reasoner"
     if (path / "config.json").is_file():
-        model, tok = toyworld.load_reasoner(path)
+        model, tok = toy_reasoner.load_reasoner(path)
         return model, tok, f"toy reasoner ({path.name})"
-    tok = toyworld.train_tokenizer(ToyWorldConfig(), vocab_size=512, n_docs=2000, seed=args.seed)
-    return toyworld.new_model(tok, PretrainConfig(), seed=args.seed), tok, "random model of the toy reasoner's size"
+    tok = toy_reasoner.train_tokenizer(ToyWorldConfig(), vocab_size=512, n_docs=2000, seed=args.seed)
+    return toy_reasoner.new_model(tok, PretrainConfig(), seed=args.seed), tok, "random model of the toy reasoner's size"
 
 
 def toy_pairs(tok, n: int, seed: int) -> pd.DataFrame:
     """n pairs: the oracle's trace (chosen) against a teacher trace that is longer (rejected)."""
     rng, cfg, rows = random.Random(seed), ToyWorldConfig(), []
-    for p in toyworld.make_problems(4 * n, seed=seed):
-        chosen, rejected = toyworld.oracle_trace(p), toyworld.teacher_trace(p, rng, cfg)
+    for p in toy.make_problems(4 * n, seed=seed):
+        chosen, rejected = toy.oracle_trace(p), toy.teacher_trace(p, rng, cfg)
         if len(rejected) > len(chosen):
-            rows.append({"prompt": toyworld.prompt_for(p.question, tok), "chosen": chosen, "rejected": rejected})
+            rows.append({"prompt": toy.prompt_for(p.question, tok), "chosen": chosen, "rejected": rejected})
         if len(rows) == n:
             break
     return pd.DataFrame(rows)

@@ -4,7 +4,7 @@
     python scripts/first_gpu_check.py --cpu-smoke        # the same steps on the toy reasoner, on the CPU (CI-sized)
 
 1. The install: torch / CUDA / vLLM / transformers / TRL / DeepSpeed versions, the GPUs, and which transformers API
-   spellings tsq_utils.compat detected on the model.
+   spellings tsq_utils.model.compat detected on the model.
 2. A vLLM engine of R1-Distill-Qwen-1.5B (--model: a local folder, or the hub id where the hub is reachable) on 20
    MATH500 problems x 4 samples, the profile's sampling settings but at most --max-new-tokens tokens: accuracy,
    tokens/s and the engine's start time.
@@ -69,12 +69,12 @@ def step_install(ctx: dict) -> str:
 
 def _problems(ctx: dict, tok):
     """20 MATH500 problems (or toy problems on the CPU smoke run) as a problems table."""
-    from tsq_utils import data, sampling
+    from tsq_utils.task import data
 
     if ctx["cpu"]:
-        from tsq_utils import toyworld
+        from tsq_utils.task import toy
 
-        return sampling.toy_problem_table(toyworld.make_problems(ctx["n_problems"], seed=7), tok)
+        return toy.problem_table(toy.make_problems(ctx["n_problems"], seed=7), tok)
     local = data.local_path_for("math500", {}, ctx["data_dir"] or "")
     df = data.load_benchmark("math500", local_path=local, limit=ctx["n_problems"])
     return df.assign(prompt=[data.r1_prompt(p, tok) for p in df["problem"]])
@@ -82,8 +82,9 @@ def _problems(ctx: dict, tok):
 
 def step_engine(ctx: dict) -> str:
     """The sampler (vLLM on the GPU, the toy transformers model on the CPU) on n_problems x n_samples."""
-    from tsq_utils import base_model, sampling
-    from tsq_utils.config import load_profile
+    from tsq_utils.model import base_model
+    from tsq_utils.method import sampling
+    from tsq_utils.core.config import load_profile
 
     if ctx["cpu"]:
         prof = load_profile("toy")
@@ -110,14 +111,14 @@ def step_engine(ctx: dict) -> str:
     del model
     ctx.update(samples=samples, tok=tok, profile=prof)
     tokens = int(samples["n_tokens"].sum())
-    return (f"{len(samples)} responses, accuracy {samples['correct'].mean():.3f}, mean {samples['n_tokens'].mean():.0f} "
-            f"tokens, {tokens / dt:,.0f} tokens/s" + (f", engine start {ctx['engine_start_s']:.0f} s"
-                                                      if "engine_start_s" in ctx else ""))
+    return (f"{len(samples)} responses, accuracy {samples['correct'].mean():.3f}, "
+            f"mean {samples['n_tokens'].mean():.0f} tokens, {tokens / dt:,.0f} tokens/s"
+            + (f", engine start {ctx['engine_start_s']:.0f} s" if "engine_start_s" in ctx else ""))
 
 
 def _train_model(ctx: dict, dtype: str = "bfloat16"):
     """The transformers model refinement and training use (toy: fp32 on the CPU)."""
-    from tsq_utils import base_model
+    from tsq_utils.model import base_model
 
     prof = ctx["profile"]
     if ctx["cpu"]:
@@ -127,7 +128,7 @@ def _train_model(ctx: dict, dtype: str = "bfloat16"):
 
 def step_refine(ctx: dict) -> str:
     """Two correct responses refined with the profile's refinement settings (K candidates, window L, epsilon)."""
-    from tsq_utils import refinement
+    from tsq_utils.method import refinement
 
     samples, tok, prof, cuda = ctx["samples"], ctx["tok"], ctx["profile"], not ctx["cpu"]
     good = samples[samples["correct"]].sort_values("n_tokens", ascending=False).head(2)
@@ -152,7 +153,7 @@ def step_train(ctx: dict) -> str:
     """Four DPO-L + SFT micro-steps (batch 1) with the profile's training settings, pairs padded to train_tokens."""
     import pandas as pd
 
-    from tsq_utils import dpo_l
+    from tsq_utils.method import dpo_l
 
     samples, tok, prof, cuda = ctx["samples"], ctx["tok"], ctx["profile"], not ctx["cpu"]
     pairs = []
@@ -187,7 +188,7 @@ def step_probe_7b(ctx: dict) -> str:
     """7B full fine-tuning memory on one GPU: fp32 master weights, AdamW state, one checkpointed forward/backward."""
     import torch
 
-    from tsq_utils import base_model
+    from tsq_utils.model import base_model
 
     if ctx["cpu"] or not ctx["model_7b"]:
         return "skipped (needs --model-7b and a GPU)"

@@ -76,7 +76,7 @@ import sys
 from importlib.util import find_spec
 from pathlib import Path
 # find_spec locates the packages without importing them (importing these takes seconds).
-if any(find_spec(m) is None for m in ("ipykernel", "nbval", "papermill", "tsq_utils")):
+if any(find_spec(m) is None for m in ("ipykernel", "nbval", "papermill", "jupytext", "ruff", "tsq_utils")):
     sys.exit(1)
 sys.exit(Path(find_spec("tsq_utils").origin).resolve().parent.parent != Path(sys.argv[1]).resolve())
 PY

@@ -25,7 +25,8 @@ def ks_statistic(a, b) -> float:
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
     a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
     grid = np.concatenate([a, b])
-    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b))))
+    cdf_a, cdf_b = np.searchsorted(a, grid, "right") / len(a), np.searchsorted(b, grid, "right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
 
 
 def write_profile(folder: Path) -> Path:
@@ -38,7 +39,8 @@ def write_profile(folder: Path) -> Path:
     return path
 
 
-def run_backend(backend: str, profile: Path, out: Path, kernel: str, n_problems: int | None, reuse: bool = False) -> dict:
+def run_backend(backend: str, profile: Path, out: Path, kernel: str, n_problems: int | None,
+                reuse: bool = False) -> dict:
     """Execute the notebooks with papermill under one backend; return cell timings and the run folder."""
     import os
 
@@ -102,7 +104,8 @@ def summarize(backend: str, res: dict) -> dict:
         "backend": backend,
         "01 responses": len(samples), "01 accuracy": samples["correct"].mean(),
         "01 mean tokens": samples["n_tokens"].mean(), "01 median tokens": samples["n_tokens"].median(),
-        "01 p90 tokens": samples["n_tokens"].quantile(0.9), "01 cut at max tokens": (samples["finish_reason"] == "length").mean(),
+        "01 p90 tokens": samples["n_tokens"].quantile(0.9),
+        "01 cut at max tokens": (samples["finish_reason"] == "length").mean(),
         "05 responses (base)": len(base), "05 accuracy (base)": base["correct"].mean(),
         "05 mean tokens (base)": base["n_tokens"].mean(),
         "model load / engine start s": load_s,
@@ -126,7 +129,8 @@ def main() -> None:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="tsq-vllm-cpu-"))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"vllm {vllm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}; output in {out}")
+    print(f"vllm {vllm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}; "
+          f"output in {out}")
     profile = write_profile(out)
     rows = []
     for backend in ("transformers", "vllm"):
@@ -135,12 +139,14 @@ def main() -> None:
     pd.set_option("display.width", 160)
     print("\n" + table.to_string(float_format=lambda v: f"{v:,.3f}"))
     t, v = rows
-    print(f"\nlength distributions, KS statistic transformers vs vllm: 01 {ks_statistic(t['_lengths01'], v['_lengths01']):.3f}, "
+    print("\nlength distributions, KS statistic transformers vs vllm: "
+          f"01 {ks_statistic(t['_lengths01'], v['_lengths01']):.3f}, "
           f"05 {ks_statistic(t['_lengths05'], v['_lengths05']):.3f}")
     by_k = pd.DataFrame({"transformers": t["_acc_by_k"], "vllm": v["_acc_by_k"]})
     print("\n01 accuracy by difficulty k:\n" + by_k.round(3).to_string())
-    (out / "comparison.json").write_text(json.dumps({r["backend"]: {k: float(x) if isinstance(x, (int, float, np.number)) else x
-                                                               for k, x in r.items() if not k.startswith("_")} for r in rows}, indent=1))
+    plain = {r["backend"]: {k: float(x) if isinstance(x, (int, float, np.number)) else x
+                           for k, x in r.items() if not k.startswith("_")} for r in rows}
+    (out / "comparison.json").write_text(json.dumps(plain, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def shared_data() -> Path:
 @pytest.fixture
 def repo(tmp_path, monkeypatch) -> Path:
     """A fake repository root holding runs/ and figures/ under tmp_path, so paths print repo-relative."""
-    from tsq_utils import config
+    from tsq_utils.core import config
 
     monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
     monkeypatch.setenv("TSQ_RUNS_DIR", str(tmp_path / "runs"))
@@ -36,15 +36,15 @@ TINY_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=6
 @pytest.fixture(scope="session")
 def tiny_toy_tokenizer():
     """A tiny toy-world tokenizer (300 teacher documents, vocab at most 128), shared by the tests that sample."""
-    from tsq_utils import toyworld
-    from tsq_utils.config import ToyWorldConfig
+    from tsq_utils.core.config import ToyWorldConfig
+    from tsq_utils.model.toy_reasoner import train_tokenizer
 
-    return toyworld.train_tokenizer(ToyWorldConfig(), vocab_size=128, n_docs=300, seed=0)
+    return train_tokenizer(ToyWorldConfig(), vocab_size=128, n_docs=300, seed=0)
 
 
 def tiny_toy_model(tokenizer):
     """A freshly initialised one-layer toy reasoner (hidden 32) for the given tokenizer."""
-    from tsq_utils import toyworld
-    from tsq_utils.config import PretrainConfig
+    from tsq_utils.core.config import PretrainConfig
+    from tsq_utils.model.toy_reasoner import new_model
 
-    return toyworld.new_model(tokenizer, PretrainConfig(**TINY_MODEL), seed=0)
+    return new_model(tokenizer, PretrainConfig(**TINY_MODEL), seed=0)

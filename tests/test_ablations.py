@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import tsq_utils.ablations as A
-from tsq_utils.artifacts import atomic_write_json, dir_hash, file_hash, load_table, save_table
-from tsq_utils.config import ProfileError, RefinementConfig, SelectionConfig, load_profile, stage_seed
-from tsq_utils.fingerprint import package_hash
+from tsq_utils.core.artifacts import atomic_write_json, dir_hash, file_hash, load_table, save_table
+from tsq_utils.core.config import ProfileError, RefinementConfig, SelectionConfig, load_profile, stage_seed
+from tsq_utils.core.fingerprint import package_hash
+from tsq_utils.method import refinement
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -29,7 +30,8 @@ def _samples() -> pd.DataFrame:
     rows = []
     for pid, (k, samples) in spec.items():
         for i, (n, ok) in enumerate(samples):
-            rows.append(dict(problem_id=pid, k=k, sample_idx=i, prompt=f"Q {pid}\n<think>\n", text=f"{pid} text {i} ({n})",
+            rows.append(dict(problem_id=pid, k=k, sample_idx=i, prompt=f"Q {pid}\n<think>\n",
+                             text=f"{pid} text {i} ({n})",
                              n_tokens=n, n_think_tokens=n - 3, correct=ok, status="correct" if ok else "wrong",
                              finish_reason="stop", gold="7"))
     return pd.DataFrame(rows)
@@ -64,16 +66,21 @@ def keys(ctx, **kw) -> dict:
 
 
 class Fakes:
-    """Stand-ins for the expensive stages (refine_pairs, train_model, evaluate) that count their calls."""
+    """Stand-ins for the expensive stages (refine_pairs, rethreshold, dpo_l.train_and_save, evaluation.evaluate_model,
+    the base model's loading) that count their calls."""
 
     def __init__(self, monkeypatch, fail_train: bool = False):
+        from tsq_utils.method import dpo_l, evaluation, refinement
+        from tsq_utils.model import base_model
+
         self.refine, self.rethreshold_eps, self.train, self.eval = [], [], [], []
         self.fail_train = fail_train
-        monkeypatch.setattr(A.refinement, "refine_pairs", self.refine_pairs)
-        monkeypatch.setattr(A.refinement, "rethreshold", self.rethreshold)
-        monkeypatch.setattr(A, "train_model", self.train_model)
-        monkeypatch.setattr(A, "evaluate", self.evaluate)
-        monkeypatch.setattr(A, "_eval_model", lambda ctx, model_dir: "BASE" if model_dir is None else model_dir)
+        monkeypatch.setattr(refinement, "refine_pairs", self.refine_pairs)
+        monkeypatch.setattr(refinement, "rethreshold", self.rethreshold)
+        monkeypatch.setattr(base_model, "load_base", lambda run_dir, profile: ("FRESH BASE", "TOK"))
+        monkeypatch.setattr(dpo_l, "train_and_save", self.train_and_save)
+        monkeypatch.setattr(evaluation, "evaluate_model", self.evaluate_model)
+        monkeypatch.setattr(A.runner, "_eval_model", lambda ctx, model_dir: "BASE" if model_dir is None else model_dir)
 
     def refine_pairs(self, model, tokenizer, pairs, cfg, seed, grade_fn_factory=None, progress=True, **kw):
         self.refine.append({"epsilon": cfg.epsilon, "enabled": cfg.enabled, "seed": seed, "model": model})
@@ -82,7 +89,8 @@ class Fakes:
         out["chosen"] = pairs["chosen"] + " (refined)"
         out["chosen_tokens"] = pairs["chosen_tokens"] - 1
         out["refined"], out["reverted"] = True, False
-        log = pd.DataFrame({"accepted": [True, False], "orig_tokens": [4, 6], "final_tokens": [3, 6], "skipped": ["", ""],
+        log = pd.DataFrame({"accepted": [True, False], "orig_tokens": [4, 6], "final_tokens": [3, 6],
+                            "skipped": ["", ""],
                             "kl": [[0.1, float("nan")], [0.2]], "cand_texts": [["a", "bb"], ["c"]],
                             "cand_tokens": [[1, 5], [1]]})
         return out, log
@@ -94,21 +102,31 @@ class Fakes:
         out["chosen"] = out["chosen"] + f" at {cfg.epsilon:g}"  # the kept candidates depend on ε
         return out, step_log
 
-    def train_model(self, ctx, pairs, cfg, seed, out_dir):
+    def train_and_save(self, model, tokenizer, pairs, cfg, stage_dir, seed, device="cpu", max_steps=None,
+                       model_subdir="model", progress=True):
         if self.fail_train:
             raise RuntimeError("training blew up")
-        self.train.append({"cfg": cfg, "seed": seed, "pairs": len(pairs), "chosen": list(pairs["chosen"])})
-        (out_dir / "model").mkdir(parents=True)
-        (out_dir / "model" / "weights.txt").write_text(f"{cfg.eta} {cfg.lam} {seed}")
+        self.train.append({"cfg": cfg, "seed": seed, "pairs": len(pairs), "chosen": list(pairs["chosen"]),
+                           "model": model, "device": device, "max_steps": max_steps, "progress": progress})
+        (stage_dir / model_subdir).mkdir(parents=True)
+        (stage_dir / model_subdir / "weights.txt").write_text(f"{cfg.eta} {cfg.lam} {seed}")
         return pd.DataFrame({"loss": [1.0, 0.5], "dpo_l_loss": [1.2, 0.7], "sft_loss": [0.8, 0.3]},
                             index=pd.Index([1, 2], name="step"))
 
-    def evaluate(self, ctx, model):
-        self.eval.append(model)
-        probs = ctx.problems["toy"]
-        rows = [dict(problem_id=p, k=k, sample_idx=j, correct=(i + j) % 2 == 0, n_tokens=10 + i + j, benchmark="toy")
-                for i, (p, k) in enumerate(zip(probs["problem_id"], probs["k"])) for j in range(ctx.eval_n)]
+    @staticmethod
+    def results(problems: dict, n: int, name: str) -> pd.DataFrame:
+        """Problems e0..e3 x n responses: correct when (i + j) is even, length 10 + i + j."""
+        probs = problems["toy"]
+        rows = [dict(problem_id=p, k=k, sample_idx=j, correct=(i + j) % 2 == 0, n_tokens=10 + i + j, model=name,
+                     benchmark="toy")
+                for i, (p, k) in enumerate(zip(probs["problem_id"], probs["k"])) for j in range(n)]
         return pd.DataFrame(rows)
+
+    def evaluate_model(self, name, model, tokenizer, problems, n, temperature, top_p, max_new_tokens, seed,
+                       batch_size=64, backend="transformers", progress=True):
+        assert not progress
+        self.eval.append(model)
+        return self.results(problems, n, name)
 
 
 # --------------------------------------------------------------------------- rows
@@ -262,7 +280,7 @@ def test_every_key_covers_the_code(ctx, monkeypatch):
     k = A.row_keys(ctx, row(ctx))
     base = A.make_row(ctx.profile, "base", "b", refine="off", objective="none")
     kb = A.row_keys(ctx, base)
-    monkeypatch.setattr(A, "package_hash", lambda: "edited" * 10)
+    monkeypatch.setattr(A.cache, "package_hash", lambda: "edited" * 10)
     k2, kb2 = A.row_keys(ctx, row(ctx)), A.row_keys(ctx, base)
     assert set(k2) == set(k) and all(k2[s] != k[s] for s in k) and kb2["results"] != kb["results"]
 
@@ -271,7 +289,7 @@ def test_selection_keys_follow_the_variant_registry(ctx, monkeypatch):
     """Each variant's pairs key reads exactly the knobs its registry entry declares, so a new variant that reads
     alpha gets one entry per alpha (before: selection_params encoded the knobs by hand, and a new variant shared one
     entry across alpha)."""
-    from tsq_utils import selection
+    from tsq_utils.method import selection
 
     def pairs_key(**sel):
         r = row(ctx, refine="off")
@@ -282,7 +300,8 @@ def test_selection_keys_follow_the_variant_registry(ctx, monkeypatch):
         "q_alpha_fix", ("alpha", "q_fix"), lambda k, p: min(1.0, k["q_fix"] + k["alpha"] * p)))
     assert pairs_key(variant="q_alpha_fix", alpha=0.1) != pairs_key(variant="q_alpha_fix", alpha=0.3)
     assert pairs_key(variant="q_alpha_fix", q_fix=0.1) != pairs_key(variant="q_alpha_fix", q_fix=0.3)
-    assert pairs_key(variant="q_alpha_fix", extra_neg_ratio=2.0) == pairs_key(variant="q_alpha_fix", extra_neg_ratio=3.0)
+    assert (pairs_key(variant="q_alpha_fix", extra_neg_ratio=2.0)
+            == pairs_key(variant="q_alpha_fix", extra_neg_ratio=3.0))
     # the existing variants keep reading what they read: q_fix shares one entry across alpha, q_dyn does not
     assert pairs_key(variant="q_fix", alpha=0.1) == pairs_key(variant="q_fix", alpha=0.3)
     assert pairs_key(variant="q_dyn", alpha=0.1) != pairs_key(variant="q_dyn", alpha=0.3)
@@ -295,7 +314,8 @@ def test_selection_keys_follow_the_variant_registry(ctx, monkeypatch):
 def test_selection_params_of_the_existing_variants_are_unchanged():
     """The registry gives the very payloads the hand-written selection_params gave (the toy pairs are unchanged)."""
     def sp(**kw):
-        return A.selection_params(SelectionConfig(**{"max_pairs": 7, "alpha": 0.2, "q_fix": 0.3, "extra_neg_ratio": 2.0, **kw}))
+        knobs = {"max_pairs": 7, "alpha": 0.2, "q_fix": 0.3, "extra_neg_ratio": 2.0}
+        return A.selection_params(SelectionConfig(**{**knobs, **kw}))
 
     assert sp(variant="shortest") == {"variant": "shortest", "max_pairs": 7}
     assert sp(variant="q_fix") == {"variant": "q_fix", "max_pairs": 7, "q_fix": 0.3}
@@ -312,7 +332,8 @@ def test_shared_rows_have_equal_keys(prof, ctx):
     rows = {(r.name, r.seed): r for r in A.build_rows(prof)}
     k = {n: A.row_keys(ctx, r) for n, r in rows.items()}
     assert k[("table2/q_dyn", 0)] == k[("table3/none", 0)] == k[("alpha/0.2", 0)]
-    assert k[("table3/kl", 0)] == k[("table4/dpo_l_sft", 0)] == k[("epsilon/0.005", 0)] == k[("sign/-1", 0)] == k[("eta/0.5", 0)]
+    assert (k[("table3/kl", 0)] == k[("table4/dpo_l_sft", 0)] == k[("epsilon/0.005", 0)] == k[("sign/-1", 0)]
+            == k[("eta/0.5", 0)])
     assert k[("table3/no_kl", 0)] == k[("epsilon/inf", 0)]
     assert k[("table4/dpo", 0)]["refined"] == k[("table3/kl", 0)]["refined"]
     assert k[("table4/dpo", 1)]["model"] != k[("table4/dpo", 0)]["model"]
@@ -331,6 +352,12 @@ def test_a_cached_row_is_not_recomputed(monkeypatch, ctx):
     assert f.refine[0]["model"] == "BASE" and f.refine[0]["seed"] == stage_seed(ctx.profile.seed, "refinement")
     assert math.isinf(f.refine[0]["epsilon"]) and f.rethreshold_eps == [ctx.profile.refinement.epsilon]
     assert f.train[0]["seed"] == stage_seed(ctx.profile.seed, "training")
+    # notebook 04's training function, quiet, on a freshly loaded base model, for the ablation's step budget
+    assert f.train[0]["model"] == "FRESH BASE" and f.train[0]["progress"] is False
+    assert f.train[0]["max_steps"] is None and f.train[0]["device"] == ctx.device
+    # notebook 05's evaluation function, its results named by the cache key
+    res = load_table(ctx.cache_dir / first["keys"]["results"] / "results.parquet")
+    assert set(res["model"]) == {first["keys"]["results"]} and len(res) == 4 * ctx.eval_n
     assert all(c.endswith(f"(refined) at {ctx.profile.refinement.epsilon:g}") for c in f.train[0]["chosen"])
     second = A.run_row(ctx, r)
     assert set(second["sources"].values()) == {"cached"} and (len(f.refine), len(f.train), len(f.eval)) == (1, 1, 1)
@@ -342,7 +369,8 @@ def test_a_cached_row_is_not_recomputed(monkeypatch, ctx):
 def test_rows_share_their_common_prefix(monkeypatch, ctx, prof):
     f = Fakes(monkeypatch)
     out = A.run_rows(ctx, ["table3", "table4/dpo", "alpha", "epsilon/inf"], progress=False)
-    # table3: none (refine off), kl, no_kl; table4/dpo (2 seeds on ci); alpha 0.2 (= table3/none) and 0.5; eps inf (= no_kl)
+    # table3: none (refine off), kl, no_kl; table4/dpo (2 seeds on ci); alpha 0.2 (= table3/none) and 0.5;
+    # eps inf (= no_kl)
     assert len(out) == 3 + 2 + 2 + 1
     assert [c["epsilon"] for c in f.refine] == [math.inf]  # one scoring run serves every ε
     assert f.rethreshold_eps == [prof.refinement.epsilon, math.inf]  # once per distinct ε
@@ -351,7 +379,8 @@ def test_rows_share_their_common_prefix(monkeypatch, ctx, prof):
     dpo = [t for t in f.train if t["cfg"].eta == 1.0]
     assert [t["cfg"].lam for t in dpo] == [0.0, 0.0] and len({t["seed"] for t in dpo}) == 2
     shared = out.set_index(["name", "seed"])
-    assert set(shared.loc[("alpha/0.2", 0)].dropna()) == {"cached"} and shared.loc[("epsilon/inf", 0), "refined"] == "cached"
+    assert set(shared.loc[("alpha/0.2", 0)].dropna()) == {"cached"}
+    assert shared.loc[("epsilon/inf", 0), "refined"] == "cached"
     twin = shared.loc[("alpha/0.5", 0)]
     none_keys = A.row_keys(ctx, next(r for r in A.build_rows(prof) if r.name == "table3/none"))
     assert twin["pairs"] == "computed" and twin["model"] == f"same pairs and settings as {none_keys['model']}"
@@ -396,10 +425,25 @@ def test_summarize_reads_metrics_from_cached_results(monkeypatch, ctx, prof):
     first = s.iloc[0]
     assert first["acc"] == 0.5 and first["len_t"] == pytest.approx((10 + 12 + 12 + 14) / 4)
     assert first["acc_hard"] == 0.5  # the hard half: k = 3 (e1, e3)
+    # its SE is problem-clustered: e1 and e3 each score 1 of 2, so the problem means agree and the SE is 0 (the
+    # i.i.d. SE of the four responses would be sqrt(1/3)/2 = 0.289)
+    assert first["acc_hard_se"] == 0.0 and first["acc_se"] == 0.0
     assert s.loc[s["name"] == "table4/sft", "n_pairs"].iloc[0] > 0
     assert s.loc[s["name"] == "table4/sft", "tokens_per_step_after"].iloc[0] == pytest.approx(4.5)
     assert s.loc[s["name"] == "table4/sft", "train_steps"].iloc[0] == 2
     assert (A.row_results(ctx, rows)["model"].isin([r.label for r in rows])).all()
+
+
+def test_hard_half_accuracy_has_the_problem_clustered_se():
+    """Hard half = k above the median. Problems a and b (k = 3) answered [1, 1] and [0, 0]: accuracy 0.5, and the SE
+    of two problem means 1 and 0, sqrt(2/1 * (1² + 1²)) / 4 = 0.5, where the i.i.d. SE of four responses is 0.289."""
+    res = pd.DataFrame({"problem_id": ["a", "a", "b", "b", "c", "c", "d", "d"], "k": [3, 3, 3, 3, 1, 1, 1, 1],
+                        "correct": [True, True, False, False, True, False, True, True]})
+    acc, se = A.report.hard_half(res)
+    assert acc == 0.5 and se == pytest.approx(0.5)
+    one = A.report.hard_half(res[res["problem_id"].isin(["a", "c"])])  # a hard half of one problem: no SE
+    assert one[0] == 1.0 and math.isnan(one[1])
+    assert math.isnan(A.report.hard_half(res.drop(columns="k"))[0])
 
 
 def test_no_kl_is_epsilon_inf_through_rethreshold(monkeypatch, ctx):
@@ -417,11 +461,12 @@ def _stage(run_dir: Path, stage: str, files: dict, manifest: dict) -> None:
     d.mkdir(parents=True, exist_ok=True)
     for name, write in files.items():
         write(d / name)
-    atomic_write_json(d / "manifest.json", {"stage": stage, "complete": True, "code": {"package": package_hash()}, **manifest})
+    atomic_write_json(d / "manifest.json",
+                      {"stage": stage, "complete": True, "code": {"package": package_hash()}, **manifest})
 
 
 def test_default_row_adopts_notebooks_02_to_05(monkeypatch, ctx, prof):
-    from tsq_utils import selection
+    from tsq_utils.method import selection
 
     f = Fakes(monkeypatch)
     base_inputs = {k: {"sha256": v} for k, v in ctx.base_hashes.items()}
@@ -429,7 +474,8 @@ def test_default_row_adopts_notebooks_02_to_05(monkeypatch, ctx, prof):
     pairs, stats = selection.select_pairs(ctx.samples, seed=stage_seed(prof.seed, "selection"))
     _stage(ctx.run_dir, "selection", {"pairs.parquet": lambda p: save_table(pairs, p),
                                       "problem_stats.parquet": lambda p: save_table(stats, p)},
-           {"profile_config": pc, "seed": stage_seed(prof.seed, "selection"), "inputs": {"samples": {"sha256": ctx.samples_sha}}})
+           {"profile_config": pc, "seed": stage_seed(prof.seed, "selection"),
+            "inputs": {"samples": {"sha256": ctx.samples_sha}}})
     refined, log = f.refine_pairs(None, None, pairs, prof.refinement, 0)
     f.refine.clear()
     _stage(ctx.run_dir, "refinement", {"refined_pairs.parquet": lambda p: save_table(refined, p),
@@ -444,8 +490,9 @@ def test_default_row_adopts_notebooks_02_to_05(monkeypatch, ctx, prof):
     _stage(ctx.run_dir, "training", {"model": model_dir, "training_log.parquet": lambda p: save_table(
         pd.DataFrame({"step": [1], "loss": [0.3]}), p)},
         {"profile_config": pc, "seed": stage_seed(prof.seed, "training"),
-         "inputs": {"pairs": {"sha256": file_hash(ctx.run_dir / "refinement" / "refined_pairs.parquet")}, **base_inputs}})
-    res05 = pd.concat([f.evaluate(ctx, "x").assign(model=m) for m in ("base", "tokensqueeze")], ignore_index=True)
+         "inputs": {"pairs": {"sha256": file_hash(ctx.run_dir / "refinement" / "refined_pairs.parquet")},
+                    **base_inputs}})
+    res05 = pd.concat([f.results(ctx.problems, ctx.eval_n, m) for m in ("base", "tokensqueeze")], ignore_index=True)
     f.eval.clear()
     _stage(ctx.run_dir, "evaluation", {"results.parquet": lambda p: save_table(res05, p)},
            {"profile_config": pc, "seed": stage_seed(prof.seed, "evaluation"),
@@ -472,7 +519,7 @@ def test_default_row_adopts_notebooks_02_to_05(monkeypatch, ctx, prof):
 
 
 def test_a_stale_or_mismatched_stage_is_not_adopted(monkeypatch, ctx, prof):
-    from tsq_utils import selection
+    from tsq_utils.method import selection
 
     Fakes(monkeypatch)
     pairs, stats = selection.select_pairs(ctx.samples, seed=stage_seed(prof.seed, "selection"))
@@ -487,7 +534,7 @@ def test_a_stale_or_mismatched_stage_is_not_adopted(monkeypatch, ctx, prof):
 @pytest.mark.parametrize("code", [None, {"package": "0" * 64}])
 def test_a_stage_computed_by_other_code_is_not_adopted(monkeypatch, ctx, prof, code):
     """A manifest without a code fingerprint (an older version) or with another one: its pairs are recomputed."""
-    from tsq_utils import selection
+    from tsq_utils.method import selection
 
     Fakes(monkeypatch)
     pairs, stats = selection.select_pairs(ctx.samples, seed=stage_seed(prof.seed, "selection"))
@@ -530,7 +577,8 @@ def test_aggregate_table_shape_means_sds_and_paper_columns(prof):
     assert list(t["name"]) == ["table4/dpo", "table4/sft", "table4/dpo_sft", "table4/dpo_l_sft"]  # full shape
     dpo = t.set_index("name").loc["table4/dpo"]
     assert dpo["n_seeds"] == 2 and dpo["acc"] == pytest.approx(0.625) and dpo["acc_sd"] == pytest.approx(0.1767767)
-    assert dpo["len_t"] == 70.0 and dpo["len_t_vs_base_pct"] == pytest.approx(-30.0) and dpo["auc_sd"] == pytest.approx(0.1414214)
+    assert dpo["len_t"] == 70.0 and dpo["len_t_vs_base_pct"] == pytest.approx(-30.0)
+    assert dpo["auc_sd"] == pytest.approx(0.1414214)
     assert (dpo["paper_acc"], dpo["paper_len_t"]) == (0.483, 4300)
     sft = t.set_index("name").loc["table4/sft"]
     assert sft["n_seeds"] == 1 and math.isnan(sft["acc_sd"])
@@ -583,7 +631,8 @@ def test_findings_verdicts(prof):
     s = _summary([
         dict(name="table4/dpo", seed=0, acc=0.20, len_t=30.0), dict(name="table4/dpo", seed=1, acc=0.22, len_t=31.0),
         dict(name="table4/dpo_l_sft", seed=0, acc=0.60, len_t=50.0), dict(name="table4/sft", acc=0.61, len_t=49.0),
-        dict(name="table2/shortest", acc=0.5, len_t=40.0, acc_hard=0.39), dict(name="table2/q_dyn", acc=0.5, len_t=40.0, acc_hard=0.40),
+        dict(name="table2/shortest", acc=0.5, len_t=40.0, acc_hard=0.39),
+        dict(name="table2/q_dyn", acc=0.5, len_t=40.0, acc_hard=0.40),
         dict(name="alpha/0.2", x=0.2, acc=0.50), dict(name="alpha/0.5", x=0.5, acc=0.52),
     ])
     tables = {g: A.aggregate(s, g, rows, benchmarks=["toy"]) for g in A.TABLE_FILES}
@@ -628,7 +677,7 @@ def test_epsilon_inf_keeps_the_shortest_shorter_candidate_of_every_step():
                                chosen_tokens=len(text), rejected_tokens=99, p=0.5, chosen_sample_idx=0,
                                rejected_sample_idx=1)])
     cfg = RefinementConfig(n_candidates=6, window=8, epsilon=math.inf, max_step_tokens=16, batch_size=4)
-    out, log = A.refinement.refine_pairs(model, tok, pairs, cfg, seed=3, progress=False)
+    out, log = refinement.refine_pairs(model, tok, pairs, cfg, seed=3, progress=False)
     scored_any = False
     for _, r in log.iterrows():
         shorter = [n for n, kl in zip(r["cand_tokens"], r["kl"]) if kl == kl and n < r["orig_tokens"]]
@@ -639,7 +688,7 @@ def test_epsilon_inf_keeps_the_shortest_shorter_candidate_of_every_step():
             assert not r["accepted"]
     assert scored_any, "the random model drew no shorter candidate: the test checks nothing"
     assert out["chosen_tokens"].iloc[0] < out["chosen_tokens_original"].iloc[0]
-    _, log0 = A.refinement.refine_pairs(model, tok, pairs, dataclasses.replace(cfg, epsilon=0.0), seed=3, progress=False)
+    _, log0 = refinement.refine_pairs(model, tok, pairs, dataclasses.replace(cfg, epsilon=0.0), seed=3, progress=False)
     assert not log0["accepted"].any()
 
 
@@ -647,11 +696,13 @@ def test_sweep_and_tradeoff_figures(prof):
     import matplotlib
 
     matplotlib.use("Agg")
-    from tsq_utils import plotting
+    from tsq_utils.lessons import plotting
 
     rows = A.build_rows(prof)
-    s = _summary([dict(name="epsilon/0.005", x=0.005, acc=0.5, len_t=40.0, tokens_per_step_before=10.0, tokens_per_step_after=9.0),
-                  dict(name="epsilon/inf", x=math.inf, acc=0.3, len_t=30.0, tokens_per_step_before=10.0, tokens_per_step_after=6.0),
+    s = _summary([dict(name="epsilon/0.005", x=0.005, acc=0.5, len_t=40.0, tokens_per_step_before=10.0,
+                       tokens_per_step_after=9.0),
+                  dict(name="epsilon/inf", x=math.inf, acc=0.3, len_t=30.0, tokens_per_step_before=10.0,
+                       tokens_per_step_after=6.0),
                   dict(name="table4/dpo", acc=0.2, len_t=20.0), dict(name="table4/dpo", seed=1, acc=0.3, len_t=22.0)])
     eps = A.aggregate(s, "epsilon", rows, benchmarks=["toy"])
     fig = plotting.ablation_sweep_figure(eps, "ε", "t", logx=True, extra=[("tokens_per_step_after", "tokens per step")])

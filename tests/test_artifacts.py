@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tsq_utils.artifacts import (
+from tsq_utils.core.artifacts import (
     append_jsonl,
     atomic_dir,
     atomic_open,
@@ -59,7 +59,8 @@ def test_atomic_write_text_rejects_non_str(tmp_path):
 
 def test_atomic_write_json_converts_common_types(tmp_path):
     p = tmp_path / "m.json"
-    atomic_write_json(p, {"path": Path("runs/toy"), "n": np.int64(3), "x": np.float32(0.5), "v": np.arange(3), "s": {2, 1}})
+    atomic_write_json(p, {"path": Path("runs/toy"), "n": np.int64(3), "x": np.float32(0.5), "v": np.arange(3),
+                          "s": {2, 1}})
     assert read_json(p) == {"path": "runs/toy", "n": 3, "x": 0.5, "v": [0, 1, 2], "s": [1, 2]}
     assert p.read_text().endswith("}\n")
 
@@ -210,5 +211,5 @@ def test_package_versions():
 
 
 def test_no_pickle_in_artifacts():
-    src = (Path(__file__).resolve().parent.parent / "tsq_utils" / "artifacts.py").read_text()
+    src = (Path(__file__).resolve().parent.parent / "tsq_utils" / "core" / "artifacts.py").read_text()
     assert "pickle" not in src

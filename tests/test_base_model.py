@@ -5,15 +5,17 @@ import json
 import pandas as pd
 import pytest
 
-from tsq_utils import base_model as bm
-from tsq_utils import toyworld as tw
-from tsq_utils.config import REPO_ROOT, ToyWorldConfig, load_profile
-from tsq_utils.sampling import SAMPLE_COLUMNS, toy_problem_table
+from tsq_utils.model import base_model as bm
+from tsq_utils.task import toy as tw
+from tsq_utils.model import toy_reasoner as tr
+from tsq_utils.core.config import REPO_ROOT, ToyWorldConfig, load_profile
+from tsq_utils.method.sampling import SAMPLE_COLUMNS, reasoner_checks
+from tsq_utils.task.registry import training_task
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return tw.train_tokenizer(ToyWorldConfig(), vocab_size=128, n_docs=300, seed=0)
+    return tr.train_tokenizer(ToyWorldConfig(), vocab_size=128, n_docs=300, seed=0)
 
 
 def n_tok(tok, text: str) -> int:
@@ -53,9 +55,9 @@ def test_base_inputs(tmp_path):
 
 def test_toy_model_dir(tmp_path):
     toy = load_profile("toy")
-    assert bm.toy_model_dir(toy, tmp_path) == REPO_ROOT / "checkpoints" / "toy-reasoner"
+    assert tr.toy_model_dir(toy, tmp_path) == REPO_ROOT / "checkpoints" / "toy-reasoner"
     ci = load_profile("ci")
-    assert ci.pretrain.retrain and bm.toy_model_dir(ci, tmp_path) == tmp_path / "base_model" / "model"
+    assert ci.pretrain.retrain and tr.toy_model_dir(ci, tmp_path) == tmp_path / "base_model" / "model"
 
 
 def test_hub_model_ref(tmp_path):
@@ -70,19 +72,23 @@ def test_hub_model_ref(tmp_path):
 
 def test_heldout_problems(tok):
     p = load_profile("ci")
-    held = bm.heldout_problems(p, tok, 8)
+    task = training_task(p)
+    held = task.problems(p, tok, "heldout", 8)
     assert len(held) == 8 and all(i.startswith("heldout-") for i in held["problem_id"])
     assert sorted(held["k"].value_counts().tolist()) == [4, 4]
-    assert list(bm.heldout_problems(p, tok, 8)["problem"]) == list(held["problem"])  # seeded
-    from tsq_utils.sampling import training_problems
+    assert list(task.problems(p, tok, "heldout", 8)["problem"]) == list(held["problem"])  # seeded
+    # the toy profile's held-out size is the one its shipped reasoner was measured on; others use data.n_eval_problems
+    assert task.split_size(load_profile("toy"), "heldout") == 420
+    assert task.split_size(p, "heldout") == p.data.n_eval_problems
+    from tsq_utils.method.sampling import training_problems
 
     assert not set(training_problems(p, tok)["problem_id"]) & set(held["problem_id"])
 
 
 def test_oracle_lengths_are_the_oracle_trace_tokens(tok):
     probs = tw.make_problems(7, seed=3)
-    table = toy_problem_table(probs, tok)
-    out = bm.oracle_lengths(table, tok)
+    table = tw.problem_table(probs, tok)
+    out = tw.oracle_lengths(table, tok)
     assert list(out.columns) == ["problem_id", "k", "oracle_text", "oracle_tokens"]
     for p, (_, row) in zip(probs, out.iterrows()):
         assert row["problem_id"] == p.problem_id and row["k"] == p.k
@@ -101,7 +107,7 @@ def samples_table(rows: list[dict]) -> pd.DataFrame:
 
 def test_reasoner_checks_hand_built(tok):
     # two problems per k = 2 and k = 3
-    held = toy_problem_table(tw.make_problems(4, seed=5, k_min=2, k_max=3), tok)
+    held = tw.problem_table(tw.make_problems(4, seed=5, k_min=2, k_max=3), tok)
     oracle = dict(zip(held["problem_id"], (n_tok(tok, tw.oracle_trace(tw.parse_question(q))) for q in held["problem"])))
     ids, ks = list(held["problem_id"]), list(held["k"])
     # greedy: 3 of 4 right; lengths twice the oracle except the last (three times)
@@ -117,7 +123,7 @@ def test_reasoner_checks_hand_built(tok):
                          for j, (n, c) in enumerate(zip(lens, oks))]
     sampled = samples_table(sampled_rows)
 
-    out = bm.reasoner_checks(greedy, sampled, held, tok)
+    out = reasoner_checks(greedy, sampled, held, tok)
     o = [oracle[i] for i in ids]
     g = [m * x for m, x in zip(mult, o)]
     assert out["heldout_problems"] == 4
@@ -147,10 +153,10 @@ def test_load_base_without_pointer(tmp_path):
 
 
 def test_load_model_toy_folder(tok, tmp_path):
-    from tsq_utils.config import PretrainConfig
+    from tsq_utils.core.config import PretrainConfig
 
-    model = tw.new_model(tok, PretrainConfig(hidden_size=16, num_layers=1, num_heads=1, intermediate_size=32), 0)
-    tw.save_reasoner(model, tok, tmp_path / "m", {})
+    model = tr.new_model(tok, PretrainConfig(hidden_size=16, num_layers=1, num_heads=1, intermediate_size=32), 0)
+    tr.save_reasoner(model, tok, tmp_path / "m", {})
     bm.write_pointer(tmp_path / "base_model", tmp_path / "m", "toy")
     loaded, tok2 = bm.load_base(tmp_path, load_profile("toy"))
     assert loaded.config.hidden_size == 16 and len(tok2) == len(tok)

@@ -10,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tsq_utils import book
-from tsq_utils.config import REPO_ROOT, runs_root
+from tsq_utils.lessons import book
+from tsq_utils.core.config import REPO_ROOT, runs_root
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 # a 1x1 PNG stands in for an executed notebook's figure
@@ -38,14 +38,15 @@ def built(tmp_path_factory) -> Path:
 def test_every_lesson_the_method_and_the_linked_sources_are_pages(built):
     names = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     assert {p.stem for p in built.glob("*.html")} == set(names) | {"index", "method"}
-    assert {"selection", "refinement", "dpo_l", "tldr", "evaluation"} <= {p.stem for p in (built / "src").glob("*.html")}
+    pages = {p.stem for p in (built / "src").glob("*.html")}
+    assert {f"method.{m}" for m in ("selection", "refinement", "dpo_l", "tldr", "evaluation")} <= pages
 
 
 def test_internal_links_and_figures_resolve(built):
     assert book.check_links(built) == []
     page = (built / "01_sampling.html").read_text()
     assert 'href="02_selection.html"' in page and 'href="00_base_model.html"' in page  # prev / next
-    assert 'href="method.html"' in page and 'href="src/sampling.html"' in page
+    assert 'href="method.html"' in page and 'href="src/method.sampling.html"' in page
     assert f"data:image/png;base64,{PNG}" in page  # the figure is embedded in the page
     assert not re.search(r'href="[^"]*\.ipynb', page)  # every notebook link points at its page
 

@@ -1,5 +1,5 @@
-"""tsq_utils.compat: the same numbers through the new and the old transformers spellings (KV cache, 2-D logits_to_keep,
-activation checkpointing), whichever transformers this venv has."""
+"""tsq_utils.model.compat: the same numbers through the new and the old transformers spellings (KV cache,
+2-D logits_to_keep, activation checkpointing), whichever transformers this venv has."""
 
 import dataclasses
 import inspect
@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_toy_model
 from transformers import TrainingArguments
 
-from tsq_utils import compat
+from tsq_utils.model import compat
 
 
 @pytest.fixture(scope="module")

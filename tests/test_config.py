@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tsq_utils import config
-from tsq_utils.config import (
+from tsq_utils.core import config
+from tsq_utils.core.config import (
     PretrainConfig,
     Profile,
     ProfileError,
@@ -301,3 +301,66 @@ def test_cross_checks_name_keys_and_file(tmp_path, body, keys):
 def test_vllm_allowed_with_a_gpu_device(tmp_path):
     p = load_profile(str(write_profile(tmp_path, "device: auto\nsampling:\n  backend: vllm\n")))
     assert p.sampling.backend == "vllm"
+
+
+# ----------------------------------------------------------------------------- the profile reference
+
+
+def test_every_profile_field_is_documented_once_in_its_dataclass():
+    """Each key carries its help text (what it does and why) and each section a docstring: docs/profiles.md
+    is rendered from these, so a new field without them fails here."""
+    fields = config.profile_fields()
+    assert len(fields) > 90 and len({k for k, *_ in fields}) == len(fields)
+    for dotted, f, _, section_doc in fields:
+        text = f.metadata.get("help", "")
+        assert len(text.split()) >= 3 and text.rstrip().endswith((".", ")")), f"{dotted}: help text {text!r}"
+        assert section_doc.strip(), f"{dotted}: its section dataclass has no docstring"
+    assert "source_file" not in {k for k, *_ in fields}  # set by load_profile, not a profile key
+
+
+def test_profile_reference_rows_name_range_default_and_reading_notebooks():
+    """Known rows: a choice field, an open range, a list default, a key only 02 and 06 read, and prose read by none."""
+    ref = config.profile_reference()
+    rows = {line.split("|")[1].strip(" `"): line for line in ref.splitlines() if line.startswith("| `")}
+    assert len(rows) == len(config.profile_fields())
+    assert rows["selection.alpha"].endswith("| 02 06 |") and "| `0.2` | [0, 1] |" in rows["selection.alpha"]
+    assert '| "transformers", "vllm" |' in rows["sampling.backend"]
+    assert "| (0, 100] |" in rows["training.beta"]
+    assert '`["toy"]`' in rows["data.eval"]
+    assert rows["description"].endswith("| none |")
+    assert rows["tldr.floor_gaps"].count("\\|") == 4  # the help's |T_L - T_S| is escaped, not a column break
+    assert rows["pretrain.n_tokens"].endswith("| 00 |")
+
+
+def test_docs_profiles_md_is_in_sync_with_the_dataclasses():
+    """docs/profiles.md is generated; an edit to a field's help, default or range must be followed by a rerun."""
+    assert config.PROFILES_DOC.read_text(encoding="utf-8") == config.profile_reference(), (
+        "docs/profiles.md is out of date: run `python -m tsq_utils.core.config --doc > docs/profiles.md`")
+
+
+def test_profile_reference_command_prints_the_page():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tsq_utils.core.config", "--doc"], capture_output=True, text=True,
+                         cwd=config.REPO_ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == config.profile_reference() and "RuntimeWarning" not in out.stderr
+
+
+def test_profile_choices_agree_with_the_modules_that_implement_them():
+    """core cannot import the layers that own these names, so the choices are written twice; here they must agree
+    (a new refinement mode, model source or accelerate config is added in both places, or fails here)."""
+    from tsq_utils.core.pointer import POINTER_KINDS
+    from tsq_utils.method import dpo_l, refinement, selection
+    from tsq_utils.model import base_model
+
+    choices = {k: f.metadata.get("choices") for k, f, *_ in config.profile_fields()}
+    assert choices["selection.variant"] == selection.VARIANTS
+    assert choices["refinement.kl_reduction"] == refinement.REDUCTIONS
+    assert choices["refinement.scoring"] == refinement.SCORING_MODES
+    assert choices["refinement.candidates"] == refinement.CANDIDATE_SOURCES
+    assert choices["refinement.steps"] == refinement.STEP_MODES
+    assert choices["training.accelerate_config"] == dpo_l.ACCELERATE_CONFIGS
+    assert choices["model.dtype"] == base_model.DTYPES
+    assert choices["model.source"] == tuple(base_model.MODEL_SOURCES) == tuple(POINTER_KINDS)

@@ -1,4 +1,4 @@
-"""Tests for tsq_utils.data: benchmark loaders (local files, hub path), the R1 prompt, R1 traces."""
+"""Tests for tsq_utils.task.data: benchmark loaders (local files, hub path), the R1 prompt, R1 traces."""
 
 import datasets
 import pytest
@@ -6,7 +6,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from tsq_utils.data import (
+from tsq_utils.task.data import (
     BENCHMARK_COLUMNS,
     BENCHMARKS,
     R1_INSTRUCTION,

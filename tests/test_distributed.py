@@ -10,9 +10,9 @@ import torch
 import yaml
 from conftest import tiny_toy_model
 
-from tsq_utils import dpo_l
-from tsq_utils import toyworld as tw
-from tsq_utils.config import ToyWorldConfig, TrainingConfig
+from tsq_utils.method import dpo_l
+from tsq_utils.task import toy as tw
+from tsq_utils.core.config import ToyWorldConfig, TrainingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_launch_command_uses_the_profiles_accelerate_config(tmp_path):
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--config_file") + 1] == str(REPO / "configs" / "accelerate" / "zero3.yaml")
     assert cmd[cmd.index("--num_processes") + 1] == "8"
-    assert cmd[-4:] == ["-m", "tsq_utils.train_entry", "--job", str(tmp_path / "job.json")]
+    assert cmd[-4:] == ["-m", "tsq_utils.method.train_entry", "--job", str(tmp_path / "job.json")]
     with pytest.raises(ValueError, match="unknown accelerate config"):
         dpo_l.accelerate_config_file("zero4")
 
@@ -93,7 +93,7 @@ def test_accelerate_configs_are_valid(name):
 
 
 def test_entry_point_refuses_a_run_without_pairs(tmp_path):
-    from tsq_utils import train_entry
+    from tsq_utils.method import train_entry
 
     with pytest.raises(FileNotFoundError, match="03_kl_refinement"):
         train_entry.job_from_profile("toy", tmp_path)

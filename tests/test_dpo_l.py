@@ -1,4 +1,4 @@
-"""Tests for tsq_utils.dpo_l: DPO-L + SFT against closed forms and TRL's own losses, on a tiny random Llama."""
+"""Tests for tsq_utils.method.dpo_l: DPO-L + SFT against closed forms and TRL's own losses, on a tiny random Llama."""
 
 import math
 import string
@@ -12,9 +12,9 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 
-from tsq_utils.compat import checkpointing_kwargs
-from tsq_utils.config import TrainingConfig
-from tsq_utils.dpo_l import (
+from tsq_utils.model.compat import checkpointing_kwargs
+from tsq_utils.core.config import TrainingConfig
+from tsq_utils.method.dpo_l import (
     DPOLConfig,
     DPOLTrainer,
     NonFiniteLossError,
@@ -244,7 +244,7 @@ def test_nan_loss_raises_naming_the_step(tok, tmp_path):
 
 @torch.no_grad()
 def test_split_forward_equals_the_joint_forward_on_real_tokens(tok, tmp_path):
-    from tsq_utils.dpo_l import split_forward
+    from tsq_utils.method.dpo_l import split_forward
 
     policy = _model(tok)
     batch = _batch(_dpol(tok, tmp_path, policy, _model(tok)))
@@ -368,7 +368,7 @@ def _share_moved(tok, tmp_path, model) -> float:
 def test_bf16_training_keeps_fp32_master_weights_that_move(tok, tmp_path, monkeypatch):
     """The GPU settings (bf16 weights as loaded, bf16 mixed precision, gradient checkpointing, the paper's lr 5e-6)
     run on CPU: the optimizer updates fp32 master weights and nearly all of them move; without them most do not."""
-    from tsq_utils import dpo_l
+    from tsq_utils.method import dpo_l
 
     model = _model(tok, noise=0.05).to(torch.bfloat16)
     share = _share_moved(tok, tmp_path / "fp32", model)
@@ -405,7 +405,7 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tok, tmp_path,
     as an uninterrupted run (optimizer, scheduler and data order restored); other settings start afresh."""
     from transformers import TrainerCallback
 
-    from tsq_utils import dpo_l
+    from tsq_utils.method import dpo_l
 
     cfg = _cfg(batch_size=2, lr=1e-2)
     cfg.save_steps = 1
@@ -437,3 +437,24 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tok, tmp_path,
     (scratch / "run_fingerprint.txt").write_text("another run\n")
     (scratch / "checkpoint-3").mkdir()
     assert dpo_l._resume_point(scratch, "this run") is None and not (scratch / "checkpoint-3").exists()
+
+
+def test_quiet_training_is_the_same_training(tok, tmp_path, capsys):
+    """train_and_save(progress=False), as the ablation rows train: nothing printed per step (no bar, no log lines),
+    and the very same log and weights as the notebook's training with its progress bar."""
+    from safetensors.torch import load_file
+
+    from tsq_utils.method import dpo_l
+
+    cfg = _cfg(batch_size=2, lr=1e-2)
+    capsys.readouterr()
+    loud = dpo_l.train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "loud", seed=4, max_steps=3)
+    shown = capsys.readouterr()
+    quiet = dpo_l.train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "quiet", seed=4, max_steps=3, progress=False)
+    out = capsys.readouterr()
+    assert "| 3/3 [" in shown.err  # the trainer's bar over 3 optimizer steps (other libraries' bars are not its)
+    assert "| 3/3 [" not in out.err and "'loss'" not in out.out + out.err  # neither the bar nor a printed log line
+    per_step = [c for c in loud.columns if "runtime" not in c and "per_second" not in c]
+    pd.testing.assert_frame_equal(quiet[per_step], loud[per_step])
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("loud", "quiet"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tsq_utils.evaluation import (
+from tsq_utils.method.evaluation import (
     acc_curve,
     accuracy,
     acr,
@@ -16,6 +16,7 @@ from tsq_utils.evaluation import (
     len_t,
     metrics_json,
     metrics_table,
+    mean_se,
     std_error,
 )
 
@@ -111,6 +112,19 @@ def test_std_error_iid_and_clustered():
     assert std_error(y3, g3) > std_error(y3)
     assert math.isnan(std_error([True]))
     assert math.isnan(std_error([True, False], ["a", "a"]))
+
+
+def test_mean_se_of_lengths_clustered_by_problem():
+    # lengths 10, 12 (problem a) and 30, 32 (problem b): mean 21, residual sums -20 and 20, G = 2:
+    # sqrt(2/1 * (400 + 400)) / 4 = 10, where the i.i.d. SE is std(ddof=1)/2 = 5.89
+    lengths, groups = [10.0, 12.0, 30.0, 32.0], ["a", "a", "b", "b"]
+    assert mean_se(lengths, groups) == pytest.approx(10.0)
+    assert mean_se(lengths) == pytest.approx(np.std(lengths, ddof=1) / 2)
+    # the accuracy SE is this SE of a 0/1 mean
+    y, g = [True, True, True, False, False, False], ["p1", "p1", "p2", "p2", "p3", "p3"]
+    assert std_error(y, g) == mean_se([1, 1, 1, 0, 0, 0], g)
+    with pytest.raises(ValueError, match="differ in length"):
+        mean_se([1.0, 2.0], ["a"])
 
 
 def results_frame() -> pd.DataFrame:

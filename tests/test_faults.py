@@ -20,11 +20,11 @@ import nbformat
 import pandas as pd
 import pytest
 
-from tsq_utils import base_model as bm
-from tsq_utils import config, runner
-from tsq_utils.artifacts import atomic_dir, load_table, read_json, save_table
-from tsq_utils.config import ProfileError, load_profile
-from tsq_utils.stage import EmptyArtifactError, StageBusyError, StaleArtifactError, setup_stage
+from tsq_utils.model import base_model as bm
+from tsq_utils.core import config, runner
+from tsq_utils.core.artifacts import atomic_dir, load_table, read_json, save_table
+from tsq_utils.core.config import ProfileError, load_profile
+from tsq_utils.core.stage import EmptyArtifactError, StageBusyError, StaleArtifactError, setup_stage
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -73,8 +73,8 @@ def test_crash_after_writing_outputs_leaves_nothing_that_passes_for_complete(rep
 KILL_MID_STAGE = textwrap.dedent("""
     import os, signal, sys
     import pandas as pd
-    from tsq_utils.artifacts import save_table
-    from tsq_utils.stage import setup_stage
+    from tsq_utils.core.artifacts import save_table
+    from tsq_utils.core.stage import setup_stage
     st = setup_stage("selection", "ci", {"selection.max_pairs": 4})
     assert not st.is_done({"samples": sys.argv[1]})
     save_table(pd.DataFrame({"pair": range(4)}), st.dir / "pairs.parquet")
@@ -86,7 +86,8 @@ def test_sigkill_after_outputs_written_reruns(repo):
     upstream_samples(repo)
     run_selection(repo, max_pairs=5, n_rows=5)
     samples = repo / "runs/ci/sampling/samples.parquet"
-    r = subprocess.run([sys.executable, "-c", KILL_MID_STAGE, str(samples)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", KILL_MID_STAGE, str(samples)], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert len(load_table(repo / "runs/ci/selection/pairs.parquet")) == 4  # the half-finished rerun's table
     st = setup_stage("selection", "ci", {"selection.max_pairs": 5})
@@ -97,7 +98,7 @@ def test_sigkill_after_outputs_written_reruns(repo):
 
 HOLD_STAGE = textwrap.dedent("""
     import sys
-    from tsq_utils.stage import setup_stage
+    from tsq_utils.core.stage import setup_stage
     st = setup_stage("selection", "ci", {"selection.max_pairs": 1})
     print("HOLDING", flush=True)
     sys.stdin.read()  # hold the stage until the test closes stdin
@@ -105,7 +106,8 @@ HOLD_STAGE = textwrap.dedent("""
 
 
 def test_second_writer_of_a_stage_fails_clearly(repo):
-    """Two concurrent 02 runs: the second is refused naming the holder (before: both exit 0, manifest 1 pair, table 5)."""
+    """Two concurrent 02 runs: the second is refused naming the holder (before: both exit 0, manifest 1 pair, table 5).
+    """
     upstream_samples(repo)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_STAGE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=os.environ.copy())
@@ -130,7 +132,8 @@ def test_output_changed_under_a_complete_manifest_reruns_and_is_refused_downstre
         save_table(pd.DataFrame({"problem_id": ["other"]}), samples)
     st = setup_stage("sampling", "ci")
     assert st.stale_reason({}) == "outputs changed since the manifest was written: samples.parquet (sha256 differs)"
-    with pytest.raises(StaleArtifactError, match=r"samples\.parquet changed after notebooks/01_sampling\.ipynb finished"):
+    with pytest.raises(StaleArtifactError,
+                       match=r"samples\.parquet changed after notebooks/01_sampling\.ipynb finished"):
         setup_stage("selection", "ci").require("sampling", "samples.parquet")
     if damage == "truncate":
         with pytest.raises(ValueError, match=r"samples\.parquet is not a readable Parquet table"):
@@ -234,7 +237,8 @@ def test_run_all_resolves_a_relative_runs_dir_once(tmp_path):
 
 @pytest.mark.parametrize("pairs, message", [
     ([("alhpa", "0.3")], "no notebook has a parameter 'alhpa'; did you mean 'alpha'?"),
-    ([("eta", "4")], "read 'eta' differently (04 as training.eta; 07 as tldr.eta); say which one: -p 04:eta 4 or -p 07:eta 4"),
+    ([("eta", "4")],
+     "read 'eta' differently (04 as training.eta; 07 as tldr.eta); say which one: -p 04:eta 4 or -p 07:eta 4"),
     ([("epsilon", "abc")], "refinement.epsilon: expected float, got str 'abc'"),
     ([("04:eta", "4")], "training.eta: 4.0 is above the maximum 1.0"),
     ([("force", "yes")], "force expects a bool"),
@@ -247,8 +251,10 @@ def test_bad_parameters_are_refused_before_any_notebook(pairs, message):
 
 
 def test_parameters_go_only_to_the_notebooks_that_read_them():
-    gets = runner.plan(str(REPO / "profiles/ci.yaml"), NOTEBOOKS, [("07:eta", "4"), ("alpha", "0.3"), ("force", "True")])
-    assert gets["07_tldr.ipynb"] == [0, 2] and gets["02_selection.ipynb"] == [1, 2] and gets["04_dpo_l_training.ipynb"] == [2]
+    gets = runner.plan(str(REPO / "profiles/ci.yaml"), NOTEBOOKS,
+                       [("07:eta", "4"), ("alpha", "0.3"), ("force", "True")])
+    assert gets["07_tldr.ipynb"] == [0, 2] and gets["02_selection.ipynb"] == [1, 2]
+    assert gets["04_dpo_l_training.ipynb"] == [2]
     only04 = runner.plan(str(REPO / "profiles/ci.yaml"), [REPO / "notebooks/04_dpo_l_training.ipynb"], [("eta", "0.3")])
     assert only04 == {"04_dpo_l_training.ipynb": [0]}  # one notebook of the run reads it: no ambiguity
 
@@ -308,7 +314,8 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
 def test_corrupt_base_model_pointer_names_file_and_fix(tmp_path):
     (tmp_path / "base_model").mkdir()
     (tmp_path / "base_model" / "base_model.json").write_text('{"model": ')
-    with pytest.raises(bm.CorruptStateError, match=r"base_model\.json is not valid JSON .*rerun notebooks/00_base_model"):
+    with pytest.raises(bm.CorruptStateError,
+                       match=r"base_model\.json is not valid JSON .*rerun notebooks/00_base_model"):
         bm.read_pointer(tmp_path, "ci")
     (tmp_path / "base_model" / "base_model.json").write_text("[1, 2]")
     with pytest.raises(bm.CorruptStateError, match=r"base_model\.json is not a base-model record.*rerun notebooks/00"):
@@ -324,7 +331,8 @@ def test_manifest_that_is_a_list_reruns_and_force_works(repo, capsys):
         assert "unreadable manifest.json" in capsys.readouterr().out
         assert not st.is_done({"samples": repo / "runs/ci/sampling/samples.parquet"})
         (repo / "runs/ci/selection/manifest.json").write_text("[1, 2]")
-    with pytest.raises(StaleArtifactError, match=r"selection/manifest\.json is not marked complete.*rerun notebooks/02"):
+    with pytest.raises(StaleArtifactError,
+                       match=r"selection/manifest\.json is not marked complete.*rerun notebooks/02"):
         setup_stage("refinement", "ci").require("selection", "pairs.parquet")
     (repo / "runs/ci/selection/manifest.json").write_text("{not json")
     with pytest.raises(StaleArtifactError, match=r"manifest\.json is unreadable .*not valid JSON.*rerun notebooks/02"):
@@ -335,28 +343,28 @@ def test_truncated_retrained_weights_are_rebuilt(tmp_path, monkeypatch, tiny_toy
     """A truncated model.safetensors of a retrained reasoner: 00 rebuilds it (before: it kept failing to load)."""
     from conftest import tiny_toy_model
 
-    from tsq_utils import toyworld
+    from tsq_utils.model import toy_reasoner
 
     prof = load_profile("ci")
     path = tmp_path / "base_model" / "model"
     manifest = {"pretrain_config": dict(vars(prof.pretrain))}
-    toyworld.save_reasoner(tiny_toy_model(tiny_toy_tokenizer), tiny_toy_tokenizer, path, manifest)
-    assert bm._retrain_reason(path, prof) is None
+    toy_reasoner.save_reasoner(tiny_toy_model(tiny_toy_tokenizer), tiny_toy_tokenizer, path, manifest)
+    assert toy_reasoner._retrain_reason(path, prof) is None
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert "damaged" in bm._retrain_reason(path, prof)
+    assert "damaged" in toy_reasoner._retrain_reason(path, prof)
     built = []
     def build(p, progress=True):
         built.append(1)
         return tiny_toy_model(tiny_toy_tokenizer), tiny_toy_tokenizer, manifest
 
-    monkeypatch.setattr(toyworld, "build_reasoner", build)
+    monkeypatch.setattr(toy_reasoner, "build_reasoner", build)
 
     class FakeStage:
         profile, run_dir, dir, force = prof, tmp_path, tmp_path / "base_model", False
 
     model, tok, info = bm.prepare_base(FakeStage(), progress=False)
-    assert built == [1] and info == manifest and bm._retrain_reason(path, prof) is None
+    assert built == [1] and info == manifest and toy_reasoner._retrain_reason(path, prof) is None
     assert json.loads((tmp_path / "base_model/base_model.json").read_text())["model"] == "base_model/model"
 
 
@@ -364,7 +372,7 @@ def test_truncated_retrained_weights_are_rebuilt(tmp_path, monkeypatch, tiny_toy
 
 
 def test_grading_worker_that_died_idle_is_replaced():
-    from tsq_utils import grading
+    from tsq_utils.task import grading
 
     box = "</think>\n\n\\boxed{7}"
     assert grading.grade_math(box, "7") == "correct"

@@ -1,4 +1,5 @@
-"""The sampling interface: seeding, greedy batching, token counts, stop strings, finish reasons, argument checks, vLLM."""
+"""The sampling interface: seeding, greedy batching, token counts, stop strings, finish reasons, argument checks,
+vLLM."""
 
 import copy
 import importlib.util
@@ -8,8 +9,8 @@ import pytest
 from conftest import tiny_toy_model
 import torch
 
-from tsq_utils import toyworld as tw
-from tsq_utils.generation import (
+from tsq_utils.task import toy as tw
+from tsq_utils.model.generation import (
     SampleResult,
     count_tokens,
     sample,
@@ -242,8 +243,8 @@ def test_prefill_keeps_only_the_last_positions_logits(model, tok, prompts):
 def test_chunked_prefill_equals_one_forward(model, tok, prompts):
     """Long prompts are prefilled in position chunks that extend the KV cache: the same last-position logits and the
     same next-step logits as one forward over the whole (left-padded) prompt, and no forward exceeds the budget."""
-    from tsq_utils import compat
-    from tsq_utils.generation import prefill
+    from tsq_utils.model import compat
+    from tsq_utils.model.generation import prefill
 
     tok.padding_side = "left"
     try:

@@ -15,9 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from tsq_utils import base_model, data, evaluation, generation, sampling
-from tsq_utils.config import ProfileError, load_profile
-from tsq_utils.stage import setup_stage
+from tsq_utils.model import base_model, generation
+from tsq_utils.task import data
+from tsq_utils.method import evaluation, sampling
+from tsq_utils.core.config import ProfileError, load_profile
+from tsq_utils.core.stage import setup_stage
 
 REPO = Path(__file__).resolve().parent.parent
 R1 = {"r1-1.5b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "r1-7b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"}
@@ -27,7 +29,7 @@ AIME25_15B = "aime25_DeepSeek-R1-Distill-Qwen-1.5B_aime_25_rollout_temperature0.
 @pytest.fixture(scope="session")
 def standin(tmp_path_factory) -> Path:
     """The tiny R1 stand-in model folder (built once per session, a few seconds)."""
-    from tsq_utils.standin import build_standin
+    from tsq_utils.model.standin import build_standin
 
     return build_standin(tmp_path_factory.mktemp("standin") / "r1")
 
@@ -60,9 +62,11 @@ def test_r1_profiles_hold_the_paper_numbers(name):
     c = p.selection
     assert (c.variant, c.alpha, c.max_pairs, c.extra_neg_ratio) == ("q_dyn", 0.2, 64, 1.5)
     r = p.refinement
-    assert (r.enabled, r.n_candidates, r.window, r.epsilon, r.kl_reduction, r.temperature) == (True, 64, 512, 0.005, "mean", 1.0)
+    assert (r.enabled, r.n_candidates, r.window, r.epsilon, r.kl_reduction, r.temperature) == (
+        True, 64, 512, 0.005, "mean", 1.0)
     t = p.training
-    assert (t.beta, t.lam, t.eta, t.lr, t.max_length, t.bf16, t.gradient_checkpointing) == (0.1, 1.0, 0.5, 5e-6, 9000, True, True)
+    assert (t.beta, t.lam, t.eta, t.lr, t.max_length, t.bf16, t.gradient_checkpointing) == (
+        0.1, 1.0, 0.5, 5e-6, 9000, True, True)
     assert t.batch_size * t.grad_accum * getattr(t, "num_processes", 1) == 128 and t.length_margin_sign in (-1, 1)
     e = p.evaluation
     assert (e.n_samples, e.temperature, e.max_new_tokens, e.budget) == (16, 0.6, 32768, 32768)
@@ -80,7 +84,8 @@ def test_the_two_r1_profiles_differ_only_in_the_model():
     assert a == b
 
 
-# Keys whose value the spec (docs/method.md) marks a **choice** (or the paper leaves unstated): each must say so in a comment.
+# Keys whose value the spec (docs/method.md) marks a **choice** (or the paper leaves unstated): each must say so in a
+# comment.
 CHOICE_KEYS = ["data.train", "data.n_train_problems", "sampling.n", "sampling.top_p", "sampling.max_new_tokens",
                "selection.q_fix", "refinement.kl_reduction", "refinement.max_step_tokens", "training.beta",
                "training.length_margin_sign", "training.epochs", "training.warmup_ratio", "evaluation.top_p"]
@@ -130,7 +135,8 @@ def test_new_config_keys_defaults_leave_the_cpu_profiles_alone():
     for name in ("toy", "ci"):
         p = load_profile(name)
         assert p.sampling.backend == "transformers" and p.data.local_dir == ""
-        assert (p.sampling.gpu_memory_utilization, p.sampling.tensor_parallel_size, p.sampling.max_model_len) == (0.85, 1, 0)
+        s = p.sampling
+        assert (s.gpu_memory_utilization, s.tensor_parallel_size, s.max_model_len) == (0.85, 1, 0)
     p = load_profile("r1-1.5b", {"sampling.max_model_len": 40000})
     assert base_model.vllm_engine_kwargs("m", p)["max_model_len"] == 40000
 
@@ -139,12 +145,14 @@ def test_new_config_keys_defaults_leave_the_cpu_profiles_alone():
 
 
 def test_hub_loading_path_on_a_locally_saved_folder(standin, run_dirs):
-    stage = setup_stage("base_model", "r1-1.5b", {"model.local_override": str(standin), "sampling.backend": "transformers"})
+    stage = setup_stage("base_model", "r1-1.5b",
+                        {"model.local_override": str(standin), "sampling.backend": "transformers"})
     model, tok, info = base_model.prepare_base(stage, progress=False)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.bfloat16
     assert next(model.parameters()).device.type == "cpu"  # device auto, no GPU here
     ptr = json.loads((stage.dir / "base_model.json").read_text())
-    assert ptr == {"model": str(standin.resolve()), "kind": "hub", "hub_id": R1["r1-1.5b"], "local": True, "dtype": "bfloat16"}
+    assert ptr == {"model": str(standin.resolve()), "kind": "hub", "hub_id": R1["r1-1.5b"], "local": True,
+                   "dtype": "bfloat16"}
     # the R1 prompt: BOS text from the template, one <think>, opened by the template itself
     assert info["template_opens_think"] is True
     prompt = data.r1_prompt("What is $1+1$?", tok)
@@ -198,7 +206,8 @@ def test_vllm_request_building(standin_tok):
         # the token ids the transformers backend feeds, with the template's single BOS (no second one added)
         assert inp == {"prompt_token_ids": standin_tok(prompt, add_special_tokens=False)["input_ids"]}
         assert inp["prompt_token_ids"].count(standin_tok.bos_token_id) == 1
-        assert {k: kw[k] for k in ("n", "temperature", "top_p", "max_tokens")} == dict(n=4, temperature=0.6, top_p=0.95, max_tokens=32768)
+        assert {k: kw[k] for k in ("n", "temperature", "top_p", "max_tokens")} == dict(n=4, temperature=0.6, top_p=0.95,
+                                                                                   max_tokens=32768)
         assert "stop" not in kw
     # vLLM seeds sample j of a request seed + j: every (prompt, sample) row gets its own stream
     rows = [kw["seed"] + j for kw in params for j in range(4)]
@@ -352,7 +361,8 @@ def test_math_train_local_file_gold_levels_and_seeded_subset(tmp_path, standin_t
     other = sampling.training_problems(load_profile("r1-1.5b", {"data.local_files": {"math_train": str(path)},
                                                                 "data.n_train_problems": 5, "seed": 7}), standin_tok)
     assert list(other["problem_id"]) != list(df["problem_id"])
-    whole = sampling.training_problems(load_profile("r1-1.5b", {"data.local_files": {"math_train": str(path)}}), standin_tok)
+    whole = sampling.training_problems(load_profile("r1-1.5b", {"data.local_files": {"math_train": str(path)}}),
+                                       standin_tok)
     assert list(whole["problem_id"]) == [f"math_train/{i}" for i in range(20)]
     path.write_text(json.dumps({"problem": "P", "solution": "no boxed answer here"}) + "\n")
     with pytest.raises(ValueError, match=r"record 0 .*boxed"):
@@ -399,7 +409,8 @@ def test_math_grading_and_metrics_on_r1_style_responses():
 
 
 def test_notebooks_00_01_05_on_r1_with_a_standin(standin, tmp_path):
-    """The README's CPU smoke command: the real prompt, sampling, math-verify grading and metrics on 5 MATH500 problems."""
+    """The README's CPU smoke command: the real prompt, sampling, math-verify grading and metrics on 5 MATH500
+    problems."""
     math500 = REPO.parent / "shared" / "data" / "math500_test.jsonl"
     if not math500.is_file():
         pytest.skip("../shared/data/math500_test.jsonl is absent")
@@ -451,7 +462,7 @@ def test_first_gpu_script_runs_its_steps_on_the_cpu(tmp_path):
 
 
 def test_global_batch_of_the_r1_profiles_is_the_papers_128():
-    from tsq_utils.dpo_l import global_batch
+    from tsq_utils.method.dpo_l import global_batch
 
     for name in ("r1-1.5b", "r1-7b"):
         assert global_batch(load_profile(name).training) == 128

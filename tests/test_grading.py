@@ -1,4 +1,4 @@
-"""Tests for tsq_utils.grading: boxed extraction, toy exact match, math-verify with a timeout."""
+"""Tests for tsq_utils.task.grading: boxed extraction, toy exact match, math-verify with a timeout."""
 
 import threading
 import time
@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tsq_utils.data import load_benchmark, load_r1_traces
-from tsq_utils.grading import (
+from tsq_utils.task.data import load_benchmark, load_r1_traces
+from tsq_utils.task.grading import (
     extract_boxed,
     grade_many,
     grade_math,

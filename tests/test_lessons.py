@@ -11,7 +11,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from tsq_utils import lessons  # noqa: E402
-from tsq_utils.selection import quantile_count  # noqa: E402
+from tsq_utils.method.selection import quantile_count  # noqa: E402
 
 
 @pytest.mark.parametrize("n", [4, 8, 16, 21, 32])

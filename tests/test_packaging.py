@@ -67,8 +67,8 @@ def lower_bound(spec: SpecifierSet) -> Version:
     return lowers[0]
 
 
-# transformers spans the GPU stack's versions (vLLM 0.33: >=5.16.1) to the CPU install's 5.24: tsq_utils.compat bridges
-# them and run_tests.sh's second lane tests the lower bound
+# transformers spans the GPU stack's versions (vLLM 0.33: >=5.16.1) to the CPU install's 5.24: tsq_utils.model.compat
+# bridges them and run_tests.sh's second lane tests the lower bound
 @pytest.mark.parametrize("name, max_minors", [("torch", 2), ("transformers", 9), ("trl", 1)])
 def test_fragile_libraries_are_pinned_narrowly(name, max_minors):
     spec = pyproject_spec(name)

@@ -1,4 +1,5 @@
-"""Figures: the one palette, robustness to degenerate inputs (no finite KL), twins and seed counts on ablation points."""
+"""Figures: the one palette, robustness to degenerate inputs (no finite KL), twins and seed counts on ablation
+points."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from tsq_utils import palette, plotting  # noqa: E402
-from tsq_utils.artifacts import load_table, save_table  # noqa: E402
+from tsq_utils.lessons import palette, plotting  # noqa: E402
+from tsq_utils.core.artifacts import load_table, save_table  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +114,8 @@ def test_ablation_sweep_figure_says_seed_counts_and_same_model():
 
 
 def test_tradeoff_figure_marks_twins_as_one_model():
-    t = pd.DataFrame({"name": ["table2/shortest", "table2/q_dyn", "table2/q_fix"], "label": ["Shortest", "Q-DYN", "Q-FIX"],
+    t = pd.DataFrame({"name": ["table2/shortest", "table2/q_dyn", "table2/q_fix"],
+                      "label": ["Shortest", "Q-DYN", "Q-FIX"],
                       "n_seeds": [1, 1, 3], "acc": [0.98, 0.98, 0.97], "acc_sd": [np.nan, np.nan, 0.01],
                       "acc_se": 0.01, "len_t": [55.3, 55.3, 55.2], "len_t_sd": [np.nan, np.nan, 0.2], "len_t_se": 1.0,
                       "auc": [0.85, 0.85, 0.84]})
@@ -141,7 +143,7 @@ def test_kl_heatmap_figure_marks_epsilon_and_the_kept_candidate():
 
 
 def test_paper_vs_ours_figure_puts_each_unit_on_its_own_axis():
-    from tsq_utils.evaluation import PAPER_7B
+    from tsq_utils.method.evaluation import PAPER_7B
 
     ours = {"len_t_change_pct": -50.5, "acc_change_points": -1.8, "acc_se_points": 0.6, "auc_base": 0.714,
             "auc_trained": 0.838}

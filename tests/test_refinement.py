@@ -1,4 +1,4 @@
-"""Tests of tsq_utils.refinement: step splitting, the windowed KL and step-wise refinement."""
+"""Tests of tsq_utils.method.refinement: step splitting, the windowed KL and step-wise refinement."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tsq_utils.refinement as refinement
-from tsq_utils.config import RefinementConfig, stage_seed
-from tsq_utils.refinement import (
+import tsq_utils.method.refinement as refinement
+from tsq_utils.core.config import RefinementConfig, stage_seed
+from tsq_utils.method.refinement import (
     clean_candidate,
     count_steps,
     join_steps,
@@ -694,7 +694,7 @@ def test_refine_pairs_disabled_and_bad_table(model, tok, monkeypatch):
 
 def test_refine_with_real_sampler(model, tok):
     """Integration with generation.sample: real candidates are drawn and scored, nothing gets longer."""
-    from tsq_utils import generation
+    from tsq_utils.model import generation
 
     assert refinement.sample is generation.sample
     res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9, max_step_tokens=12,
@@ -706,15 +706,16 @@ def test_refine_with_real_sampler(model, tok):
 def test_toy_world_segment_tokenization_equals_whole_text():
     """In the toy world the segment-wise ids (prompt | bodies | separators | tail) are the whole text's ids,
     so the tokenization caveat of the module does not arise there."""
-    from tsq_utils import toyworld
-    from tsq_utils.config import ToyWorldConfig
+    from tsq_utils.task import toy
+    from tsq_utils.model import toy_reasoner
+    from tsq_utils.core.config import ToyWorldConfig
 
     cfg = ToyWorldConfig()
-    toy_tok = toyworld.train_tokenizer(cfg, vocab_size=256, n_docs=300, seed=0)
+    toy_tok = toy_reasoner.train_tokenizer(cfg, vocab_size=256, n_docs=300, seed=0)
     rng = random.Random(0)
     for _ in range(100):
-        p = toyworld.make_problem(rng, rng.randint(2, 8), cfg.max_value)
-        prompt, text = toyworld.prompt_for(p.question, toy_tok), toyworld.teacher_trace(p, rng, cfg)
+        p = toy.make_problem(rng, rng.randint(2, 8), cfg.max_value)
+        prompt, text = toy.prompt_for(p.question, toy_tok), toy.teacher_trace(p, rng, cfg)
         steps, tail = split_steps(text)
         segments = [prompt] + [x for s in steps for x in step_parts(s)] + [tail]
         seg_ids = [i for s in segments for i in ids(toy_tok, s)]
@@ -731,7 +732,7 @@ def _frames_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:
 def test_rethreshold_equals_a_run_at_that_epsilon(model, tok, tmp_path):
     """A run at one epsilon re-thresholded at another gives that run's tables exactly (real sampler; through a
     parquet round trip of the step log, as the ablation cache stores it)."""
-    from tsq_utils.artifacts import load_table, save_table
+    from tsq_utils.core.artifacts import load_table, save_table
 
     pairs = _pairs()
     cfg = RefinementConfig(n_candidates=6, window=8, epsilon=math.inf, max_step_tokens=12, batch_size=4)
@@ -754,7 +755,8 @@ def test_rethreshold_equals_a_run_at_that_epsilon(model, tok, tmp_path):
     assert accepted[0] == 0 < accepted[1] < accepted[2]  # the three thresholds keep different candidates
     # going back down from a run at a finite epsilon works too (every shorter candidate was scored there)
     mid = dataclasses.replace(cfg, epsilon=kls[len(kls) // 2])
-    _, log_mid = refine_pairs(model, tok, pairs, mid, seed=3, progress=False, sample_batch_size=8, grade_fn_factory=grade)
+    _, log_mid = refine_pairs(model, tok, pairs, mid, seed=3, progress=False, sample_batch_size=8,
+                              grade_fn_factory=grade)
     _frames_equal(refinement.rethreshold(tok, pairs, log_mid, cfg, grade_fn_factory=grade)[1], log_inf)
 
 

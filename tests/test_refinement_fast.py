@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-import tsq_utils.refinement as refinement
-from tsq_utils import compat
-from tsq_utils.config import RefinementConfig
+import tsq_utils.method.refinement as refinement
+from tsq_utils.model import compat
+from tsq_utils.core.config import RefinementConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = REPO / "checkpoints" / "toy-reasoner"
@@ -23,18 +23,19 @@ TOY = REPO / "checkpoints" / "toy-reasoner"
 @pytest.fixture(scope="module")
 def toy():
     """The shipped toy reasoner, its tokenizer and a pairs table of 6 toy teacher traces (k = 3..8)."""
-    from tsq_utils import toyworld
-    from tsq_utils.config import ToyWorldConfig
+    from tsq_utils.task import toy
+    from tsq_utils.model import toy_reasoner
+    from tsq_utils.core.config import ToyWorldConfig
 
     if not (TOY / "model.safetensors").exists():
         pytest.skip("the shipped toy reasoner is absent")
-    model, tok = toyworld.load_reasoner(TOY)
+    model, tok = toy_reasoner.load_reasoner(TOY)
     cfg, rng = ToyWorldConfig(), random.Random(3)
     rows = []
     for n in range(6):
-        p = toyworld.make_problem(rng, 3 + n, cfg.max_value)
-        text = toyworld.teacher_trace(p, rng, cfg)
-        rows.append(dict(problem_id=f"p{n}", prompt=toyworld.prompt_for(p.question, tok), chosen=text,
+        p = toy.make_problem(rng, 3 + n, cfg.max_value)
+        text = toy.teacher_trace(p, rng, cfg)
+        rows.append(dict(problem_id=f"p{n}", prompt=toy.prompt_for(p.question, tok), chosen=text,
                          chosen_tokens=len(tok(text, add_special_tokens=False)["input_ids"]), chosen_sample_idx=0))
     return model, tok, pd.DataFrame(rows)
 
@@ -54,7 +55,7 @@ class Memo:
 
 @pytest.fixture
 def memo_sampler(monkeypatch):
-    from tsq_utils import generation
+    from tsq_utils.model import generation
 
     monkeypatch.setattr(refinement, "generation_sample", generation.sample, raising=False)
     memo = Memo()
@@ -205,7 +206,7 @@ def test_vllm_candidates_one_request_per_step(toy, monkeypatch):
     import sys
     import types
 
-    from tsq_utils import generation
+    from tsq_utils.model import generation
 
     model, tok, pairs = toy
     pairs = pairs.iloc[:2]

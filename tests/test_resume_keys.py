@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from tsq_utils import base_model as bm
-from tsq_utils import config, fingerprint, pipeline, runner
-from tsq_utils import stage as stage_mod
-from tsq_utils.artifacts import path_hash, save_table
-from tsq_utils.stage import setup_stage
+from tsq_utils.model import base_model as bm
+from tsq_utils.core import config, fingerprint, pipeline, runner
+from tsq_utils.core import stage as stage_mod
+from tsq_utils.core.artifacts import path_hash, save_table
+from tsq_utils.core.stage import setup_stage
 
 REPO = Path(__file__).resolve().parent.parent
 ORDER = list(pipeline.PIPELINE)
@@ -198,7 +198,7 @@ def test_package_hash_follows_the_source(tmp_path):
     (pkg / "__pycache__" / "x.py").write_text("not source")
     (pkg / "notes.txt").write_text("not python")
     assert fingerprint.package_hash(pkg) == h  # caches and other files do not count
-    src = pkg / "selection.py"
+    src = pkg / "method" / "selection.py"
     src.write_text(src.read_text() + "\n# a comment\n")
     h2 = fingerprint.package_hash(pkg)
     assert h2 != h  # any edit counts (the safe side)
@@ -373,7 +373,7 @@ def test_what_a_notebook_reads_is_in_its_stage_reads(stage):
         under = [k for k in keys if k.startswith(u + ".")]  # a whole section passed on (refine_pairs(..., R))
         if not (pipeline.reads_key(stage, u) or any(pipeline.reads_key(stage, k) for k in under)):
             missing.append(u)
-    assert missing == [], f"{stage} reads {missing}: add them to its reads in tsq_utils/pipeline.py"
+    assert missing == [], f"{stage} reads {missing}: add them to its reads in tsq_utils/core/pipeline.py"
 
 
 def _strings(node: ast.AST) -> set[str]:

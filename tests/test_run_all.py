@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["run_all.sh", "run_tests.sh", ".ci/run", "scripts/setup_venv.sh"]
 
 
-def run(args: list[str], env_extra: dict | None = None, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
+def run(args: list[str], env_extra: dict | None = None, cwd: Path = REPO,
+        timeout: int = 120) -> subprocess.CompletedProcess:
     """Run a command with TSQ_SKIP_SETUP=1 and this interpreter (never creates or installs a venv)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
     env.update({"TSQ_SKIP_SETUP": "1", "TSQ_PYTHON": sys.executable})
@@ -152,7 +153,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_LOG"
 case "$1 $2" in
     "-m pip") exit "${FAKE_PIP_RC:-0}" ;;
-    "-m ipykernel") mkdir -p "$FAKE_VENV/share/jupyter/kernels/tsq" && echo '{}' > "$FAKE_VENV/share/jupyter/kernels/tsq/kernel.json"; exit 0 ;;
+    "-m ipykernel") k="$FAKE_VENV/share/jupyter/kernels/tsq"; mkdir -p "$k" && echo '{}' > "$k/kernel.json"; exit 0 ;;
 esac
 PYTHONPATH="$FAKE_REPO" exec "$REAL_PYTHON" "$@"
 """
@@ -230,7 +231,8 @@ def test_run_tests_calls_pytest_once_and_fails_when_nothing_ran(tmp_path, entry,
     log = tmp_path / "calls.log"
     fake = tmp_path / "python"
     fake.write_text(
-        f'#!/usr/bin/env bash\necho "TSQ_PROFILE=$TSQ_PROFILE $*" >> {log}\n[[ "$2" == pytest ]] && exit {pytest_rc}\nexit 0\n'
+        f'#!/usr/bin/env bash\necho "TSQ_PROFILE=$TSQ_PROFILE $*" >> {log}\n'
+        f'[[ "$2" == pytest ]] && exit {pytest_rc}\nexit 0\n'
     )
     fake.chmod(0o755)
     r = run([str(REPO / entry), "-x"], env_extra={"TSQ_PYTHON": str(fake)}, cwd=tmp_path)
@@ -246,3 +248,33 @@ def test_run_tests_calls_pytest_once_and_fails_when_nothing_ran(tmp_path, entry,
     assert ("notebooks" in call) == has_notebooks
     if pytest_rc == 5:
         assert "collected no tests" in r.stderr
+
+
+@pytest.mark.parametrize("entry", ["run_tests.sh", ".ci/run"])
+def test_run_tests_lints_first_and_stops_on_a_finding(tmp_path, entry):
+    """ruff check . runs before pytest; a finding (ruff exit 1) fails the run at once with a message, no pytest."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {log}\n'
+        f'[[ "$2 $3" == "ruff check" ]] && exit "${{FAKE_RUFF_RC:-0}}"\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    r = run([str(REPO / entry)], env_extra={"TSQ_PYTHON": str(fake), "TSQ_LANE": "0"}, cwd=tmp_path)
+    calls = log.read_text().splitlines()
+    assert r.returncode == 0, r.stderr
+    ruff_at = calls.index("-m ruff check .")
+    assert ruff_at < next(i for i, c in enumerate(calls) if c.startswith("-m pytest "))
+    log.unlink()
+    env = {"TSQ_PYTHON": str(fake), "TSQ_LANE": "0", "FAKE_RUFF_RC": "1"}
+    r = run([str(REPO / entry)], env_extra=env, cwd=tmp_path)
+    assert r.returncode == 1 and "ruff check . found the problems above" in r.stderr
+    assert not any(c.startswith("-m pytest") for c in log.read_text().splitlines())
+
+
+def test_run_tests_names_a_missing_ruff(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\n[[ "$2" == ruff ]] && exit 1\nexit 0\n')
+    fake.chmod(0o755)
+    r = run([str(REPO / "run_tests.sh")], env_extra={"TSQ_PYTHON": str(fake), "TSQ_LANE": "0"}, cwd=tmp_path)
+    assert r.returncode == 1 and "ruff is not installed" in r.stderr and "dev extra" in r.stderr

@@ -1,4 +1,5 @@
-"""Stage 01 helpers: problem tables, sample_and_grade (schema, grading, unfinished responses), per-problem statistics."""
+"""Stage 01 helpers: problem tables, sample_and_grade (schema, grading, unfinished responses), per-problem
+statistics."""
 
 import math
 
@@ -7,18 +8,17 @@ import pytest
 from conftest import tiny_toy_model
 import torch
 
-from tsq_utils import sampling
-from tsq_utils import toyworld as tw
-from tsq_utils.config import load_profile
-from tsq_utils.generation import SampleResult, count_tokens
-from tsq_utils.sampling import (
+from tsq_utils.method import sampling
+from tsq_utils.task import toy as tw
+from tsq_utils.core.config import load_profile
+from tsq_utils.model.generation import SampleResult, count_tokens
+from tsq_utils.method.sampling import (
     SAMPLE_COLUMNS,
     grade,
     per_problem_stats,
     sample_and_grade,
     sampling_summary,
     summary_by_k,
-    toy_problem_table,
 )
 
 
@@ -35,7 +35,7 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def problems(tok):
-    return toy_problem_table(tw.make_problems(3, seed=0, k_min=2, k_max=4), tok)
+    return tw.problem_table(tw.make_problems(3, seed=0, k_min=2, k_max=4), tok)
 
 
 def make_samples(rows: list[tuple]) -> pd.DataFrame:
@@ -63,7 +63,7 @@ CV1 = math.sqrt(125) / 25
 
 def test_toy_problem_table(tok):
     probs = tw.make_problems(4, seed=1)
-    df = toy_problem_table(probs, tok)
+    df = tw.problem_table(probs, tok)
     assert list(df.columns) == ["problem_id", "k", "problem", "gold", "prompt", "source"]
     assert list(df["problem_id"]) == [p.problem_id for p in probs]
     assert list(df["gold"]) == [str(p.answer) for p in probs]

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pandas as pd
 import pytest
 
-from tsq_utils.selection import (
+from tsq_utils.method.selection import (
     PAIR_COLUMNS,
     STATS_COLUMNS,
     count_from_q,
@@ -256,8 +256,8 @@ def test_variant_registry_agrees_with_the_profile_schema():
     """Every registered variant is a choice of selection.variant and back; each declares knobs that exist."""
     import dataclasses
 
-    from tsq_utils import selection
-    from tsq_utils.config import SelectionConfig
+    from tsq_utils.method import selection
+    from tsq_utils.core.config import SelectionConfig
 
     field = {f.name: f for f in dataclasses.fields(SelectionConfig)}
     assert tuple(selection.REGISTRY) == selection.VARIANTS == field["variant"].metadata["choices"]
@@ -268,7 +268,7 @@ def test_variant_registry_agrees_with_the_profile_schema():
 
 
 def test_registry_quantiles_are_the_papers():
-    from tsq_utils import selection
+    from tsq_utils.method import selection
 
     knobs = {"alpha": 0.2, "q_fix": 0.35, "extra_neg_ratio": 1.5}
     q = {name: v.quantile(knobs, 0.25) for name, v in selection.REGISTRY.items()}
@@ -278,7 +278,7 @@ def test_registry_quantiles_are_the_papers():
 
 def test_a_registered_variant_selects_with_its_quantile(monkeypatch):
     """A new variant needs only its registry entry (and a schema choice to reach it from a profile)."""
-    from tsq_utils import selection
+    from tsq_utils.method import selection
 
     monkeypatch.setitem(selection.REGISTRY, "half", selection.Variant("half", (), lambda k, p: 0.5))
     samples = make_samples({"a": [(10, True), (11, True), (12, True), (13, True), (20, False), (30, False)]})
@@ -286,3 +286,22 @@ def test_a_registered_variant_selects_with_its_quantile(monkeypatch):
     assert stats["n_pos"].tolist() == [2] and len(pairs) == 4  # ceil(0.5 * 4) = 2 positives x 2 longer wrong
     with pytest.raises(ValueError, match="unknown selection variant 'halve'"):
         select_pairs(samples, variant="halve")
+
+
+def test_select_with_passes_every_config_field():
+    """select_with(cfg) is select_pairs with each SelectionConfig field as its keyword (every field is one), so the
+    pipeline and the ablation rows select with the same settings and a new knob cannot be left out."""
+    import dataclasses
+    import inspect
+
+    from tsq_utils.core.config import SelectionConfig
+    from tsq_utils.method import selection
+
+    assert {f.name for f in dataclasses.fields(SelectionConfig)} <= set(inspect.signature(select_pairs).parameters)
+    samples = make_samples({"a": PROBLEM_A})
+    cfg = SelectionConfig(variant="q_fix", q_fix=0.5, max_pairs=3)
+    got = selection.select_with(samples, cfg, seed=2)
+    want = select_pairs(samples, variant="q_fix", q_fix=0.5, max_pairs=3, seed=2)
+    pd.testing.assert_frame_equal(got[0], want[0])
+    pd.testing.assert_frame_equal(got[1], want[1])
+    assert len(got[0]) == 3  # q = 0.5 of c = 5 gives 3 positives, and the cap keeps 3 of their pairs

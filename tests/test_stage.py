@@ -11,9 +11,9 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tsq_utils import config  # noqa: E402
-from tsq_utils.artifacts import file_hash, save_table  # noqa: E402
-from tsq_utils.stage import STAGES, MissingArtifactError, notebook_for, setup_stage  # noqa: E402
+from tsq_utils.core import config  # noqa: E402
+from tsq_utils.core.artifacts import file_hash, save_table  # noqa: E402
+from tsq_utils.core.stage import STAGES, MissingArtifactError, notebook_for, setup_stage  # noqa: E402
 
 
 
@@ -78,7 +78,8 @@ def test_require_names_the_notebook_to_run(repo):
     with pytest.raises(MissingArtifactError) as e:
         st.require("sampling", "samples.parquet")
     assert isinstance(e.value, FileNotFoundError)
-    assert str(e.value) == "runs/toy/sampling/samples.parquet is missing: run notebooks/01_sampling.ipynb first (profile toy)"
+    assert str(e.value) == ("runs/toy/sampling/samples.parquet is missing: run notebooks/01_sampling.ipynb first "
+                            "(profile toy)")
     path = repo / "runs" / "toy" / "sampling" / "samples.parquet"
     save_table(pd.DataFrame({"a": [1]}), path)
     # a file without a finished run of its stage is not handed on
@@ -116,7 +117,8 @@ def test_finish_writes_manifest_and_summary(repo):
     assert m["notebook"] == "notebooks/02_selection.ipynb" and m["profile_file"].endswith("profiles/toy.yaml")
     assert m["profile_config"] == json.loads(json.dumps(st.profile.to_dict()))
     assert m["params"] == {"alpha": 0.2} and m["seed"] == st.seed and m["threads"] == 1
-    assert m["inputs"] == {"samples": {"path": "runs/toy/sampling/samples.parquet", "sha256": file_hash(inputs["samples"])}}
+    assert m["inputs"] == {"samples": {"path": "runs/toy/sampling/samples.parquet",
+                                       "sha256": file_hash(inputs["samples"])}}
     assert m["outputs"] == ["pairs.parquet"] and m["summary"] == "summary.json"
     assert set(m["versions"]) == {"python", "torch", "transformers", "trl", "datasets", "tokenizers"}
     assert 0 <= m["wall_time_s"] < 60 and m["finished_at"].endswith("+00:00")

@@ -1,4 +1,4 @@
-"""Steps as token spans of the whole response's tokenization (tsq_utils.step_spans and refinement's "spans")."""
+"""Steps as token spans of the whole response's tokenization (tsq_utils.task.step_spans and refinement's "spans")."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import tsq_utils.refinement as refinement
-from tsq_utils.config import RefinementConfig
-from tsq_utils.refinement import split_steps, step_parts
-from tsq_utils.step_spans import step_spans
+import tsq_utils.method.refinement as refinement
+from tsq_utils.core.config import RefinementConfig
+from tsq_utils.method.refinement import split_steps, step_parts
+from tsq_utils.task.step_spans import step_spans
 
 # Qwen2's pre-tokenizer regex (the R1-Distill-Qwen tokenizer.json): punctuation takes the newlines after it
 QWEN_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -113,13 +113,14 @@ def test_spans_are_the_whole_text_tokenization_on_real_r1_traces(qwen, shared_da
 def test_spans_mode_refines_on_the_toy_world(monkeypatch):
     """refine_pairs with token-span steps: candidates carry the separator, token counts include the boundary
     token, and with no merges across boundaries (the toy tokenizer) decisions agree with re-thresholding."""
-    from tsq_utils import toyworld
+    from tsq_utils.model import toy_reasoner
+    from tsq_utils.task.toy import prompt_for
 
     toy = Path(__file__).resolve().parent.parent / "checkpoints" / "toy-reasoner"
     if not (toy / "model.safetensors").exists():
         pytest.skip("the shipped toy reasoner is absent")
-    model, tok = toyworld.load_reasoner(toy)
-    prompt = toyworld.prompt_for("Q:a5,b+6,c-3", tok)
+    model, tok = toy_reasoner.load_reasoner(toy)
+    prompt = prompt_for("Q:a5,b+6,c-3", tok)
     text = "a5: start at 5\n\nb+6: 5+6=11\n\nc-3: 11-3=8\n</think>\n\nThe answer is \\boxed{8}."
     n_tok = len(tok(text, add_special_tokens=False)["input_ids"])
     pairs = pd.DataFrame([dict(problem_id="p0", prompt=prompt, chosen=text, chosen_tokens=n_tok, chosen_sample_idx=0)])

@@ -12,8 +12,8 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tsq_utils.config import ProfileError, TLDRConfig, ToyWorldConfig, load_profile
-from tsq_utils.tldr import (
+from tsq_utils.core.config import ProfileError, TLDRConfig, ToyWorldConfig, load_profile
+from tsq_utils.method.tldr import (
     LONG,
     POOL_COLUMNS,
     SHORT,
@@ -278,20 +278,20 @@ def test_easy_max_k_and_its_validation():
 
 @pytest.fixture(scope="module")
 def toy_tok():
-    from tsq_utils.toyworld import train_tokenizer
+    from tsq_utils.model.toy_reasoner import train_tokenizer
 
     return train_tokenizer(ToyWorldConfig(k_min=2, k_max=4, max_value=19), vocab_size=128, n_docs=200, seed=0)
 
 
 def test_oracle_answers_are_the_oracle_traces(toy_tok):
-    from tsq_utils.sampling import toy_problem_table
-    from tsq_utils.toyworld import make_problems, oracle_trace
+    from tsq_utils.task.toy import make_problems, oracle_trace, problem_table
 
     probs = make_problems(6, seed=1, k_min=2, k_max=4, max_value=19, split="train")
-    ans = oracle_answers(toy_problem_table(probs, toy_tok), toy_tok)
+    ans = oracle_answers(problem_table(probs, toy_tok), toy_tok)
     assert list(ans["problem_id"]) == [p.problem_id for p in probs] and ans["correct"].all()
     assert list(ans["text"]) == [oracle_trace(p) for p in probs]
-    assert list(ans["n_tokens"]) == [len(toy_tok(oracle_trace(p), add_special_tokens=False)["input_ids"]) for p in probs]
+    assert list(ans["n_tokens"]) == [len(toy_tok(oracle_trace(p), add_special_tokens=False)["input_ids"])
+                                     for p in probs]
     assert all(pr.endswith("<think>\n") for pr in ans["prompt"])
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsq_utils import toyworld as tw
-from tsq_utils.config import PretrainConfig, ToyWorldConfig, load_profile, stage_seed
+from tsq_utils.task import toy as tw
+from tsq_utils.model import toy_reasoner as tr
+from tsq_utils.core.config import PretrainConfig, ToyWorldConfig, load_profile, stage_seed
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "checkpoints" / "toy-reasoner"
@@ -20,7 +21,7 @@ CFG = ToyWorldConfig()
 @pytest.fixture(scope="module")
 def tok():
     """A tokenizer trained on 500 teacher documents of the default world (vocab at most 256)."""
-    return tw.train_tokenizer(CFG, vocab_size=256, n_docs=500, seed=0)
+    return tr.train_tokenizer(CFG, vocab_size=256, n_docs=500, seed=0)
 
 
 def tiny_pretrain_config(**kw) -> PretrainConfig:
@@ -109,7 +110,8 @@ def test_make_problems_splits_are_disjoint():
     splits = {s: tw.make_problems(140, seed=5, split=s) for s in ("train", "heldout", "test")}
     ids = {s: {p.problem_id for p in ps} for s, ps in splits.items()}
     assert all(i.startswith(s + "-") for s, ps in ids.items() for i in ps)
-    assert not (ids["train"] & ids["heldout"]) and not (ids["train"] & ids["test"]) and not (ids["heldout"] & ids["test"])
+    assert not (ids["train"] & ids["heldout"]) and not (ids["train"] & ids["test"])
+    assert not (ids["heldout"] & ids["test"])
     qs = {s: [p.question for p in ps] for s, ps in splits.items()}
     # different streams: the same seed does not give the same problems under another split name
     for a, b in (("train", "heldout"), ("train", "test"), ("heldout", "test")):
@@ -153,7 +155,8 @@ def test_parse_question_rejects_malformed(bad):
 START = [re.compile(r"a(\d+): (\d+)"), re.compile(r"We start with a(\d+), so the total is (\d+)\.")]
 OP = [re.compile(r"([a-h][+-]\d+): (\d+)([+-])(\d+)=(\d+)"),
       re.compile(r"Next is ([a-h][+-]\d+)\. The total was (\d+), and (\d+)([+-])(\d+)=(\d+), so now it is (\d+)\.")]
-CHECK = re.compile(r"Wait, let me check ([a-h][+-]\d+): (\d+)([+-])(\d+)=(\d+)\.(?: Yes\.| Not (\d+), so the total is (\d+)\.)")
+CHECK = re.compile(r"Wait, let me check ([a-h][+-]\d+): (\d+)([+-])(\d+)=(\d+)\."
+                   r"(?: Yes\.| Not (\d+), so the total is (\d+)\.)")
 REVIEW = re.compile(r"Let me double-check the whole chain: ([\d+-]+)=(\d+)\.")
 
 
@@ -351,8 +354,8 @@ def test_tokenizer_specials(tok):
 
 
 def test_tokenizer_is_seeded():
-    a = tw.train_tokenizer(CFG, 128, 300, seed=3)
-    b = tw.train_tokenizer(CFG, 128, 300, seed=3)
+    a = tr.train_tokenizer(CFG, 128, 300, seed=3)
+    b = tr.train_tokenizer(CFG, 128, 300, seed=3)
     assert a.get_vocab() == b.get_vocab()
     assert len(a) <= 128
 
@@ -367,14 +370,15 @@ def test_prompt_for(tok):
 
 
 def expected_parameters(vocab: int, c: PretrainConfig) -> int:
-    """Closed form for a tied-embedding Llama: embeddings + per layer (q,k,v,o + gate,up,down + 2 norms) + final norm."""
+    """Closed form for a tied-embedding Llama: embeddings + per layer (q,k,v,o + gate,up,down + 2 norms) + final
+    norm."""
     h, inter = c.hidden_size, c.intermediate_size
     return vocab * h + c.num_layers * (4 * h * h + 3 * h * inter + 2 * h) + h
 
 
 def test_model_config_follows_pretrain_config(tok):
     c = tiny_pretrain_config()
-    mc = tw.model_config(tok, c)
+    mc = tr.model_config(tok, c)
     assert (mc.model_type, mc.vocab_size, mc.hidden_size, mc.intermediate_size) == ("llama", len(tok), 32, 64)
     assert (mc.num_hidden_layers, mc.num_attention_heads, mc.num_key_value_heads) == (1, 2, 2)
     assert mc.tie_word_embeddings and mc.pad_token_id == tok.pad_token_id and mc.eos_token_id == tok.eos_token_id
@@ -387,8 +391,8 @@ def test_toy_model_has_about_a_million_parameters(tok):
     tokenizer of the toy world (its BPE saturates near 230-240 tokens, well under the 512 allowed).
     """
     c = load_profile("toy").pretrain
-    model = tw.new_model(tok, c, seed=0)
-    n = tw.count_parameters(model)
+    model = tr.new_model(tok, c, seed=0)
+    n = tr.count_parameters(model)
     assert n == expected_parameters(len(tok), c) == 1_049_728 + 128 * len(tok)
     assert expected_parameters(236, c) == 1_079_936
     assert 1.0e6 < n < 1.2e6
@@ -398,7 +402,7 @@ def test_toy_model_has_about_a_million_parameters(tok):
 
 def test_new_model_is_seeded(tok):
     c = tiny_pretrain_config()
-    a, b, d = tw.new_model(tok, c, 1), tw.new_model(tok, c, 1), tw.new_model(tok, c, 2)
+    a, b, d = tr.new_model(tok, c, 1), tr.new_model(tok, c, 1), tr.new_model(tok, c, 2)
     sa, sb, sd = a.state_dict(), b.state_dict(), d.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
@@ -412,14 +416,14 @@ def batch_loss(model, x, y, pad_id) -> float:
 def test_pretrain_lowers_the_loss(tok):
     cfg = dataclasses.replace(CFG, k_min=2, k_max=4)
     c = tiny_pretrain_config()
-    c.n_tokens = int(tw._estimate_doc_tokens(tok, cfg) * c.batch_size * 20)  # about 20 steps
-    model = tw.new_model(tok, c, seed=0)
+    c.n_tokens = int(tr._estimate_doc_tokens(tok, cfg) * c.batch_size * 20)  # about 20 steps
+    model = tr.new_model(tok, c, seed=0)
     # a held-out batch from another seed's stream
-    x, y, real = next(tw._batches(tok, cfg, c, seed=999))
+    x, y, real = next(tr._batches(tok, cfg, c, seed=999))
     assert real == int((x != tok.pad_token_id).sum())
     assert (y[x == tok.pad_token_id] == -100).all()
     before = batch_loss(model, x, y, tok.pad_token_id)
-    log = tw.pretrain(model, tok, cfg, c, seed=0, progress=False)
+    log = tr.pretrain(model, tok, cfg, c, seed=0, progress=False)
     after = batch_loss(model, x, y, tok.pad_token_id)
     assert after < before - 0.3, (before, after)
     assert 15 <= log.steps[-1] <= 25
@@ -432,7 +436,7 @@ def test_pretrain_lowers_the_loss(tok):
 def test_pretrain_masks_the_prompt(tok):
     """The loss covers the completion only: labels are -100 over each document's prompt."""
     c = tiny_pretrain_config()
-    x, y, _ = next(tw._batches(tok, CFG, c, seed=1))
+    x, y, _ = next(tr._batches(tok, CFG, c, seed=1))
     assistant_think = tok("<|assistant|>\n<think>\n", add_special_tokens=False)["input_ids"]
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         start = next(i for i in range(len(row_x)) if row_x[i:i + len(assistant_think)] == assistant_think)
@@ -448,17 +452,17 @@ def test_pretrain_masks_the_prompt(tok):
 
 def test_save_and_load_round_trip(tok, tmp_path):
     c = tiny_pretrain_config()
-    model = tw.new_model(tok, c, seed=3)
+    model = tr.new_model(tok, c, seed=3)
     target = tmp_path / "reasoner"
     manifest = {"seed": 3, "note": "test"}
-    tw.save_reasoner(model, tok, target, manifest)
+    tr.save_reasoner(model, tok, target, manifest)
     # saving again over an existing folder replaces it
-    tw.save_reasoner(model, tok, target, {**manifest, "again": True})
+    tr.save_reasoner(model, tok, target, {**manifest, "again": True})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reasoner"], "no temp or old folder left behind"
     assert (target / "model.safetensors").exists()
     assert not list(target.glob("*.bin")) and not list(target.glob("*.pt"))
-    assert tw.read_manifest(target) == {**manifest, "again": True}
-    loaded, tok2 = tw.load_reasoner(target)
+    assert tr.read_manifest(target) == {**manifest, "again": True}
+    loaded, tok2 = tr.load_reasoner(target)
     assert not loaded.training
     ids = torch.tensor([tok(tw.prompt_for("Q:a5,b+6", tok) + "a5: 5", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -471,13 +475,14 @@ def test_save_and_load_round_trip(tok, tmp_path):
 
 def test_load_reasoner_missing_names_notebook_00(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"notebooks/00_base_model\.ipynb"):
-        tw.load_reasoner(tmp_path / "nothing-here")
+        tr.load_reasoner(tmp_path / "nothing-here")
 
 
 def test_world_description():
     d = tw.world_description(dataclasses.replace(CFG, k_min=3, k_max=5, max_value=19))
     assert d["k_range"] == [3, 5] and "19" in d["values"]
-    assert d["teacher"] == {k: getattr(CFG, k) for k in ("p_concise", "p_verbose_step", "p_check", "p_slip", "p_review")}
+    habits = ("p_concise", "p_verbose_step", "p_check", "p_slip", "p_review")
+    assert d["teacher"] == {k: getattr(CFG, k) for k in habits}
 
 
 # ----------------------------------------------------------------------------- the shipped reasoner
@@ -494,14 +499,14 @@ def test_shipped_reasoner_matches_config():
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from tsq_utils.generation import sample
+    from tsq_utils.model.generation import sample
 
     profile = load_profile("toy")
     # safetensors only: no pickled weights shipped
     assert not [p.name for p in SHIPPED.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     weights = load_file(SHIPPED / "model.safetensors")
     tok = AutoTokenizer.from_pretrained(SHIPPED)
-    expected = tw.model_config(tok, profile.pretrain)
+    expected = tr.model_config(tok, profile.pretrain)
     shipped = json.loads((SHIPPED / "config.json").read_text())
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "tie_word_embeddings", "pad_token_id", "eos_token_id"):
@@ -510,7 +515,7 @@ def test_shipped_reasoner_matches_config():
     assert weights["model.embed_tokens.weight"].shape == (len(tok), profile.pretrain.hidden_size)
     assert sum(1 for k in weights if k.endswith("self_attn.q_proj.weight")) == profile.pretrain.num_layers
 
-    man = tw.read_manifest(SHIPPED)
+    man = tr.read_manifest(SHIPPED)
     missing = [k for k in ("seed", "pretrain_config", "toyworld_config", "tokens_seen", "wall_time_s", "heldout")
                if k not in man]
     assert not missing, f"toy_manifest.json lacks {missing}"
@@ -526,7 +531,7 @@ def test_shipped_reasoner_matches_config():
         if hi is not None:
             assert held[key] <= hi, f"heldout.{key} = {held[key]} is above {hi}"
 
-    model, tok = tw.load_reasoner(SHIPPED)
+    model, tok = tr.load_reasoner(SHIPPED)
     probs = [tw.parse_question(q) for q in ("Q:a5,b+6,c-3", "Q:a17,b-4,c+9,d+2", "Q:a30,b+8,c-6,d-9,e+3,f-7")]
     res = sample(model, tok, [tw.prompt_for(p.question, tok) for p in probs], temperature=0, max_new_tokens=400)
     for p, text, reason in zip(probs, (t[0] for t in res.texts), (r[0] for r in res.finish_reasons)):
@@ -535,9 +540,11 @@ def test_shipped_reasoner_matches_config():
 
 
 def test_shipped_reasoner_was_trained_on_todays_teacher():
-    """The shipped manifest's teacher fingerprint equals the current code's: a teacher change needs a retrained reasoner."""
-    from tsq_utils.config import REPO_ROOT, load_profile
-    from tsq_utils.toyworld import read_manifest, teacher_fingerprint
+    """The shipped manifest's teacher fingerprint equals the current code's: a teacher change needs a retrained
+    reasoner."""
+    from tsq_utils.core.config import REPO_ROOT, load_profile
+    from tsq_utils.task.toy import teacher_fingerprint
+    from tsq_utils.model.toy_reasoner import read_manifest
 
     path = REPO_ROOT / "checkpoints" / "toy-reasoner"
     if not (path / "toy_manifest.json").exists():

@@ -1,10 +1,10 @@
-"""Data-parallel vLLM engines (tsq_utils.vllm_shards) with a fake engine: the same samples as one engine, each engine
-on its own GPUs, failures reported."""
+"""Data-parallel vLLM engines (tsq_utils.model.vllm_shards) with a fake engine: the same samples as one engine, each
+engine on its own GPUs, failures reported."""
 
 import pytest
 
-from tsq_utils.generation import sample, vllm_requests
-from tsq_utils.vllm_shards import ShardedEngines, shard_bounds
+from tsq_utils.model.generation import sample, vllm_requests
+from tsq_utils.model.vllm_shards import ShardedEngines, shard_bounds
 
 FAKE = "fake_vllm_engine:FakeLLM"
 

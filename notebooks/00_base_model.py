@@ -1,0 +1,254 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · The base model: a toy reasoner that overthinks
+#
+# **Purpose.** Build (or load) the model whose chains of thought the rest of the pipeline compresses.
+#
+# Pipeline: **00 base model** → [01 sampling](01_sampling.ipynb) → [02 selection](02_selection.ipynb) → [03 KL refinement](03_kl_refinement.ipynb) → [04 DPO-L training](04_dpo_l_training.ipynb) → [05 evaluation](05_evaluation.ipynb) → [06 ablations](06_ablations.ipynb) → [07 TLDR](07_tldr.ipynb).
+#
+# ← (the first lesson) · next: [01 sampling](01_sampling.ipynb) →
+#
+# *Follows:* the base models of the paper's experiments (DeepSeek-R1-Distill-Qwen); the toy world is ours. *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`base_model.prepare_base`](../tsq_utils/model/base_model.py), [`sampling.reasoner_checks`](../tsq_utils/method/sampling.py), [`toy.teacher_trace`](../tsq_utils/task/toy.py), [`Task`](../tsq_utils/task/base.py); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries and exercises: [`lessons`](../tsq_utils/lessons/__init__.py).
+#
+# On the GPU profiles (`r1-1.5b`, `r1-7b`) this stage only records which DeepSeek-R1-Distill model to load. On the CPU profiles
+# (`toy`, the default, and `ci`) the hub is out of reach, so the project ships its own tiny reasoning world: a task, a teacher that
+# writes long-CoT traces, a tokenizer, and a ~1M-parameter Llama-style model trained from scratch on those traces.
+
+# %% tags=["parameters"]
+import os
+
+profile = os.environ.get("TSQ_PROFILE", "toy")  # toy (default), ci, r1-1.5b, r1-7b
+retrain = None  # None: the profile decides (toy loads the shipped reasoner, ci trains a tiny one); True retrains
+n_heldout = None  # held-out problems for the checks below (None: 420 on toy, the profile's eval size otherwise)
+eval_samples = 4  # samples per held-out problem at the sampling temperature
+force = False  # True reruns the held-out evaluation even if an up-to-date one exists
+# hub profiles (r1-1.5b, r1-7b) only; None keeps the profile's value
+model_override = None  # a local model folder that replaces the hub model (model.local_override), e.g. a stand-in
+backend = None  # sampling.backend: vllm on a GPU, transformers anywhere
+max_new_tokens = None  # sampling.max_new_tokens, for the worked example
+data_dir = None  # data.local_dir: a folder of local benchmark files (the layout of ../shared/data) instead of the hub
+
+# %%
+import pandas as pd
+from tsq_utils.model import base_model, toy_reasoner
+from tsq_utils.lessons import plotting
+from tsq_utils.method import sampling
+from tsq_utils.task import format as fmt, toy
+from tsq_utils.task.registry import demo_task, training_task
+from tsq_utils.core.artifacts import load_table, read_json, save_table
+from tsq_utils.core.stage import setup_stage
+
+stage = setup_stage("base_model", profile, {
+    "pretrain.retrain": retrain, "n_heldout": n_heldout, "eval_samples": eval_samples,
+    "model.local_override": model_override, "sampling.backend": backend, "sampling.max_new_tokens": max_new_tokens,
+    "data.local_dir": data_dir}, force=force)
+P = stage.profile
+task = training_task(P)  # the toy world, or a math benchmark on the hub profiles
+toy_world = task.has_oracle  # the toy world's own cells: its teacher, its oracle and the held-out checks
+
+# %% [markdown]
+# ## The idea
+#
+# A reasoning model that *overthinks* writes many more tokens than the problem needs: it restates, re-derives and re-checks.
+# TokenSqueeze needs such a model, one that samples traces of very different lengths for the same problem and is sometimes wrong,
+# so that "short and correct" is something to select and learn.
+#
+# The toy task is **chain arithmetic**: `Q:a5,b+6,c-3` asks for $5 + 6 - 3$. The difficulty $k \in \{2,\dots,8\}$ is the number of
+# terms. Each term has a label, and every step header repeats its term, so fetching the next operand is a copy, which a tiny model
+# can learn. The teacher writes each trace in one of two habits: **concise** (the shortest correct trace, our *oracle*) or
+# **overthinking** (verbose steps, "Wait, let me check…" steps, slips that a check corrects, a final review). Overthinking is the
+# majority habit, so the model's most likely output is long. Every figure counts length in tokens of the completion
+# (thinking + answer, no prompt), with the model's own tokenizer.
+#
+# On the GPU profiles the base model is DeepSeek-R1-Distill-Qwen-1.5B or -7B, an overthinker by training; it is prompted R1-style
+# (the problem, then "Please reason step by step, and put your final answer within \boxed{}.", and the chat template's
+# `<think>`), and graded by `math-verify`. The toy-world cells below are skipped there.
+
+# %%
+import random
+
+if toy_world:
+    demo = toy.make_problem(random.Random(0), k=4, max_value=P.toyworld.max_value, problem_id="demo")
+    print("question:", demo.question, "  answer:", demo.answer, "\n")
+    print("--- an overthinking teacher trace ---")
+    print(toy.teacher_trace(demo, random.Random(3), P.toyworld.__class__(p_concise=0.0)))
+    print("\n--- the oracle (shortest correct) trace ---")
+    print(toy.oracle_trace(demo))
+else:
+    print(f"hub model {P.model.path}: no toy world on this profile (evaluation sets: {', '.join(P.data.eval)})")
+
+# %% [markdown]
+# ## The reasoner
+#
+# On `toy` the model that notebook 00 trained once (`retrain=True` rebuilds it: about 20 minutes on one core) ships with the
+# repo under `checkpoints/toy-reasoner/`, with a manifest of how it was made. On `ci` a much smaller one is trained here in
+# about a minute. Pretraining is plain next-token prediction on fresh teacher traces (loss on the completion only), AdamW with
+# warmup and a cosine schedule.
+
+# %%
+model, tok, info = base_model.prepare_base(stage)
+print(f"model: {base_model.read_pointer(stage.run_dir, P.name)['model']}")
+if toy_world:
+    print(f"parameters: {toy_reasoner.count_parameters(model):,}  vocab: {len(tok)}  "
+          f"trained on {info['tokens_seen']:,} tokens in {info['wall_time_s']:.0f} s "
+          f"(final loss {info['final_loss']:.3f})")
+
+# %% [markdown]
+# ## A worked example
+#
+# One problem, answered greedily by the reasoner: its steps (separated by blank lines), its length against the oracle's, and its grade.
+# On a hub profile: the first problem of the first evaluation set, its full prompt, and the model's answer.
+
+# %%
+from tsq_utils.model.generation import sample
+
+ex_task = demo_task(P)
+ex = ex_task.demo_example(P, tok)
+if not toy_world:
+    print(f"{ex['problem_id']} (gold {ex['gold']}), prompt as the model sees it:\n{ex['prompt']!r}\n")
+out = sample(model, tok, [ex["prompt"]], n=1, temperature=0.0, max_new_tokens=P.sampling.max_new_tokens,
+             backend=P.sampling.backend)
+trace = out.texts[0][0]
+fmt.print_steps(trace)  # the steps as refinement (03) splits them
+grade = ex_task.grade([trace], [ex["gold"]])[0]
+oracle = f" (oracle: {ex['oracle_tokens']})" if ex["oracle_tokens"] else ""
+print(f"\n{out.n_tokens[0][0]} tokens{oracle}, finish: {out.finish_reasons[0][0]}; grade: {grade}")
+
+# %% [markdown]
+# ## At scale: is this a model worth compressing?
+#
+# Held-out problems, spread evenly over $k$, answered greedily and at the profile's sampling temperature. Three properties make the
+# later stages meaningful: greedy output is accurate but long (well above the oracle), sampled accuracy is moderate and falls with
+# $k$, and lengths vary widely among samples of the same problem (coefficient of variation $\sigma/\mu$ of tokens per problem).
+# (Toy world only: on a hub profile notebook 01 measures the same things on the training problems.)
+
+# %%
+inputs = base_model.base_inputs(stage.run_dir, P)
+if toy_world:
+    n_eval = n_heldout or task.split_size(P, "heldout")
+    heldout = task.problems(P, tok, "heldout", n_eval)
+    if not stage.is_done(inputs):
+        S = P.sampling
+        greedy = sampling.sample_and_grade(model, tok, heldout, n=1, temperature=0.0, top_p=1.0,
+                                           max_new_tokens=S.max_new_tokens, seed=stage.seed, batch_size=S.batch_size,
+                                           grader=task.grader)
+        sampled = sampling.sample_and_grade(model, tok, heldout, n=eval_samples, temperature=S.temperature,
+                                            top_p=S.top_p, max_new_tokens=S.max_new_tokens, seed=stage.seed + 1,
+                                            batch_size=S.batch_size, grader=task.grader)
+        save_table(greedy, stage.dir / "heldout_greedy.parquet")
+        save_table(sampled, stage.dir / "heldout_sampled.parquet")
+    greedy = load_table(stage.dir / "heldout_greedy.parquet")
+    sampled = load_table(stage.dir / "heldout_sampled.parquet")
+    checks = sampling.reasoner_checks(greedy, sampled, heldout, tok)
+    display(pd.DataFrame(checks["by_k"]))
+
+# %%
+if toy_world:
+    print(f"greedy accuracy      {checks['greedy_accuracy']:.3f}   (want >= 0.90 on toy)")
+    print(f"greedy / oracle len  {checks['greedy_over_oracle']:.2f}    (want >= 1.8: room to compress)")
+    print(f"accuracy at T={P.sampling.temperature:g}    {checks['sampled_accuracy']:.3f}   "
+          "(want 0.30-0.85, falling with k)")
+    print(f"length CV per problem {checks['mean_cv']:.2f}   (want >= 0.3)")
+    if P.pretrain.retrain:  # a reasoner trained here carries its own measurements (the shipped one has them too)
+        toy_reasoner.record_heldout(toy_reasoner.toy_model_dir(P, stage.run_dir), checks)
+
+# %% [markdown] tsq_lesson="core-md"
+# ### The measure in code
+#
+# The length spread that selection feeds on, by hand: for each held-out problem the coefficient of variation $\sigma/\mu$ of its samples' tokens, then the mean over problems. The assert checks it against `sampling.reasoner_checks`.
+
+# %% tsq_lesson="core"
+if toy_world:
+    tokens = sampled.groupby("problem_id")["n_tokens"]
+    cv_by_hand = (tokens.std(ddof=0) / tokens.mean()).mean()  # population SD, as per_problem_stats
+    greedy_acc_by_hand = greedy["correct"].sum() / len(greedy)
+    print(f"mean CV {cv_by_hand:.4f}, greedy accuracy {greedy_acc_by_hand:.4f}")
+    assert abs(cv_by_hand - checks["mean_cv"]) < 1e-12 and abs(greedy_acc_by_hand - checks["greedy_accuracy"]) < 1e-12
+
+# %% [markdown]
+# ## What happened
+#
+# Left: accuracy by difficulty. Middle: mean length by difficulty, with the oracle floor; the gap between the curves is what
+# TokenSqueeze tries to remove without losing accuracy. Right: the pretraining loss of the reasoner.
+
+# %%
+if toy_world:
+    fig = plotting.base_model_figure(greedy, sampled, checks["oracle_len_by_k"], P.sampling.temperature,
+                                     info.get("loss_curve"))
+    stage.save_fig(fig, "00_base_model", pdf=False)
+
+# %% [markdown]
+# ## Try this
+#
+# - `retrain=True` rebuilds the reasoner from its seed (about 20 minutes on one core on `toy`); the manifest records every setting.
+# - Make the teacher less of an overthinker (`toyworld.p_concise` in `profiles/toy.yaml`) and retrain: greedy output moves towards
+#   the oracle and there is less left to squeeze.
+# - A higher sampling temperature (`sampling.temperature`) lowers accuracy and widens the length spread; 01 uses it.
+
+# %%
+if toy_world:
+    summary = {k: v for k, v in checks.items() if k not in ("by_k", "oracle_len_by_k")}
+    summary.update(by_k=checks["by_k"], task=toy.world_description(P.toyworld),
+                   model=base_model.read_pointer(stage.run_dir, P.name))
+    outputs = ["base_model.json", "heldout_greedy.parquet", "heldout_sampled.parquet"]
+else:
+    summary = {**info, "demo": {"problem_id": ex["problem_id"], "n_tokens": out.n_tokens[0][0], "grade": grade}}
+    outputs = ["base_model.json"]
+manifest = stage.finish(inputs, outputs=outputs, summary=summary)
+
+# %% tsq_lesson="seen"
+from tsq_utils import lessons
+
+if toy_world:
+    display(lessons.seen(lessons.seen_base_model(checks)))
+else:
+    print(f"hub model {P.model.path}: notebook 01 measures accuracy and length spread on the training problems")
+
+# %% [markdown] tsq_lesson="ex"
+# ## Exercises
+#
+# Try each before opening its answer (the answers below are computed from this run where they depend on it).
+# 1. *(warm-up)* The toy question `Q:a5,b+6,c-3`: what is its difficulty $k$ and its answer?
+# 2. *(warm-up)* Greedy output is $r$ times the oracle's length. What share of its tokens would a perfect compressor remove? Compute it for this run.
+# 3. *(core)* Why does TokenSqueeze need a length spread *within* a problem (the CV), not only long outputs?
+# 4. *(stretch)* Predict what a higher sampling temperature does to the sampled accuracy and to the CV, then check with `sampling.temperature` in a profile copy.
+
+# %% tsq_lesson="ans"
+from tsq_utils import lessons
+
+display(lessons.answer("$k = 3$ terms (a, b, c); the answer is $5 + 6 - 3 = 8$.", title="Answer 1"))
+ratio = checks["greedy_over_oracle"] if toy_world else None
+display(lessons.answer(f"$1 - 1/r$; here $r$ = {ratio:.2f}, so {100 * (1 - 1 / ratio):.0f}% of the greedy tokens."
+                       if toy_world else "$1 - 1/r$.", title="Answer 2"))
+display(lessons.answer("Selection prefers short *correct* responses of the same problem over longer wrong ones. "
+                       "With CV = 0 every sample of a problem has the same length: there is no short correct "
+                       "response to prefer, whatever the mean length.", title="Answer 3"))
+display(lessons.answer("Accuracy falls (more random slips) and the CV rises (more varied habits per sample); "
+                       "notebook 01 samples at a higher temperature than the evaluation for that reason.",
+                       title="Answer 4"))
+
+# %%
+# sanity checks (nbval runs these on the ci profile)
+assert (stage.dir / "base_model.json").exists() and out.n_tokens[0][0] > 0
+if toy_world:
+    assert read_json(stage.dir / "summary.json")["heldout_problems"] == n_eval
+    assert len(greedy) == n_eval and len(sampled) == n_eval * eval_samples
+    assert set(greedy["status"]) <= {"correct", "wrong", "no_answer"}
+    assert (greedy["n_tokens"] > 0).all()
+else:
+    assert base_model.read_pointer(stage.run_dir, P.name)["kind"] == "hub"
+    assert grade in {"correct", "wrong", "no_answer", "timeout"}

@@ -1,0 +1,182 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Self-sampling: N graded responses per training problem
+#
+# **Purpose.** Let the base model answer every training problem N times and grade each answer; everything TokenSqueeze learns
+# comes from these self-generated samples.
+#
+# Pipeline: [00 base model](00_base_model.ipynb) → **01 sampling** → [02 selection](02_selection.ipynb) → [03 KL refinement](03_kl_refinement.ipynb) → [04 DPO-L training](04_dpo_l_training.ipynb) → [05 evaluation](05_evaluation.ipynb) → [06 ablations](06_ablations.ipynb) → [07 TLDR](07_tldr.ipynb).
+#
+# ← previous: [00 base model](00_base_model.ipynb) · next: [02 selection](02_selection.ipynb) →
+#
+# *Follows:* TokenSqueeze §3.1 (self-generated samples, graded). *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`sampling.sample_and_grade`](../tsq_utils/method/sampling.py), [`sampling.per_problem_stats`](../tsq_utils/method/sampling.py); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries and exercises: [`lessons`](../tsq_utils/lessons/__init__.py).
+
+# %% tags=["parameters"]
+import os
+
+profile = os.environ.get("TSQ_PROFILE", "toy")
+n_samples = None  # N responses per problem (None: sampling.n; the paper leaves N open, 16 is our GPU default)
+temperature = None  # None: the profile's sampling.temperature (the paper samples at 0.9)
+n_problems = None  # training problems (None: the profile's data.n_train_problems)
+max_new_tokens = None  # None: the profile's sampling.max_new_tokens (a response cut there never counts as correct)
+backend = None  # None: the profile's sampling.backend (vllm on the GPU profiles; transformers anywhere)
+train_set = None  # None: the profile's data.train (toy, or a benchmark such as math_train, math500, gsm8k)
+data_dir = None  # None: data.local_dir, a folder of local benchmark files (like ../shared/data) instead of the hub
+force = False
+
+# %%
+from tsq_utils.model import base_model
+from tsq_utils.lessons import plotting
+from tsq_utils.method import sampling
+from tsq_utils.core.artifacts import load_table, read_json, save_table
+from tsq_utils.core.stage import setup_stage
+from tsq_utils.task.registry import training_task
+
+stage = setup_stage("sampling", profile, {
+    "sampling.n": n_samples, "sampling.temperature": temperature, "data.n_train_problems": n_problems,
+    "sampling.max_new_tokens": max_new_tokens, "sampling.backend": backend, "data.train": train_set,
+    "data.local_dir": data_dir}, force=force)
+P, S = stage.profile, stage.profile.sampling
+task = training_task(P)  # data.train: the toy world or a math benchmark (its problems, prompt and grader)
+
+# %% [markdown]
+# ## The idea
+#
+# TokenSqueeze uses no outside data and no stronger model: the base model samples $N$ responses $y_1,\dots,y_N$ for each training
+# problem $x$, and a grader marks each one correct or wrong. For a problem with $c$ correct responses out of $N$, the
+# **correctness rate**
+#
+# $$p(x) = \frac{c}{N}$$
+#
+# measures how hard the problem is *for this model*. Stage 02 uses $p$ to decide how short a preferred response may be, and the
+# spread of lengths among the correct responses is the raw material of compression.
+#
+# Grading in the toy world is an exact match of the last `\boxed{}` after `</think>`; on the math profiles it is answer
+# equivalence by `math-verify`. A response cut off at `max_new_tokens` (finish reason `length`) never counts as correct.
+# Tokens are completion tokens (thinking + answer, no prompt) of the model's tokenizer.
+#
+# On the GPU profiles the training problems are the MATH train split (7,500 problems, disjoint from MATH500; the paper names no
+# training set, so this is a **choice**: `train_set`), each with the R1 prompt, sampled by vLLM at $T = 0.9$, top-p 0.95 and
+# $N = 16$ (top-p and $N$ are **choices**; the paper gives only the temperature).
+
+# %%
+model, tok = base_model.load_base_sampler(stage.run_dir, P)  # a vLLM engine under the vllm backend, else the model
+problems = task.problems(P, tok, "train")
+print(f"{len(problems)} training problems; difficulty counts: {problems['k'].value_counts().sort_index().to_dict()}")
+problems.head(3)
+
+# %% [markdown]
+# ## A worked example
+#
+# One training problem, $N$ samples: their lengths, grades, and the steps of the shortest correct one.
+
+# %%
+one = problems.iloc[[len(problems) // 2]]
+demo = sampling.sample_and_grade(model, tok, one, n=S.n, temperature=S.temperature, top_p=S.top_p,
+                                 max_new_tokens=S.max_new_tokens, seed=stage.seed + 7, grader=task.grader,
+                                 backend=S.backend, progress=False)
+print(one["problem"].iloc[0], " gold:", one["gold"].iloc[0], f"  p = {demo['correct'].mean():.2f}")
+demo[["sample_idx", "n_tokens", "status", "finish_reason"]]
+
+# %%
+best = demo[demo["correct"]].sort_values("n_tokens").head(1)
+print(best["text"].iloc[0] if len(best) else "(no correct sample for this problem)")
+
+# %% [markdown]
+# ## At scale
+#
+# All training problems, $N$ samples each, batched (one `generate` call per batch of rows, seeded per batch). The samples table is
+# saved as Parquet; a rerun with the same inputs and parameters reuses it.
+
+# %%
+inputs = base_model.base_inputs(stage.run_dir, P)
+if not stage.is_done(inputs):
+    samples = sampling.sample_and_grade(model, tok, problems, n=S.n, temperature=S.temperature, top_p=S.top_p,
+                                        max_new_tokens=S.max_new_tokens, seed=stage.seed, batch_size=S.batch_size,
+                                        grader=task.grader, backend=S.backend)
+    save_table(samples, stage.dir / "samples.parquet")
+samples = load_table(stage.dir / "samples.parquet")
+stats = sampling.per_problem_stats(samples)
+sampling.summary_by_k(samples).round(3)
+
+# %% [markdown] tsq_lesson="core-md"
+# ### The equation in code
+#
+# $p = c/N$ per problem, by hand from the samples table, checked against `sampling.per_problem_stats`.
+
+# %% tsq_lesson="core"
+by_problem = samples.groupby("problem_id")["correct"]
+c, N = by_problem.sum(), by_problem.size()
+p_by_hand = (c / N).sort_index()
+assert (p_by_hand.to_numpy() == stats.set_index("problem_id")["p"].sort_index().to_numpy()).all()
+print(f"{len(p_by_hand)} problems; p takes the values {sorted(p_by_hand.unique().round(3))}")
+
+# %% [markdown]
+# ## What happened
+#
+# Left: how the correctness rate $p$ spreads per difficulty. Easy problems pile up at $p = 1$ (they will give no preference pairs:
+# there is no wrong answer to prefer against), hard ones spread out. Right: correct responses come in a wide range of lengths; the
+# short end of that range is what TokenSqueeze wants the model to produce.
+
+# %%
+fig = plotting.sampling_figure(samples, stats, S.temperature)
+stage.save_fig(fig, "01_sampling")
+
+# %% [markdown]
+# ## Try this
+#
+# - Raise `n_samples`: more problems get both correct and wrong samples (more pairs in 02), and the shortest correct sample gets shorter.
+# - Lower `temperature`: accuracy rises, the spread of lengths shrinks, and more problems end up all-correct.
+
+# %%
+summary = sampling.sampling_summary(samples)
+manifest = stage.finish(inputs, outputs=["samples.parquet"], summary=summary)
+{k: v for k, v in summary.items() if not isinstance(v, dict)}
+
+# %% tsq_lesson="seen"
+from tsq_utils import lessons
+
+display(lessons.seen(lessons.seen_sampling(stats)))
+
+# %% [markdown] tsq_lesson="ex"
+# ## Exercises
+#
+# Try each before opening its answer (the answers below are computed from this run where they depend on it).
+# 1. *(warm-up)* A problem has 3 correct responses out of $N = 8$. What is $p$?
+# 2. *(warm-up)* Which problems can give no preference pair at all, and why?
+# 3. *(core)* What share of this run's problems is *mixed* ($0 < p < 1$)? Read it off the heat map, then compute it.
+# 4. *(stretch)* If each sample of a problem is correct independently with probability $\pi$, the chance that the problem is mixed is $1 - \pi^N - (1-\pi)^N$. Compute it for $\pi = 0.9$, $N = 8$, and say what raising $N$ does.
+
+# %% tsq_lesson="ans"
+from tsq_utils import lessons
+
+display(lessons.answer("$p = 3/8 = 0.375$.", title="Answer 1"))
+display(lessons.answer("Those with $p = 0$ (no correct response to prefer) and $p = 1$ (no wrong response to prefer "
+                       "against).", title="Answer 2"))
+display(lessons.answer(f"{((stats['c'] > 0) & (stats['c'] < stats['n'])).mean():.3f} of {len(stats)} problems: "
+                       "`((stats.c > 0) & (stats.c < stats.n)).mean()`.", title="Answer 3"))
+display(lessons.answer(f"$1 - 0.9^8 - 0.1^8$ = {1 - 0.9 ** 8 - 0.1 ** 8:.3f}. A larger $N$ makes an all-correct run "
+                       "of samples less likely, so more easy problems become mixed and give pairs.", title="Answer 4"))
+
+# %%
+# sanity checks (nbval runs these on the ci profile)
+assert len(samples) == len(problems) * S.n
+assert set(samples.columns) >= {"problem_id", "k", "sample_idx", "prompt", "text", "n_tokens", "n_think_tokens",
+                                "correct", "status", "finish_reason", "gold"}
+assert samples["correct"].eq(samples["status"] == "correct").all()
+assert not samples.loc[samples["finish_reason"] == "length", "correct"].any()
+assert read_json(stage.dir / "summary.json")["responses"] == len(samples)

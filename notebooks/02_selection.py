@@ -1,0 +1,202 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Adaptive reasoning-depth selection
+#
+# **Purpose.** Turn the graded samples of 01 into preference pairs (short correct ≻ longer wrong), choosing *how short* a preferred
+# response must be from how hard the problem is for the model.
+#
+# Pipeline: [00 base model](00_base_model.ipynb) → [01 sampling](01_sampling.ipynb) → **02 selection** → [03 KL refinement](03_kl_refinement.ipynb) → [04 DPO-L training](04_dpo_l_training.ipynb) → [05 evaluation](05_evaluation.ipynb) → [06 ablations](06_ablations.ipynb) → [07 TLDR](07_tldr.ipynb).
+#
+# ← previous: [01 sampling](01_sampling.ipynb) · next: [03 KL refinement](03_kl_refinement.ipynb) →
+#
+# *Follows:* TokenSqueeze §3.1, adaptive reasoning-depth selection. *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`selection.select_pairs`](../tsq_utils/method/selection.py), [`selection.quantile_count`](../tsq_utils/method/selection.py); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries and exercises: [`lessons`](../tsq_utils/lessons/__init__.py).
+
+# %% tags=["parameters"]
+import os
+
+profile = os.environ.get("TSQ_PROFILE", "toy")
+variant = None  # None: the profile's selection.variant; one of shortest, q_fix, q_dyn (the paper's), q_dyn_extra
+alpha = None  # None: the profile's selection.alpha (the paper: 0.2)
+max_pairs = None  # None: the profile's selection.max_pairs (the paper: M 64 per problem)
+force = False
+
+# %%
+from tsq_utils.lessons import plotting
+from tsq_utils.method import selection
+from tsq_utils.core.artifacts import load_table, save_table
+from tsq_utils.core.stage import setup_stage
+
+stage = setup_stage("selection", profile, {"selection.variant": variant, "selection.alpha": alpha,
+                                           "selection.max_pairs": max_pairs}, force=force)
+P, C = stage.profile, stage.profile.selection
+
+# %% [markdown]
+# ## The idea
+#
+# Always preferring the single shortest correct response teaches the model to cut corners on problems that need long reasoning.
+# TokenSqueeze adapts the cut to difficulty. For a problem with $N$ samples, $c$ of them correct,
+#
+# $$p = \frac{c}{N}, \qquad q = \alpha\,(1 - p), \qquad k = \max\!\big(1, \lceil q\,c \rceil\big),$$
+#
+# and the positives are the $k$ shortest correct responses $\tau_1,\dots,\tau_k$. On an easy problem ($p \to 1$) $q \to 0$: only the
+# very shortest correct response is preferred. On a hard one ($p$ small) $q$ grows and longer correct responses count as positives
+# too, so the model keeps deeper reasoning where it needs it. Each positive is paired with every *longer* incorrect response
+# $(y_w, y_l)$, at most $M$ pairs per problem (seeded subsample). Problems with $p = 0$ or $p = 1$ give no pairs: there is nothing
+# to prefer against, or nothing to prefer.
+#
+# Choices where the paper is silent: $k \ge 1$ (so $\alpha = 0$ means "shortest"); a response cut off at the token limit counts
+# as incorrect; equal length is not "longer"; ties in length go to the lower sample index. The ablation variants (06) are
+# **shortest** ($k = 1$), **q_fix** ($q$ fixed, independent of $p$), and **q_dyn_extra** (also rejecting correct responses longer
+# than 1.5× the positive, Kimi-k1.5 style).
+
+# %%
+samples = load_table(stage.require("sampling", "samples.parquet"))
+print(f"{len(samples)} responses to {samples['problem_id'].nunique()} problems; "
+      f"accuracy {samples['correct'].mean():.3f}")
+
+# %%
+inputs = {"samples": stage.dir.parent / "sampling" / "samples.parquet"}
+if not stage.is_done(inputs):
+    pairs, stats = selection.select_pairs(samples, variant=C.variant, alpha=C.alpha, q_fix=C.q_fix,
+                                          max_pairs=C.max_pairs, extra_neg_ratio=C.extra_neg_ratio, seed=stage.seed)
+    save_table(pairs, stage.dir / "pairs.parquet")
+    save_table(stats, stage.dir / "problem_stats.parquet")
+pairs, stats = load_table(stage.dir / "pairs.parquet"), load_table(stage.dir / "problem_stats.parquet")
+
+# %% [markdown] tsq_lesson="core-md"
+# ### The equation in code
+#
+# The selection count by hand, $k = \max(1, \lceil \alpha(1-p)c \rceil)$, for every problem that gave pairs, checked against what `selection.select_pairs` chose and against `selection.quantile_count`.
+
+# %% tsq_lesson="core"
+import math
+
+def k_by_hand(alpha: float, c: int, n: int) -> int:
+    p = c / n
+    return max(1, math.ceil(round(alpha * (1 - p) * c, 9))) if c else 0  # round: 0.1 * 30 is 3.0000000000000004
+
+used = stats[stats["n_pairs"] > 0]
+if C.variant in ("q_dyn", "q_dyn_extra"):
+    assert all(k_by_hand(C.alpha, r.c, r.n) == r.n_pos == selection.quantile_count(C.alpha, r.c, r.n)
+               for r in used.itertuples())
+print(f"k over the {len(used)} problems with pairs: {used['n_pos'].value_counts().sort_index().to_dict()}")
+
+# %% [markdown] tsq_lesson="heat-md"
+# ### The k × p map
+#
+# Every cell is $k$ for one $\alpha$ (rows) and one correct count $c$ (columns, $p = c/N$) at this run's $N$; the bars on top count the run's problems at each $c$. With $N = 8$ the product $\alpha(1-p)c = \alpha N p(1-p)$ never exceeds $\alpha N/4 = 2\alpha$, so $k = 1$ everywhere until $\alpha > 0.5$.
+
+# %% tsq_lesson="heat"
+fig = plotting.selection_count_figure(int(stats["n"].max()), C.alpha, stats)
+stage.save_fig(fig, "02_selection_count")
+
+# %% [markdown]
+# ## A worked example: one easy and one hard problem
+#
+# The problem with the highest and the one with the lowest correctness rate among those that gave pairs. Samples are listed
+# shortest first with their grade and the role selection gave them.
+
+# %%
+easy, hard = selection.example_problems(stats)
+for name, pid in (("easy", easy), ("hard", hard)):
+    if pid is None:
+        print("no problem gave pairs: nothing to show")
+        break
+    row = stats[stats["problem_id"] == pid].iloc[0]
+    print(f"{name}: {pid}  c={row['c']}/{row['n']}  p={row['p']:.2f}  q={row['q']:.3f}  k={row['n_pos']}  "
+          f"pairs={row['n_pairs']}")
+    display(selection.explain_problem(samples, pairs, pid))
+
+# %% [markdown]
+# ## What happened
+#
+# Left: chosen responses are much shorter than rejected ones. Right: each problem's positives relative to the mean length of its
+# correct responses, against its correctness rate. With $k > 1$ harder problems would keep longer positives; with $k = 1$ (see the
+# k × p map above) every problem keeps only its shortest correct response. The summary at the end says which happened in this run.
+
+# %%
+fig = plotting.selection_figure(pairs, stats, samples, alpha=C.alpha)
+stage.save_fig(fig, "02_selection")
+summary = selection.selection_summary(pairs, stats)
+summary
+
+# %% [markdown] tsq_lesson="live-md"
+# ### Live: α and N over the cached samples
+#
+# Move α and $N$ (the first $N$ of each problem's samples from 01); selection reruns on the cached samples, and the view shows how many positives each problem keeps and which responses of the problem with the most positives are chosen. Headless (papermill, nbval, the book) the view shows its default state, the run's own α and $N$.
+
+# %% tsq_lesson="live"
+from tsq_utils import lessons
+
+def selection_view(alpha: float, n: int):
+    """Selection on the first n samples of each problem at this alpha: k per problem and the chosen responses."""
+    sub = samples[samples["sample_idx"] < n]
+    pairs_n, stats_n = selection.select_pairs(sub, variant="q_dyn", alpha=alpha, max_pairs=C.max_pairs, seed=stage.seed)
+    return plotting.selection_live_figure(sub, pairs_n, stats_n, alpha, n)
+
+n_run = int(samples["sample_idx"].max()) + 1
+lessons.live(selection_view, alpha=lessons.slider(float(C.alpha), 0.0, 1.0, 0.05, "α"),
+             n=lessons.slider(n_run, 2, n_run, 1, "N"))
+
+# %% [markdown]
+# ## Try this
+#
+# - `alpha=0` (always the shortest) or `alpha=1` (up to all correct responses on hard problems); 06 sweeps it (the paper's Fig. 4).
+# - `variant="q_dyn_extra"` adds correct-but-long rejected responses: more length pressure, more risk to accuracy.
+
+# %%
+manifest = stage.finish(inputs, outputs=["pairs.parquet", "problem_stats.parquet"], summary=summary)
+
+# %% tsq_lesson="seen"
+from tsq_utils import lessons
+
+display(lessons.seen(lessons.seen_selection(stats, summary, C.alpha)))
+
+# %% [markdown] tsq_lesson="ex"
+# ## Exercises
+#
+# Try each before opening its answer (the answers below are computed from this run where they depend on it).
+# 1. *(warm-up)* For $c = 4$ correct of $N = 8$ samples and $\alpha = 0.2$, compute $p$, $q$ and $k$.
+# 2. *(core)* At $N = 8$, from which α on does Q-DYN first differ from Shortest (some problem with $k \ge 2$)?
+# 3. *(core)* How large must $N$ be for $\alpha = 0.2$ to give some problem $k = 2$?
+# 4. *(core)* In this run, how many problems kept more than one positive?
+# 5. *(stretch)* Q-DYN is said to keep longer positives on *hard* problems. At fixed $N$, for which $p$ is $k$ largest, and why not at the hardest problems?
+
+# %% tsq_lesson="ans"
+from tsq_utils import lessons
+
+display(lessons.answer("$p = 4/8 = 0.5$, $q = 0.2 \\cdot 0.5 = 0.1$, $q c = 0.4$, so "
+                       "$k = \\max(1, \\lceil 0.4 \\rceil) = 1$: only the shortest correct response.",
+                       title="Answer 1"))
+display(lessons.answer(f"$\\alpha (1 - c/N) c$ peaks at $c = N/2$ with value $\\alpha N/4 = 2\\alpha$; $k \\ge 2$ "
+                       f"needs it above 1, so $\\alpha > 0.5$ (at exactly 0.5, $\\lceil 1 \\rceil = 1$). "
+                       f"`lessons.min_alpha_for_two(8)` = {lessons.min_alpha_for_two(8):g}.", title="Answer 2"))
+display(lessons.answer("$\\alpha N/4 > 1$, so $N > 20$: $N \\ge 21$ (e.g. $N = 21$, $c = 10$: "
+                       "$0.2 \\cdot (11/21) \\cdot 10 = 1.05$, $k = 2$). That is 2.6 times the sampling of $N = 8$.",
+                       title="Answer 3"))
+display(lessons.answer(f"{int((used['n_pos'] > 1).sum())} of {len(used)} problems with pairs "
+                       f"(α = {C.alpha:g}, N = {int(stats['n'].max())}).", title="Answer 4"))
+display(lessons.answer("$q c = \\alpha N p (1-p)$ is largest at $p = 1/2$: $q = \\alpha(1-p)$ grows as $p$ falls, "
+                       "but $c = pN$ shrinks, so the hardest problems (few correct responses) keep only one or two "
+                       "positives.", title="Answer 5"))
+
+# %%
+# sanity checks (nbval runs these on the ci profile)
+assert summary["n_pairs"] == len(pairs)
+assert (pairs["chosen_tokens"] < pairs["rejected_tokens"]).all() or C.variant == "q_dyn_extra"
+assert stats["n_pairs"].max() <= C.max_pairs if len(stats) else True
+assert len(stats) == samples["problem_id"].nunique()

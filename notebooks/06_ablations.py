@@ -1,0 +1,321 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Ablations: what each part of TokenSqueeze buys
+#
+# **Purpose.** Rerun the pipeline with one part changed at a time, and regenerate the paper's Tables 2–4 and Fig. 4 (plus three
+# sweeps the paper lacks: ε, the sign of the length margin, and η), each row side by side with the paper's 7B numbers.
+#
+# Pipeline: [00 base model](00_base_model.ipynb) → [01 sampling](01_sampling.ipynb) → [02 selection](02_selection.ipynb) → [03 KL refinement](03_kl_refinement.ipynb) → [04 DPO-L training](04_dpo_l_training.ipynb) → [05 evaluation](05_evaluation.ipynb) → **06 ablations** → [07 TLDR](07_tldr.ipynb).
+#
+# ← previous: [05 evaluation](05_evaluation.ipynb) · next: [07 TLDR](07_tldr.ipynb) →
+#
+# *Follows:* TokenSqueeze's ablations: Tables 2–4 and Fig. 4. *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`ablations.run_rows`](../tsq_utils/ablations/runner.py), [`ablations.aggregate`](../tsq_utils/ablations/report.py), [`ablations.findings`](../tsq_utils/ablations/report.py) (the rows, cache, runner and report of [`ablations`](../tsq_utils/ablations/__init__.py)); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries and exercises: [`lessons`](../tsq_utils/lessons/__init__.py).
+
+# %% tags=["parameters"]
+import os
+
+profile = os.environ.get("TSQ_PROFILE", "toy")
+# rows: None for every row; or the names or groups to (re)run, e.g. ["table4/dpo"] or ["table2", "alpha"]
+# (the tables show every cached row)
+rows = None
+seeds = None  # None: the profile's ablations.seeds (training seeds of the headline rows; every other row trains once)
+n_eval_problems = None  # None: ablations.n_eval_problems (the first n evaluation problems; 0: all of notebook 05's)
+n_eval_samples = None  # None: ablations.n_eval_samples (responses per problem; 0: evaluation.n_samples, as 05)
+max_steps = None  # None: ablations.max_steps (optimizer steps per trained row; 0: training.epochs in full, as 04)
+# batch_size: pairs per optimizer step of every trained row (0: training.batch_size, as 04)
+batch_size = None  # None: ablations.batch_size
+lr = None  # None: ablations.lr (learning rate of every trained row; 0: training.lr, as 04)
+alphas = None  # None: ablations.alphas (Fig. 4; the profile's selection.alpha is always added)
+epsilons = None  # None: ablations.epsilons (the profile's epsilon and the no-KL rewrite, eps inf, are always added)
+etas = None  # None: ablations.etas (the profile's training.eta is always added)
+force = False  # True: recompute the selected rows' stages instead of reusing the cache
+
+# %%
+import pandas as pd
+from IPython.display import Markdown, display
+from tsq_utils import ablations
+from tsq_utils.method import evaluation
+from tsq_utils.lessons import plotting
+from tsq_utils.core.artifacts import atomic_write_text, read_json, save_table
+from tsq_utils.core.stage import setup_stage
+
+stage = setup_stage("ablations", profile, {
+    "rows": rows, "ablations.seeds": seeds, "ablations.n_eval_problems": n_eval_problems,
+    "ablations.n_eval_samples": n_eval_samples, "ablations.max_steps": max_steps, "ablations.batch_size": batch_size,
+    "ablations.lr": lr, "ablations.alphas": alphas, "ablations.epsilons": epsilons, "ablations.etas": etas,
+}, force=force)
+P, A = stage.profile, stage.profile.ablations
+
+# %% [markdown]
+# ## The idea
+#
+# An ablation changes one part of the method and keeps the rest, so a difference in accuracy or length can be blamed on that part.
+# Every *row* below is the whole pipeline (selection → refinement → training → evaluation) on the same samples from 01, with the same
+# evaluation problems and seeds:
+#
+# | table | varies | keeps | the paper's finding (7B, AIME24) |
+# |---|---|---|---|
+# | **Table 2** selection | Shortest ($k=1$), Q-FIX ($q$ fixed), Q-DYN ($q=\alpha(1-p)$), Q-DYN + extra negatives | no refinement, DPO-L + SFT | Q-DYN best (57.3); Shortest and extra negatives shorter but worse |
+# | **Table 3** refinement | none, KL-constrained, rewrite *without* the KL check | Q-DYN, DPO-L + SFT | KL refinement shortens at no cost (6190 → 5157 tokens); a free rewrite collapses (39.1) |
+# | **Table 4** objective | DPO, SFT, DPO + SFT, DPO-L + SFT | Q-DYN, KL refinement | pure DPO collapses (48.3); SFT alone stays long (5734) |
+# | **Fig. 4** α | $\alpha \in \{0, 0.1, 0.2, 0.3, 0.5, 1\}$ | Q-DYN, no refinement | $\alpha = 0.2$ best |
+# | ε, sign, η (new) | the KL threshold, the sign $s$ of the length margin, the DPO-L weight $\eta$ | everything else | — |
+#
+# The objectives are points of one family, $\mathcal{L} = \eta\,\mathcal{L}_{\text{DPO-L}} + (1-\eta)\,\mathcal{L}_{\text{SFT}}$ with
+# $\mathcal{L}_{\text{DPO-L}} = -\log\sigma\big(\beta\Delta + s\,\lambda\log\frac{\ell(y_l)}{\ell(y_w)}\big)$: **DPO** is $\eta=1, \lambda=0$; **SFT** is
+# $\eta=0$; **DPO + SFT** is $\lambda=0$; **DPO-L + SFT** is the profile's $\eta=0.5, \lambda=1$. The paper's outside-LLM rewrite is
+# replaced by the same step-wise resampling with $\varepsilon=\infty$: the shortest shorter candidate of every step is taken, whatever
+# it does to the model's view of the rest of the solution.
+#
+# **Caching.** Each stage of a row is stored under `runs/<profile>/ablations/cache/<key>/`, where the key hashes exactly the inputs
+# that decide it (the samples, the selection parameters the variant reads, the refinement and training parameters, the seeds, the
+# evaluation settings). Rows that share a prefix share its work: Table 3's "none" *is* Table 2's Q-DYN and Fig. 4's α = 0.2, and
+# α = 0 *is* Shortest ($q = 0$ gives $k = 1$). The default row reuses notebooks 02–04's pairs, refined pairs and model when their
+# inputs match, and a rerun of this notebook is instant. **Seeds.** Selection, refinement and evaluation use the pipeline's stage
+# seeds for every row; the headline rows are trained with several training seeds (± = SD over them, the evaluation seed fixed), the
+# others once.
+
+# %%
+ctx = ablations.make_context(P, stage.run_dir)
+all_rows = ablations.build_rows(P)
+selected = ablations.select_rows(all_rows, rows)
+print(f"{len(ctx.samples)} samples from 01 ({ctx.samples['problem_id'].nunique()} problems), reused by every row; "
+      "evaluation: " + ", ".join(f"{b} x {len(p)}" for b, p in ctx.problems.items())
+      + f" problems x {ctx.eval_n} responses; {len(selected)} of {len(all_rows)} rows selected "
+      f"(headline rows with {A.seeds} training seeds: {A.headline})")
+ablations.plan(ctx, selected)
+
+# %% [markdown]
+# ## A worked example: one row, and what it shares
+#
+# The cache keys of a few rows, one column per stage. Equal keys are shared work: the first three rows are one and the same
+# pipeline, so are Shortest and α = 0, and Table 4's DPO row reuses the pairs and refined pairs of the KL row, differing only
+# from the model on. Refinement has two stages: *scored* draws every step's candidates and computes their KLs (the expensive
+# half, which does not depend on ε), *refined* keeps the candidates under ε and regrades the result. The ε sweep and the no-KL
+# rewrite therefore share one scored entry (usually notebook 03's own step log) and cost almost nothing before training.
+#
+# Keys are made from settings, so they cannot see that two different settings pick the same pairs. At N = 8 samples, for instance,
+# $k=\lceil \alpha(1-p)c\rceil$ is 1 for every problem unless α is large, and Q-DYN then picks exactly Shortest's positives. Before
+# training, a row looks the *content* of its pairs up (with its training settings and seed): a row whose twin already trained links
+# that model and its results instead of training again (its source then reads "same pairs and settings as …").
+#
+
+# %%
+lookup = {r.name: r for r in all_rows if r.seed == 0}
+lookup.setdefault("alpha/0", ablations.make_row(P, "alpha/0", "α = 0", variant="q_dyn", alpha=0.0, refine="off",
+                                                x=0.0))
+ex_names = ["table2/q_dyn", "table3/none", "alpha/0.2", "table2/shortest", "alpha/0", "table3/kl", "table4/dpo"]
+ex_rows = [lookup[n] for n in ex_names if n in lookup]
+keys = pd.DataFrame([{"row": r.name, **{k: v[:10] for k, v in ablations.row_keys(ctx, r).items()}}
+                     for r in ex_rows]).set_index("row")
+display(ablations.describe_rows(ex_rows).set_index("name"))
+keys.fillna("(no refinement)")
+
+# %% [markdown]
+# Running one row: Table 4's pure DPO ($\eta = 1$, $\lambda = 0$: no length margin, no SFT anchor). Each stage says whether it was
+# computed, taken from the cache, or adopted from the pipeline's own notebooks.
+
+# %%
+ex = next(r for r in all_rows if r.name == "table4/dpo" and r.seed == 0)
+rec = ablations.run_row(ctx, ex, force=force)
+print(ex.training)
+display(pd.Series(rec["sources"], name="source").to_frame())
+ablations.summarize(ctx, [ex])[["name", "benchmark", "acc", "acc_se", "len_t", "auc", "acc_hard", "n_pairs",
+                                "train_steps"]]
+
+# %% [markdown]
+# ## At scale
+#
+# Every selected row, with a progress bar. A row whose stages are all cached costs a few key computations; a failing row does not
+# stop the others (the error lists them at the end). The tables below show every row that has results, selected or not.
+
+# %%
+done = ablations.run_rows(ctx, selected, force=force)
+summary = ablations.summarize(ctx, all_rows)
+tables = {g: ablations.aggregate(summary, g, all_rows, benchmarks=list(ctx.problems)) for g in ablations.TABLE_FILES}
+paths = ablations.save_tables(tables, stage.figures, ablations.TITLES)
+base = ablations.aggregate(summary, "base", all_rows, benchmarks=list(ctx.problems)).iloc[0]
+sources = pd.Series(done.drop(columns=["name", "seed"]).values.ravel()).dropna().value_counts()
+print(f"{len(done)} row runs; sources: " + ", ".join(f"{k} {v}" for k, v in sources.items()))
+print("seconds per computed entry (this profile's per-row costs):")
+ablations.costs(ctx)
+
+# %% [markdown] tsq_lesson="core-md"
+# ### The table in code
+#
+# Every line of every table is a mean over training seeds with its SD ($\text{ddof} = 1$) where a row has several; by hand from the per-seed summary, checked against `ablations.aggregate`.
+
+# %% tsq_lesson="core"
+import math
+
+for g, t in tables.items():
+    for _, r in t.dropna(subset=["acc"]).iterrows():
+        x = summary.loc[(summary["name"] == r["name"]) & (summary["benchmark"] == r["benchmark"]), "acc"]
+        mean = x.sum() / len(x)
+        sd = math.sqrt(((x - mean) ** 2).sum() / (len(x) - 1)) if len(x) > 1 else float("nan")
+        assert len(x) == r["n_seeds"] and math.isclose(mean, r["acc"], rel_tol=1e-9)
+        assert ((len(x) == 1 and r["acc_sd"] != r["acc_sd"])
+                or math.isclose(sd, r["acc_sd"], rel_tol=1e-9, abs_tol=1e-12))
+print("seeds per row:",
+      {r["name"]: int(r["n_seeds"]) for t in tables.values() for _, r in t.iterrows() if r["n_seeds"] > 1})
+
+# %% [markdown]
+# ## What happened
+#
+# ### Table 2 · selection
+#
+# Accuracy overall and on the harder half of the problems (higher $k$). The paper finds that always preferring the very shortest
+# answer teaches the model to cut corners on hard problems; at $N = 8$ samples, though, Shortest and Q-DYN select the same pairs here
+# (k = 1 everywhere), and the figures mark such rows "same model". Len-T is the mean length of correct responses; ΔLen-T is against the base model.
+
+# %%
+display(Markdown(ablations.table_markdown(tables["table2"], ablations.TITLES["table2"])))
+res2 = ablations.row_results(ctx, [r for r in all_rows if r.group in ("table2", "base")])
+if len(res2) and res2["k"].nunique() > 1:
+    by_k = evaluation.by_difficulty(res2)
+    stage.save_fig(plotting.by_difficulty_figure(by_k), "06_table2_by_difficulty")
+    display(by_k["acc"].unstack("model").round(3))
+
+# %% [markdown]
+# ### Table 3 · refinement and Table 4 · objective
+
+# %%
+display(Markdown(ablations.table_markdown(tables["table3"], ablations.TITLES["table3"])))
+display(Markdown(ablations.table_markdown(tables["table4"], ablations.TITLES["table4"])))
+fig = plotting.ablation_tradeoff_figure({g: tables[g] for g in ("table2", "table3", "table4")}, ablations.TITLES,
+                                       base)
+stage.save_fig(fig, "06_tables_tradeoff")
+
+# %% [markdown]
+# ### Fig. 4 · the α sweep
+#
+# Small α keeps only the shortest correct responses as positives; large α lets longer ones in on hard problems. The paper finds
+# α = 0.2 best, with both ends worse.
+
+# %%
+display(Markdown(ablations.table_markdown(tables["alpha"], ablations.TITLES["alpha"])))
+fig = plotting.ablation_sweep_figure(tables["alpha"], "α", ablations.TITLES["alpha"], base=base, mark=P.selection.alpha)
+stage.save_fig(fig, "fig4_alpha_sweep", pdf=True)
+
+# %% [markdown]
+# ### New sweeps: ε, the margin sign, η
+#
+# ε is the KL budget of a rewritten step: larger ε accepts more (and shorter) rewrites, $\varepsilon=\infty$ accepts the shortest
+# candidate every time. The paper has no ε sweep; its steps get 35.1 → 30.6 tokens at ε = 0.005.
+
+# %%
+display(Markdown(ablations.table_markdown(tables["epsilon"], ablations.TITLES["epsilon"])))
+fig = plotting.ablation_sweep_figure(tables["epsilon"], "ε (per-token mean KL)", ablations.TITLES["epsilon"], logx=True,
+                                     base=base, extra=[("tokens_per_step_after", "tokens per step (chosen responses)")],
+                                     mark=P.refinement.epsilon)
+stage.save_fig(fig, "06_epsilon_sweep")
+
+# %% [markdown]
+# The sign $s$ of the length term is ambiguous in the paper ($s=-1$: the length gap is a margin the policy must beat; $s=+1$: a head
+# start). η trades the DPO-L term against the SFT anchor ($\eta = 0$ is SFT, $\eta = 1$ DPO-L alone).
+
+# %%
+display(Markdown(ablations.table_markdown(tables["sign"], ablations.TITLES["sign"])))
+display(Markdown(ablations.table_markdown(tables["eta"], ablations.TITLES["eta"])))
+fig = plotting.ablation_sweep_figure(tables["eta"], "η (weight of DPO-L; 1 − η on SFT)", ablations.TITLES["eta"],
+                                     base=base, mark=P.training.eta)
+stage.save_fig(fig, "06_eta_sweep")
+
+# %% [markdown]
+# ## Closing note: which of the paper's findings the toy world reproduces
+#
+# Each finding is checked in the paper's direction: **yes** when the difference goes that way by more than two standard errors
+# (SD over training seeds / √seeds for the headline rows, the evaluation SE for rows trained once), **direction only** when it goes
+# that way within the noise, **no** when it goes the other way. The toy world is a ~1M-parameter reasoner on chain arithmetic,
+# evaluated on a few hundred responses per row: a "direction only" is not evidence either way, and the paper's numbers are a 7B model
+# on AIME24.
+
+# %%
+found = ablations.findings(tables)
+display(Markdown(ablations.findings_markdown(found)))
+
+# %% [markdown]
+# ## Try this
+#
+# - `rows=["table4"]` with `seeds=5`: rerun one table with more training seeds (cached rows are not retrained).
+# - `n_eval_problems=0, n_eval_samples=0`: evaluate every row at notebook 05's size (slower; the standard errors shrink, and the
+#   default row then reuses 05's own results).
+# - `epsilons=[0.0005, 0.05, 0.5]`: where does refinement start to hurt? `alphas=[0.05, 0.15, 0.25]`: zoom in on the optimum.
+# - `max_steps=20`: a shorter training budget per row (a cheaper, weaker ablation: the effects shrink with it).
+# - `max_steps=0, batch_size=0, lr=0`: every row trained exactly as notebook 04 (on toy about 46 minutes instead of 5; pure DPO
+#   then collapses to about a third of its accuracy, as in the paper).
+
+# %%
+save_table(summary, stage.dir / "summary.parquet")
+atomic_write_text(stage.dir / "tables.md",
+                  "\n\n".join(ablations.table_markdown(t, ablations.TITLES[g]) for g, t in tables.items())
+                  + "\n\n" + ablations.findings_markdown(found) + "\n")
+run_summary = {"rows_run": len(done), "rows_with_results": int(summary["name"].nunique()),
+               "plan": ablations.plan(ctx, selected).to_dict(orient="index"),
+               "seconds_per_entry": ablations.costs(ctx).to_dict(orient="index"),
+               "findings": found.drop(columns=["difference", "se"]).to_dict(orient="records"),
+               "figures": [p.name for p in paths], "tokens_counted": "completion tokens (thinking + answer)"}
+# the inputs and outputs the stage table (core/pipeline.py) declares for this stage
+manifest = stage.finish(stage.inputs(), outputs=list(stage.spec.outputs), summary=run_summary)
+
+# %% tsq_lesson="seen"
+from tsq_utils import lessons
+
+display(lessons.seen(lessons.seen_ablations(tables)))
+
+# %% [markdown] tsq_lesson="ex"
+# ## Exercises
+#
+# Try each before opening its answer (the answers below are computed from this run where they depend on it).
+# 1. *(warm-up)* Which rows of this run trained one and the same model, and why?
+# 2. *(core)* A row trained with 3 seeds reads 95.5 ± 2.4 (SD). What is the standard error of its mean?
+# 3. *(core)* How many standard errors apart are pure DPO and DPO-L + SFT in this run?
+# 4. *(stretch)* What $N$ (samples per problem in 01) would let the α sweep show anything at α = 0.2, and what would it cost?
+
+# %% tsq_lesson="ans"
+from tsq_utils import lessons
+
+every_line = pd.concat([t.assign(group=k) for k, t in tables.items()]).dropna(subset=["acc"])
+one_model = "; ".join(" = ".join(sorted(g["label"])) for _, g in every_line.groupby(["acc", "len_t", "n_pairs"])
+                      if len(g) > 1)
+display(lessons.answer(
+    "Rows with identical results, i.e. one trained model: " + one_model + ". The profile's own settings recur in "
+    "several sweeps (the same row), and at N = 8 k = 1 for every problem unless α > 0.5, so Shortest, Q-DYN and "
+    "every α ≤ 0.5 select the very same pairs.", title="Answer 1"))
+display(lessons.answer("$2.4/\\sqrt{3} \\approx 1.39$ points.", title="Answer 2"))
+f0 = found.iloc[0]
+if f0["se"] == f0["se"] and f0["se"] > 0:
+    answer3 = (f"{f0['finding']}: {f0['ours']}, SE {f0['se']:.1f} points, so {abs(f0['difference']) / f0['se']:.1f} "
+               f"SEs apart; reproduced: {f0['reproduced']}.")
+else:
+    answer3 = f"{f0['finding']}: {f0['ours']} (no SE in this run)."
+display(lessons.answer(answer3, title="Answer 3"))
+display(lessons.answer("$\\alpha N/4 > 1$ at α = 0.2 needs $N \\ge 21$: 2.6 times notebook 01's sampling at N = 8, "
+                       "and every α row then trains a different model.", title="Answer 4"))
+
+# %%
+# sanity checks (nbval runs these on the ci profile)
+again = ablations.run_rows(ctx, selected, progress=False)  # everything is cached now: nothing may be recomputed
+assert (again.drop(columns=["name", "seed"]).fillna("cached") == "cached").all().all()
+assert set(summary["name"]) >= {r.name for r in selected}
+for g, n in (("table2", 4), ("table3", 3), ("table4", 4)):
+    assert len(tables[g]) == n * len(ctx.problems) and tables[g]["acc"].between(0, 1).all(), g
+assert tables["table4"].set_index("name").loc["table4/dpo", "paper_acc"] == 0.483
+head = [r for r in selected if ablations.matches(r, A.headline)]
+assert all(summary[summary["name"] == r.name]["seed"].nunique() == A.seeds for r in head)
+assert (stage.figures / "table2_selection.md").exists()
+assert read_json(stage.dir / "summary.json")["rows_run"] == len(done)

