@@ -80,23 +80,6 @@ print(f"{len(problems)} training problems; difficulty counts: {problems['k'].val
 problems.head(3)
 
 # %% [markdown]
-# ## A worked example
-#
-# One training problem, $N$ samples: their lengths, grades, and the steps of the shortest correct one.
-
-# %%
-one = problems.iloc[[len(problems) // 2]]
-demo = sampling.sample_and_grade(model, tok, one, n=S.n, temperature=S.temperature, top_p=S.top_p,
-                                 max_new_tokens=S.max_new_tokens, seed=stage.seed + 7, grader=task.grader,
-                                 backend=S.backend, progress=False)
-print(one["problem"].iloc[0], " gold:", one["gold"].iloc[0], f"  p = {demo['correct'].mean():.2f}")
-demo[["sample_idx", "n_tokens", "status", "finish_reason"]]
-
-# %%
-best = demo[demo["correct"]].sort_values("n_tokens").head(1)
-print(best["text"].iloc[0] if len(best) else "(no correct sample for this problem)")
-
-# %% [markdown]
 # ## At scale
 #
 # All training problems, $N$ samples each, batched (one `generate` call per batch of rows, seeded per batch). The samples table is
@@ -113,6 +96,24 @@ samples = load_table(stage.dir / "samples.parquet")
 stats = sampling.per_problem_stats(samples)
 sampling.summary_by_k(samples).round(3)
 
+# %% [markdown]
+# ## A worked example
+#
+# One training problem with both correct and wrong samples ($0 < p < 1$, the kind that gives preference pairs), chosen by rule
+# from the samples table: $p$ nearest 1/2, then the widest spread of lengths. Its $N$ samples shortest first, and the shortest
+# correct one in full.
+
+# %%
+from tsq_utils import lessons
+
+example_id = lessons.mixed_example(stats)
+print(lessons.mixed_example_note(stats, samples, example_id))
+if example_id is not None:
+    demo = samples[samples["problem_id"] == example_id].sort_values(["n_tokens", "sample_idx"], kind="stable")
+    print(problems.set_index("problem_id").loc[example_id, "problem"], " gold:", demo["gold"].iloc[0])
+    display(demo[["sample_idx", "n_tokens", "status", "finish_reason"]])
+    print(demo.loc[demo["correct"], "text"].iloc[0])
+
 # %% [markdown] tsq_lesson="core-md"
 # ### The equation in code
 #
@@ -128,19 +129,23 @@ print(f"{len(p_by_hand)} problems; p takes the values {sorted(p_by_hand.unique()
 # %% [markdown]
 # ## What happened
 #
-# Left: how the correctness rate $p$ spreads per difficulty. Easy problems pile up at $p = 1$ (they will give no preference pairs:
-# there is no wrong answer to prefer against), hard ones spread out. Right: correct responses come in a wide range of lengths; the
-# short end of that range is what TokenSqueeze wants the model to produce.
+# Left: how the correctness rate $p$ spreads per difficulty; problems at $p = 1$ give no preference pairs (there is no wrong
+# answer to prefer against). Right: the lengths of the correct responses; the short end of that range is what TokenSqueeze wants
+# the model to produce. The line under the figure says, from this run's numbers, where the all-correct problems sit.
 
 # %%
 fig = plotting.sampling_figure(samples, stats, S.temperature)
 stage.save_fig(fig, "01_sampling")
+print(lessons.all_correct_by_difficulty(stats))
 
 # %% [markdown]
 # ## Try this
 #
-# - Raise `n_samples`: more problems get both correct and wrong samples (more pairs in 02), and the shortest correct sample gets shorter.
-# - Lower `temperature`: accuracy rises, the spread of lengths shrinks, and more problems end up all-correct.
+# What to expect (not measured in this run; rerun to see it):
+# - Raise `n_samples`: a problem is all correct with probability $\pi^N$, which falls with $N$, so expect more mixed problems
+#   (more pairs in 02); the minimum of more samples is never longer in expectation, so expect a shorter shortest correct sample.
+# - Lower `temperature`: the model's likeliest (greedy) answer gets more weight, so expect higher accuracy, a narrower spread of
+#   lengths and more all-correct problems.
 
 # %%
 summary = sampling.sampling_summary(samples)
@@ -180,3 +185,5 @@ assert set(samples.columns) >= {"problem_id", "k", "sample_idx", "prompt", "text
 assert samples["correct"].eq(samples["status"] == "correct").all()
 assert not samples.loc[samples["finish_reason"] == "length", "correct"].any()
 assert read_json(stage.dir / "summary.json")["responses"] == len(samples)
+if profile == "toy":  # the worked example must show a problem that gives pairs
+    assert example_id is not None and 0 < float(stats.set_index("problem_id").loc[example_id, "p"]) < 1

@@ -47,16 +47,27 @@ P, C = stage.profile, stage.profile.selection
 # %% [markdown]
 # ## The idea
 #
-# Always preferring the single shortest correct response teaches the model to cut corners on problems that need long reasoning.
-# TokenSqueeze adapts the cut to difficulty. For a problem with $N$ samples, $c$ of them correct,
+# The paper's claim (§3.1): always preferring the single shortest correct response teaches the model to cut corners on problems
+# that need long reasoning, so TokenSqueeze adapts the cut to difficulty. Whether this run can show that depends on $k$ below.
+# For a problem with $N$ samples, $c$ of them correct,
 #
 # $$p = \frac{c}{N}, \qquad q = \alpha\,(1 - p), \qquad k = \max\!\big(1, \lceil q\,c \rceil\big),$$
 #
 # and the positives are the $k$ shortest correct responses $\tau_1,\dots,\tau_k$. On an easy problem ($p \to 1$) $q \to 0$: only the
-# very shortest correct response is preferred. On a hard one ($p$ small) $q$ grows and longer correct responses count as positives
-# too, so the model keeps deeper reasoning where it needs it. Each positive is paired with every *longer* incorrect response
+# very shortest correct response is preferred. On a harder one ($p$ smaller) $q$ grows, and once $q\,c > 1$ longer correct
+# responses count as positives too: the paper's way of keeping deeper reasoning where it is needed. Each positive is paired with
+# every *longer* incorrect response
 # $(y_w, y_l)$, at most $M$ pairs per problem (seeded subsample). Problems with $p = 0$ or $p = 1$ give no pairs: there is nothing
 # to prefer against, or nothing to prefer.
+#
+# **When does $k \ge 2$ happen at all?** With $c = pN$, $q\,c = \alpha(1-p)\,pN$, and $k \ge 2$ needs $\lceil q c \rceil \ge 2$,
+# i.e. $\alpha\,p(1-p)\,N > 1$. Since $p(1-p) \le 1/4$ (equality at $p = 1/2$), that needs $\alpha N/4 > 1$:
+#
+# $$k \ge 2 \text{ for some problem} \iff \alpha > \min_{0<c<N} \frac{1}{(1-c/N)\,c} \;\ge\; \frac{4}{N}.$$
+#
+# At the paper's $\alpha = 0.2$ that means $N \ge 21$; at $N = 8$ it means $\alpha > 0.5$; below that Q-DYN selects exactly what
+# Shortest selects. The map of $k$ over $(p, N)$ further down shows it for this run's $\alpha$, with a warning when this run is
+# below the line.
 #
 # Choices where the paper is silent: $k \ge 1$ (so $\alpha = 0$ means "shortest"); a response cut off at the token limit counts
 # as incorrect; equal length is not "longer"; ties in length go to the lower sample index. The ablation variants (06) are
@@ -98,24 +109,45 @@ print(f"k over the {len(used)} problems with pairs: {used['n_pos'].value_counts(
 # %% [markdown] tsq_lesson="heat-md"
 # ### The k × p map
 #
-# Every cell is $k$ for one $\alpha$ (rows) and one correct count $c$ (columns, $p = c/N$) at this run's $N$; the bars on top count the run's problems at each $c$. With $N = 8$ the product $\alpha(1-p)c = \alpha N p(1-p)$ never exceeds $\alpha N/4 = 2\alpha$, so $k = 1$ everywhere until $\alpha > 0.5$.
+# Every cell is $k$ for one $\alpha$ (rows) and one correct count $c$ (columns, $p = c/N$) at this run's $N$; the bars on top count the run's problems at each $c$. The product $\alpha(1-p)c = \alpha N p(1-p)$ never exceeds $\alpha N/4$, so at this $N$ a row is all 1 unless $\alpha > 4/N$ (at $N = 8$: $\alpha > 0.5$).
 
 # %% tsq_lesson="heat"
 fig = plotting.selection_count_figure(int(stats["n"].max()), C.alpha, stats)
 stage.save_fig(fig, "02_selection_count")
 
 # %% [markdown]
-# ## A worked example: one easy and one hard problem
+# ### k over (p, N) at this run's α
 #
-# The problem with the highest and the one with the lowest correctness rate among those that gave pairs. Samples are listed
-# shortest first with their grade and the role selection gave them.
+# Every point is one correct count $c$ at one $N$ ($p = c/N$), coloured by $k$; the black curve is $\alpha N p(1-p) = 1$, above
+# which $k \ge 2$; the dashed line is this run's $N$. Below the figure: a warning when this run's $N$ and $\alpha$ make Q-DYN
+# identical to Shortest (printed only then).
 
 # %%
-easy, hard = selection.example_problems(stats)
-for name, pid in (("easy", easy), ("hard", hard)):
+from tsq_utils import lessons
+
+n_run = int(stats["n"].max())
+fig = plotting.k_over_p_n_figure(C.alpha, n_run)
+stage.save_fig(fig, "02_k_over_p_n")
+if C.variant in ("q_dyn", "q_dyn_extra"):
+    print(lessons.qdyn_shortest_warning(n_run, C.alpha)
+          or f"N = {n_run}, α = {C.alpha:g}: above the curve, so problems near p = 1/2 can keep k ≥ 2 positives.")
+
+# %% [markdown]
+# ## A worked example: k ≥ 2 beside k = 1
+#
+# The problem with the most positives ($k \ge 2$, then $p$ nearest 1/2) beside a $k = 1$ problem of similar $p$, when this run
+# has such a problem; otherwise the highest-$p$ and lowest-$p$ problems with pairs, and the sentence says there is none. Samples
+# are listed shortest first with their grade and the role selection gave them.
+
+# %%
+print(lessons.depth_example_note(stats, C.alpha))
+deep, shallow = lessons.depth_examples(stats)
+shown = (("k ≥ 2", deep), ("k = 1", shallow)) if deep is not None else \
+    tuple(zip(("highest p", "lowest p"), selection.example_problems(stats)))
+for name, pid in shown:
     if pid is None:
-        print("no problem gave pairs: nothing to show")
-        break
+        print(f"{name}: no such problem with pairs in this run")
+        continue
     row = stats[stats["problem_id"] == pid].iloc[0]
     print(f"{name}: {pid}  c={row['c']}/{row['n']}  p={row['p']:.2f}  q={row['q']:.3f}  k={row['n_pos']}  "
           f"pairs={row['n_pairs']}")
@@ -124,9 +156,10 @@ for name, pid in (("easy", easy), ("hard", hard)):
 # %% [markdown]
 # ## What happened
 #
-# Left: chosen responses are much shorter than rejected ones. Right: each problem's positives relative to the mean length of its
-# correct responses, against its correctness rate. With $k > 1$ harder problems would keep longer positives; with $k = 1$ (see the
-# k × p map above) every problem keeps only its shortest correct response. The summary at the end says which happened in this run.
+# Left: the lengths of chosen and rejected responses (the summary below gives their means). Right: each problem's positives
+# relative to the mean length of its correct responses, against its correctness rate. Where $k > 1$ (problems near $p = 1/2$,
+# above the curve of the $(p, N)$ map) a problem also keeps positives longer than its shortest correct response; with $k = 1$
+# every problem keeps only its shortest correct response. The summary at the end says which happened in this run.
 
 # %%
 fig = plotting.selection_figure(pairs, stats, samples, alpha=C.alpha)
@@ -148,15 +181,16 @@ def selection_view(alpha: float, n: int):
     pairs_n, stats_n = selection.select_pairs(sub, variant="q_dyn", alpha=alpha, max_pairs=C.max_pairs, seed=stage.seed)
     return plotting.selection_live_figure(sub, pairs_n, stats_n, alpha, n)
 
-n_run = int(samples["sample_idx"].max()) + 1
 lessons.live(selection_view, alpha=lessons.slider(float(C.alpha), 0.0, 1.0, 0.05, "α"),
              n=lessons.slider(n_run, 2, n_run, 1, "N"))
 
 # %% [markdown]
 # ## Try this
 #
-# - `alpha=0` (always the shortest) or `alpha=1` (up to all correct responses on hard problems); 06 sweeps it (the paper's Fig. 4).
-# - `variant="q_dyn_extra"` adds correct-but-long rejected responses: more length pressure, more risk to accuracy.
+# - `alpha=0` (always the shortest) or `alpha=1` ($k = \lceil (1-p)c \rceil$, at most $\lceil N/4 \rceil$); 06 sweeps it (the
+#   paper's Fig. 4).
+# - `variant="q_dyn_extra"` adds correct-but-long rejected responses: meant as more length pressure; in the paper (7B) it costs
+#   accuracy (AIME24 52.3 vs Q-DYN's 57.3), and 06 measures whether it does here.
 
 # %%
 manifest = stage.finish(inputs, outputs=["pairs.parquet", "problem_stats.parquet"], summary=summary)

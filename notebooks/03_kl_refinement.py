@@ -17,7 +17,8 @@
 # # 03 · KL-constrained intra-step refinement
 #
 # **Purpose.** Make each preferred response shorter *inside* its steps, by rewriting each step with the model itself and keeping a
-# rewrite only if the model's view of everything that follows barely changes.
+# rewrite only if the model's view of everything that follows barely changes. (That is the method's aim; the worked example and the
+# summary at the end say, from this run's numbers, how much it did here.)
 #
 # Pipeline: [00 base model](00_base_model.ipynb) → [01 sampling](01_sampling.ipynb) → [02 selection](02_selection.ipynb) → **03 KL refinement** → [04 DPO-L training](04_dpo_l_training.ipynb) → [05 evaluation](05_evaluation.ipynb) → [06 ablations](06_ablations.ipynb) → [07 TLDR](07_tldr.ipynb).
 #
@@ -80,28 +81,6 @@ model, tok = base_model.load_base(stage.run_dir, P)
 print(f"{len(pairs)} pairs, {pairs['chosen'].nunique()} distinct chosen responses")
 
 # %% [markdown]
-# ## A worked example: one response, step by step
-#
-# Each original step, then its candidates (shortest first) with their tokens and KL; `kept` marks the text that ends up in the
-# refined response (the analogue of the paper's Figures 2 and 5–7).
-
-# %%
-import pandas as pd
-
-pd.set_option("display.max_colwidth", 90)
-if len(pairs):
-    ex = pairs.sort_values(["chosen_tokens", "problem_id"], ascending=[False, True]).iloc[len(pairs) // 2]
-    grade_fn = refinement.grader_factory(samples, grader)(ex)
-    res = refinement.refine_response(model, tok, ex["prompt"], ex["chosen"], n_candidates=R.n_candidates,
-                                     window=R.window, epsilon=R.epsilon, reduction=R.kl_reduction,
-                                     temperature=R.temperature, max_step_tokens=R.max_step_tokens, seed=stage.seed,
-                                     grade_fn=grade_fn, batch_size=R.batch_size)
-    print(f"{res.n_tokens_original} -> {res.n_tokens} tokens, {res.n_accepted} of {len(res.steps)} steps rewritten"
-          + (f", reverted ({res.revert_reason})" if res.reverted else ""))
-    display(refinement.step_table(res))
-    print(res.text)
-
-# %% [markdown]
 # ## At scale
 #
 # Every distinct chosen response (or the first `max_responses`), with a progress bar. The per-step log keeps every candidate's
@@ -121,6 +100,21 @@ if not stage.is_done(inputs):
 refined, step_log = load_table(stage.dir / "refined_pairs.parquet"), load_table(stage.dir / "step_log.parquet")
 summary = refinement.refinement_summary(step_log, refined)
 summary
+
+# %% [markdown]
+# ## A worked example: one accepted and one rejected candidate
+#
+# Chosen from the step log by rule: the kept rewrite that saves the most tokens, and the nearest miss above ε (from the same step
+# when that step had one), each beside its original step with its window KL (the analogue of the paper's Figures 2 and 5–7).
+# When nothing was accepted, the sentence says so.
+
+# %%
+import pandas as pd
+
+pd.set_option("display.max_colwidth", 90)
+examples = lessons.kl_examples(step_log, refined, R.epsilon)
+print(lessons.kl_example_note(examples, R.epsilon, lessons.count_scored(step_log)))
+examples
 
 # %% [markdown] tsq_lesson="core-md"
 # ### The equation in code: the windowed KL of one step
@@ -199,12 +193,14 @@ if pick is not None:
 # %% [markdown]
 # ## Try this
 #
-# - Raise `epsilon` (e.g. 0.05): more rewrites pass, steps get shorter, and the rewritten traces drift further from what the model
-#   would have said next; 06 sweeps ε, which the paper does not. Cheaper than a rerun:
+# - Raise `epsilon` (e.g. 0.05): the accepted set can only grow (every candidate below the old ε is below the new one), at the
+#   price of rewrites that move the model's view of what follows more; 06 sweeps ε, which the paper does not. Cheaper than a rerun:
 #   `new, log = refinement.rethreshold(tok, pairs, step_log, dataclasses.replace(R, epsilon=0.05))` (after `import dataclasses`),
 #   then `refinement.refinement_summary(log, new)`.
-# - `kl_reduction="sum"` with the same ε accepts almost nothing: the sum over a window of L tokens is L times the mean.
-# - More `n_candidates`: more chances to find a short rewrite, at a linear cost.
+# - `kl_reduction="sum"` with the same ε accepts a subset of what the mean accepts: the sum over a window of L tokens is L times
+#   the mean.
+# - More `n_candidates`: more chances to find a short rewrite, at a linear cost (whether it finds more depends on how often the
+#   model samples a shorter step at all; the summary counts those).
 
 # %%
 manifest = stage.finish(inputs, outputs=["refined_pairs.parquet", "step_log.parquet"], summary=summary)
@@ -234,21 +230,26 @@ display(lessons.answer("It is one teacher-forced forward pass per context, deter
 rate = summary["acceptance_rate"] or 0
 before, after = summary["mean_chosen_tokens_before"] or 0, summary["mean_chosen_tokens_after"] or 0
 display(lessons.answer(f"{100 * rate:.1f}% of {summary['n_steps']} steps; chosen responses {before:.1f} -> {after:.1f}"
-                       " tokens. " + ("Too few rewrites to shorten anything: this toy world words its steps in a way "
-                                      "the window KL rejects (a concise step signals the concise habit for the rest of "
-                                      "the trace)." if rate < 0.05 else ""), title="Answer 3"))
+                       " tokens: " + lessons.refinement_effect(
+                           summary, int(step_log["n_sampled"].sum()) if len(step_log) else 0,
+                           lessons.count_scored(step_log)) + ".", title="Answer 3"))
 if pick is not None:
     top = int(per_token.mean(0).argmax())
     where = (f"In this step the largest per-position KL sits at position {top} of {per_token.shape[1]} "
              f"(token {tok.convert_ids_to_tokens(ids['cont_ids'])[top]!r}). ")
 else:
     where = ""
-display(lessons.answer(where + "Typically it is largest where the continuation depends on what the step said or how it "
-                       "said it (the next step header, a repeated number, the habit of the next step); elsewhere the "
-                       "teacher-forced continuation pins both distributions to the same tokens.", title="Answer 4"))
+display(lessons.answer(where + "Expect it largest where the continuation depends on what the step said or how it said "
+                       "it (the next step header, a repeated number, the wording of the next step), and small where "
+                       "the teacher-forced continuation pins both distributions to the same tokens; compare with "
+                       "the position named here and with the heat map.", title="Answer 4"))
 
 # %%
 # sanity checks (nbval runs these on the ci profile)
 assert len(refined) == len(pairs)
 assert (refined["chosen_tokens"] <= refined["chosen_tokens_original"]).all()
 assert read_json(stage.dir / "summary.json")["n_pairs"] == len(refined)
+if profile == "toy":  # the worked example must show the check acting both ways, with its KL on the right side of ε
+    acc, rej = examples[examples["verdict"] == "accepted"], examples[examples["verdict"] == "rejected"]
+    assert len(acc) == 1 and len(rej) == 1 and acc["kl"].iloc[0] < R.epsilon <= rej["kl"].iloc[0]
+    assert acc["cand_tokens"].iloc[0] < acc["step_tokens"].iloc[0]

@@ -46,7 +46,7 @@ import pandas as pd
 from tsq_utils.model import base_model
 from tsq_utils.task import data
 from tsq_utils.method import evaluation
-from tsq_utils.lessons import plotting
+from tsq_utils.lessons import claims, plotting
 from tsq_utils.core.artifacts import atomic_write_json, atomic_write_text, load_table, read_json, save_table
 from tsq_utils.core.stage import setup_stage
 from tsq_utils.task.registry import eval_tasks
@@ -151,17 +151,19 @@ for name, g in results[results["benchmark"] == bench].groupby("model"):
 # %% [markdown] tsq_lesson="pvo-md"
 # ### Paper vs ours
 #
-# The headline in one figure, each quantity on its own axis: how much shorter (Len-T, %), how much accuracy moved (points), and the AUC before and after. Our budget $B$ is the toy generation limit, close to the lengths themselves; the paper's $B = 32{,}768$ is far above its lengths, so the same compression moves its AUC less.
+# The headline in one figure, each quantity on its own axis: how much shorter (Len-T, %), how much accuracy moved (points), and the AUC before and after. On `toy` our budget $B$ is the generation limit, a few times the lengths themselves (checked below); the paper's $B = 32{,}768$ is far above its lengths, so the same compression moves its AUC less.
 
 # %% tsq_lesson="pvo"
 fig = plotting.paper_vs_ours_figure(head, evaluation.PAPER_7B, ours_label=f"ours ({bench})")
 stage.save_fig(fig, "05_paper_vs_ours")
+if profile == "toy":  # the sentence above: B is a few times the base model's Len-T, not far above it as in the paper
+    assert 2 < E.budget / head["len_t_base"] < 6, (E.budget, head["len_t_base"])
 
 # %% [markdown]
 # ## What happened
 #
-# Fig. 3: Acc(b) against the budget. The trained model's curve rises earlier: it reaches the same accuracy with fewer tokens.
-# Below: accuracy and length by difficulty.
+# Fig. 3: Acc(b) against the budget, the share of responses that are correct within $b$ tokens. What this run's curves show (do
+# they rise earlier, and where do they end) is printed under the figure from its numbers. Below: accuracy and length by difficulty.
 
 # %%
 forced = None
@@ -172,6 +174,7 @@ if budget_forced:
     save_table(forced, stage.dir / "budget_forced.parquet")
 fig = plotting.budget_curve_figure(results, E.budget, bench, forced)
 stage.save_fig(fig, "fig3_budget_curve", pdf=True)
+print(claims.budget_curve(head))
 
 # %%
 if "k" in results and results["k"].nunique() > 1:

@@ -49,7 +49,8 @@ import pandas as pd
 from tsq_utils.model import base_model
 from tsq_utils.core import config
 from tsq_utils.method import evaluation, tldr
-from tsq_utils.lessons import plotting
+from IPython.display import Markdown, display
+from tsq_utils.lessons import claims, plotting
 from tsq_utils.core.artifacts import atomic_write_json, atomic_write_text, load_table, read_json, save_table
 from tsq_utils.core.stage import setup_stage
 from tsq_utils.task.registry import training_task
@@ -160,14 +161,14 @@ print(f"gap floors {refs['min_gap']}: token gap floored: {refs['token_gap_floore
 # %% [markdown]
 # ## A worked example: one weight update by hand
 #
-# Two situations the rule must handle, with the dev numbers above. If after $E$ steps the model were still the long model
-# ($T_{\text{cur}} = T_L$, $A_{\text{cur}} = A_L$), it is too long by a full gap and has lost nothing: $b = (1, 0)$ and the short pool
-# gains. If it had become the short model ($T_S$, $A_S$), it is short enough but has lost the whole accuracy gap: $b = (0, 1)$ and the
-# long pool gains.
+# Two situations the rule must handle, with the dev numbers above: the model after $E$ steps is still the long model, or it has
+# become the short model. What $b$ is in each depends on the gaps between the reference points ($T_L - T_S$, $A_L - A_S$) on this
+# dev set: the two sentences printed first below are chosen by this run's numbers, then $b$ and $w$ are computed by hand.
 
 # %%
 dt = max(abs(refs["t_l"] - refs["t_s"]), refs["min_gap"][0]) if refs["min_gap"] else abs(refs["t_l"] - refs["t_s"])
 da = max(abs(refs["a_l"] - refs["a_s"]), refs["min_gap"][1]) if refs["min_gap"] else abs(refs["a_l"] - refs["a_s"])
+display(Markdown(claims.long_model_situation(refs) + " " + claims.short_model_situation(refs)))
 situations = {"still the long model": (refs["t_l"], refs["a_l"]), "already the short model": (refs["t_s"], refs["a_s"])}
 for label, (t_cur, a_cur) in situations.items():
     b_short, b_long = max((t_cur - refs["t_s"]) / dt, 0), max((refs["a_l"] - a_cur) / da, 0)
@@ -218,11 +219,13 @@ traj.round(4)
 #
 # Left: the weight of the short pool (steps) and the share of System-1 rows actually drawn per batch (faint, a rolling mean); the
 # static mix stays at one half. Middle and right: dev length and accuracy from the base model (step 0) on, with the reference points,
-# the accuracy floor, and the kept checkpoint (star).
+# the accuracy floor, and the kept checkpoint (star). Whether this run's weights moved, and why, is printed under the figure from its
+# numbers.
 
 # %%
 fig = plotting.tldr_trajectory_figure(traj, refs, batches, runs_info["chosen_step"], C.acc_floor)
 stage.save_fig(fig, "07_tldr_trajectory")
+print(claims.tldr_weights(traj, refs))
 for name, step in runs_info["chosen_step"].items():
     print(f"{name}: chosen checkpoint "
           f"{'step ' + str(step) if step is not None else 'none above the floor (final weights kept)'}")
@@ -354,7 +357,7 @@ if not done:
 manifest = stage.finish(inputs, outputs=outputs, summary=summary)
 
 # %% tsq_lesson="seen"
-display(lessons.seen(lessons.seen_tldr(traj, comparison)))
+display(lessons.seen(claims.seen_tldr(traj, comparison, refs)))
 
 # %% [markdown] tsq_lesson="ex"
 # ## Exercises
@@ -374,7 +377,7 @@ display(lessons.answer(f"$e^4/(e^4 + 1)$ = {math.exp(4) / (math.exp(4) + 1):.4f}
 display(lessons.answer("$c$ keeps both weights at least $c/2$ above 0, so $\\log w$ stays finite and a pool can always "
                        "come back. With $\\eta = 0$ the update is the identity (up to smoothing): the static mix.",
                        title="Answer 2"))
-display(lessons.answer(lessons.seen_tldr(traj, comparison)[0] + " " + lessons.seen_tldr(traj, comparison)[1],
+display(lessons.answer(" ".join(claims.seen_tldr(traj, comparison, refs)[:2]),
                        title="Answer 3"))
 display(lessons.answer("It favours TLDR: its short pool is the concise oracle trace of each easy problem, outside help "
                        "that is always correct and minimal, while TokenSqueeze learns only from what the base model "

@@ -626,30 +626,66 @@ def test_paper_constants():
     assert set(A.PAPER_ABLATIONS["row"]) - ours == {"table3/token_pruning"}  # TokenSkip has no row of ours
 
 
+def _two_seeds(name: str, **kw) -> list[dict]:
+    """Two training seeds of a row: kw gives each metric as a pair (seed 0, seed 1) or one value for both."""
+    return [dict(name=name, seed=i, **{k: (v[i] if isinstance(v, tuple) else v) for k, v in kw.items()})
+            for i in (0, 1)]
+
+
 def test_findings_verdicts(prof):
     rows = A.build_rows(prof)
     s = _summary([
-        dict(name="table4/dpo", seed=0, acc=0.20, len_t=30.0), dict(name="table4/dpo", seed=1, acc=0.22, len_t=31.0),
-        dict(name="table4/dpo_l_sft", seed=0, acc=0.60, len_t=50.0), dict(name="table4/sft", acc=0.61, len_t=49.0),
-        dict(name="table2/shortest", acc=0.5, len_t=40.0, acc_hard=0.39),
-        dict(name="table2/q_dyn", acc=0.5, len_t=40.0, acc_hard=0.40),
-        dict(name="alpha/0.2", x=0.2, acc=0.50), dict(name="alpha/0.5", x=0.5, acc=0.52),
+        *_two_seeds("table4/dpo", acc=(0.20, 0.22), len_t=30.0),
+        *_two_seeds("table4/dpo_l_sft", acc=(0.60, 0.62), len_t=(50.0, 50.5)),
+        *_two_seeds("table4/sft", acc=0.61, len_t=(49.0, 49.5)),
+        *_two_seeds("table2/shortest", acc=0.5, len_t=40.0, acc_hard=(0.39, 0.35)),
+        *_two_seeds("table2/q_dyn", acc=0.5, len_t=40.0, acc_hard=(0.40, 0.44)),
+        dict(name="table2/q_dyn_extra", acc=0.30, len_t=38.0),  # one training seed
+        *_two_seeds("table3/none", acc=(0.5, 0.6), len_t=(40.0, 41.0)),
+        *_two_seeds("table3/kl", acc=(0.4, 0.5), len_t=(40.0, 41.0)),  # the same Len-T, other numbers differ
+        *_two_seeds("alpha/0.2", x=0.2, acc=0.50), *_two_seeds("alpha/0.5", x=0.5, acc=(0.52, 0.50)),
     ])
     tables = {g: A.aggregate(s, g, rows, benchmarks=["toy"]) for g in A.TABLE_FILES}
     f = A.findings(tables).set_index("finding")["reproduced"]
-    assert f["pure DPO collapses (accuracy)"] == "yes"  # -39 points, far beyond 2 SE
-    assert f["Shortest hurts hard problems (accuracy on the hard half)"] == "direction only"  # -1 point, SE 7
-    assert f["SFT alone stays longer (Len-T)"] == "no"  # 49 < 50: the opposite way
-    assert f["KL refinement shortens correct responses (Len-T)"] == "—"  # not run
-    assert f["extra negatives cost accuracy"] == "—"  # q_dyn_extra not run
-    assert f["α = 0.2 is near the best α (accuracy)"] == "yes"  # 2 points below the best, SE 7
-    assert "| pure DPO collapses (accuracy) |" in A.findings_markdown(A.findings(tables))
+    assert f["pure DPO loses accuracy"] == "yes"  # -40 points, far beyond 2 SE
+    assert f["Shortest hurts hard problems (accuracy on the hard half)"] == "direction only"  # -5 points, SE 2.8
+    assert f["SFT alone stays longer (Len-T)"] == "no"  # 49.25 < 50.25: the opposite way, over two seeds each
+    # one row trained once: no SE over training seeds, so neither yes nor no
+    assert f["extra negatives cost accuracy"] == "not testable: one training seed (the difference goes the paper's way)"
+    assert f["KL refinement shortens correct responses (Len-T)"] == "not testable: a tie (no difference)"
+    assert f["a rewrite without the KL check costs accuracy"] == "—"  # not run
+    assert f["α = 0.2 is near the best α (accuracy)"] == "yes"  # 1 point below the best, SE 1
+    assert "| pure DPO loses accuracy |" in A.findings_markdown(A.findings(tables))
     # twins (the same pairs, one model): every number equal, nothing to test
     s2 = s.copy()
-    s2.loc[s2["name"] == "table2/shortest", "acc_hard"] = 0.40
+    s2.loc[s2["name"] == "table2/shortest", "acc_hard"] = s2.loc[s2["name"] == "table2/q_dyn", "acc_hard"].to_numpy()
     t2 = {g: A.aggregate(s2, g, rows, benchmarks=["toy"]) for g in A.TABLE_FILES}
     assert A.findings(t2).set_index("finding")["reproduced"][
         "Shortest hurts hard problems (accuracy on the hard half)"].startswith("not testable")
+
+
+@pytest.mark.parametrize("alphas, verdict", [
+    ({0.0: 0.9, 0.2: 0.9, 1.0: 0.8}, "not testable: a tie (α = 0.2 and α = 0 give the same accuracy)"),
+    ({0.0: 0.9, 0.2: 0.8, 1.0: 0.7}, "not testable: one training seed"),
+    ({0.0: 0.7, 0.2: 0.9, 1.0: 0.8}, "not testable: one training seed"),  # best, but against rows trained once
+])
+def test_alpha_finding_is_not_testable_on_a_tie_or_one_seed(alphas, verdict):
+    s = _summary([dict(name=f"alpha/{x:g}", x=x, acc=a, len_t=40.0) for x, a in alphas.items()])
+    t = {"alpha": A.aggregate(s, "alpha", benchmarks=["toy"])}  # the rows of the summary, whatever the profile's α
+    assert A.findings(t).set_index("finding").loc["α = 0.2 is near the best α (accuracy)", "reproduced"] == verdict
+
+
+@pytest.mark.parametrize("diff, se, n_seeds, verdict", [
+    (-5.0, 1.0, 3, "yes"), (-1.0, 1.0, 3, "direction only"), (2.0, 1.0, 3, "no"),
+    (0.0, 1.0, 3, "not testable: a tie (no difference)"), (0.0, 0.0, 1, "not testable: a tie (no difference)"),
+    (-5.0, 1.0, 1, "not testable: one training seed (the difference goes the paper's way)"),
+    (5.0, 1.0, 1, "not testable: one training seed (the difference goes against the paper)"),
+    (float("nan"), 1.0, 3, "—"),
+])
+def test_verdict_never_answers_on_a_tie_or_one_seed(diff, se, n_seeds, verdict):
+    from tsq_utils.ablations.report import _verdict
+
+    assert _verdict(diff, se, True, n_seeds) == verdict
 
 
 # --------------------------------------------------------------------------- the no-KL rewrite, for real

@@ -151,3 +151,13 @@ def test_paper_vs_ours_figure_puts_each_unit_on_its_own_axis():
     xlabels = [ax.get_xlabel() for ax in fig.axes]
     assert xlabels[0].startswith("Len-T change") and xlabels[1].startswith("accuracy change") and "AUC" in xlabels[2]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "ours (toy)"
+
+
+def test_k_over_p_n_has_k2_exactly_above_four_over_alpha():
+    t = plotting.k_over_p_n_table(0.2, 32)
+    assert t.loc[t["N"] <= 20, "k"].max() == 1 and t.loc[t["N"] == 21, "k"].max() == 2
+    assert ((t["k"] >= 2) == (0.2 * t["N"] * t["p"] * (1 - t["p"]) > 1 + 1e-9)).all()
+    fig = plotting.k_over_p_n_figure(0.2, 8)
+    ax = fig.axes[0]
+    assert any(line.get_ydata()[0] == 8 for line in ax.get_lines())  # the run's N is marked
+    assert "N > 4/α = 20" in ax.get_title()

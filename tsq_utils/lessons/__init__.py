@@ -8,7 +8,6 @@ import html
 import math
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import pandas as pd
 
 # --------------------------------------------------------------------------- display
@@ -213,6 +212,7 @@ def seen_selection(stats: pd.DataFrame, summary: dict, alpha: float) -> list[str
     used = stats[stats["n_pairs"] > 0]
     n = int(stats["n"].max())
     k_gt1 = int((used["n_pos"] > 1).sum()) if len(used) else 0
+    p_deep = (used["c"] / used["n"])[used["n_pos"] > 1]
     first = min_alpha_for_two(n)
     line1 = (f"{summary['n_pairs']} pairs from {summary['n_problems_used']} of {summary['n_problems']} problems; "
              f"chosen responses average {summary['mean_chosen_tokens'] or 0:.0f} tokens, rejected "
@@ -222,7 +222,8 @@ def seen_selection(stats: pd.DataFrame, summary: dict, alpha: float) -> list[str
                  f"here (some k > 1 needs α > {first:.3g} at this N).")
     else:
         line2 = (f"At N = {n} and α = {alpha:g}, {k_gt1} of {len(used)} problems keep more than one positive "
-                 f"(k up to {int(used['n_pos'].max())}): the harder problems keep longer correct responses.")
+                 f"(k up to {int(used['n_pos'].max())}, at p from {p_deep.min():.2f} to {p_deep.max():.2f}): there "
+                 "Q-DYN also prefers correct responses longer than the shortest, which Shortest never does.")
     line3 = (f"Problems skipped: {summary['n_problems_skipped'].get('all_correct', 0)} all correct, "
              f"{summary['n_problems_skipped'].get('no_correct', 0)} with no correct sample, "
              f"{summary['n_problems_skipped'].get('no_longer_negative', 0)} "
@@ -243,8 +244,7 @@ def seen_refinement(summary: dict, n_drawn: int, n_scored: int, epsilon: float) 
     acc = summary.get("acceptance_rate") or 0.0
     tb, ta = summary.get("tokens_per_step_before") or 0, summary.get("tokens_per_step_after") or 0
     sb, sa = summary.get("steps_per_response_before") or 0, summary.get("steps_per_response_after") or 0
-    effect = ("refinement barely shortens anything in this run" if acc < 0.05
-              else "a visible share of the steps gets shorter")
+    effect = refinement_effect(summary, n_drawn, n_scored)
     return [
         f"{n_drawn:,} candidates drawn, {n_scored:,} shorter than their step and scored; "
         f"{summary.get('n_steps_accepted', 0)} of {summary.get('n_steps', 0)} steps rewritten ({_pct(acc)}) at "
@@ -291,40 +291,6 @@ def seen_evaluation(head: dict, bench: str) -> list[str]:
     ]
 
 
-def seen_ablations(tables: dict[str, pd.DataFrame]) -> list[str]:
-    """Three lines about the ablations: the objective finding, the twins of selection, and the refinement effect."""
-    def row(group: str, name: str) -> pd.Series | None:
-        t = tables.get(group)
-        if t is None or not len(t):
-            return None
-        hit = t[t["name"] == name]
-        return None if hit.empty else hit.iloc[0]
-
-    out = []
-    ours, dpo = row("table4", "table4/dpo_l_sft"), row("table4", "table4/dpo")
-    if ours is not None and dpo is not None and ours["acc"] == ours["acc"] and dpo["acc"] == dpo["acc"]:
-        out.append(f"Pure DPO: {100 * dpo['acc']:.1f}% accuracy against {100 * ours['acc']:.1f}% for DPO-L + SFT "
-                   f"(n = {int(dpo['n_seeds'])} and {int(ours['n_seeds'])} seeds)"
-                   + (": without the SFT anchor accuracy collapses, as in the paper." if dpo["acc"] < ours["acc"] - 0.1
-                      else "."))
-    sh, qd = row("table2", "table2/shortest"), row("table2", "table2/q_dyn")
-    if sh is not None and qd is not None:
-        same = all(np.isclose(sh[c], qd[c], equal_nan=True) for c in ("acc", "len_t", "n_pairs"))
-        out.append("Shortest and Q-DYN trained the same model (the same pairs: k = 1 everywhere at this N), so "
-                   "Table 2 cannot show the paper's Q-DYN advantage." if same else
-                   f"Shortest {100 * sh['acc']:.1f}% vs Q-DYN {100 * qd['acc']:.1f}% accuracy.")
-    none, kl = row("table3", "table3/none"), row("table3", "table3/kl")
-    if none is not None and kl is not None and kl["len_t"] == kl["len_t"]:
-        acc_rate = kl.get("acceptance_rate")
-        rate = f" (it rewrote {_pct(acc_rate)} of the steps)" if acc_rate == acc_rate and acc_rate is not None else ""
-        out.append(f"KL refinement: Len-T {none['len_t']:.1f} -> {kl['len_t']:.1f}{rate}; "
-                   + ("no shortening to speak of, unlike the paper's 6190 -> 5157." if abs(kl["len_t"] - none["len_t"])
-                      < 0.05 * none["len_t"] else "a visible shortening."))
-    while len(out) < 3:
-        out.append("Some tables have no results yet: run the rows first.")
-    return out[:3]
-
-
 def seen_tldr(traj: pd.DataFrame, comparison: pd.DataFrame) -> list[str]:
     """Three lines about TLDR's run: how far its weights moved, and where it lands against the static mix."""
     tl = traj[traj["run"] == "tldr"].sort_values("step")
@@ -356,3 +322,179 @@ def count_scored(step_log: pd.DataFrame) -> int:
     from .plotting import _finite
 
     return int(sum(_finite(list(v) if v is not None else []).size for v in step_log["kl"])) if len(step_log) else 0
+
+
+# --------------------------------------------------------------------------- worked examples and effect sentences
+# Each helper below picks its example by a rule, or returns a sentence chosen by the run's numbers, so that a lesson
+# never states an effect its own outputs contradict.
+
+
+def mixed_example(stats: pd.DataFrame) -> Any:
+    """The worked example of 01: a problem with 0 < p < 1 (p nearest 1/2, then the widest length spread, then the
+    first id); None when no problem is mixed."""
+    mixed = stats[(stats["c"] > 0) & (stats["c"] < stats["n"])]
+    if mixed.empty:
+        return None
+    order = mixed.assign(_d=(mixed["p"] - 0.5).abs(), _cv=-mixed["cv_tokens"].fillna(0))
+    return order.sort_values(["_d", "_cv", "problem_id"], kind="stable")["problem_id"].iloc[0]
+
+
+def mixed_example_note(stats: pd.DataFrame, samples: pd.DataFrame, pid: Any) -> str:
+    """One sentence on 01's worked example: its p and the lengths of its correct and wrong samples."""
+    if pid is None:
+        return (f"No problem of this run has 0 < p < 1 (all {len(stats)} are all correct or all wrong): selection "
+                "(02) will find no pairs.")
+    s = samples[samples["problem_id"] == pid]
+    ok, bad = s.loc[s["correct"], "n_tokens"], s.loc[~s["correct"], "n_tokens"]
+    def span(x: pd.Series) -> str:
+        return f"{int(x.min())}" if x.min() == x.max() else f"{int(x.min())}-{int(x.max())}"
+
+    longer = int((bad > ok.min()).sum())
+    return (f"{pid}: {int(s['correct'].sum())} of {len(s)} samples correct (p = {s['correct'].mean():.3f}); correct "
+            f"ones take {span(ok)} tokens, wrong ones {span(bad)}. "
+            + (f"Its shortest correct sample ({int(ok.min())} tokens) is what 02 prefers to the {longer} longer wrong "
+               f"one{'s' if longer > 1 else ''}." if longer else
+               "No wrong sample is longer than its shortest correct one, so 02 finds no pair here."))
+
+
+def all_correct_by_difficulty(stats: pd.DataFrame) -> str:
+    """Where the all-correct problems (p = 1, no pairs) sit: their share per difficulty, and whether it falls."""
+    share = stats.assign(all=stats["c"] == stats["n"]).groupby("k")["all"].mean()
+    parts = ", ".join(f"k = {k}: {_pct(v)}" for k, v in share.items())
+    if share.iloc[0] == 0 and share.iloc[-1] == 0:
+        verdict = "no problem is all correct."
+    elif share.iloc[0] > share.iloc[-1]:
+        verdict = "easy problems pile up at p = 1 (no pairs), hard ones spread out below it."
+    else:
+        verdict = "the all-correct problems are not the easy ones in this run."
+    return f"Share of problems with p = 1 by difficulty ({parts}): {verdict}"
+
+
+def qdyn_shortest_warning(n: int, alpha: float) -> str | None:
+    """A warning when N and α make Q-DYN identical to Shortest (k = 1 for every c), else None."""
+    if n < 2 or alpha > min_alpha_for_two(n):
+        return None
+    top = alpha / min_alpha_for_two(n)  # the largest α(1 − c/N)c over c = 1..N−1 (≤ αN/4)
+    return (f"Warning: at N = {n} and α = {alpha:g}, α·(1−p)·c is at most {top:.2f} ≤ 1 (α·N/4 = {alpha * n / 4:.2f}), "
+            "so k = 1 for every "
+            f"problem and Q-DYN selects exactly Shortest's positives. Some k ≥ 2 needs α > {min_alpha_for_two(n):.3g} "
+            f"at this N, or N ≥ {_min_n_for_two(alpha)} at this α.")
+
+
+def _min_n_for_two(alpha: float) -> int | str:
+    """The smallest N at which α gives some problem k ≥ 2 ('no N' for α ≤ 0)."""
+    if alpha <= 0:
+        return "no N (α = 0 is Shortest)"
+    n = 2
+    while min_alpha_for_two(n) >= alpha:
+        n += 1
+    return n
+
+
+def depth_examples(stats: pd.DataFrame) -> tuple[Any, Any]:
+    """02's worked example: a problem with k ≥ 2 (the most positives, then p nearest 1/2) and a k = 1 problem with
+    pairs (p nearest the first's, else the lowest p); None where the run has none."""
+    used = stats[stats["n_pairs"] > 0]
+    if used.empty:
+        return None, None
+    deep = used[used["n_pos"] >= 2]
+    deep_id, target = None, None
+    if len(deep):
+        d = deep.assign(_k=-deep["n_pos"], _d=(deep["p"] - 0.5).abs()).sort_values(["_k", "_d", "problem_id"],
+                                                                                    kind="stable").iloc[0]
+        deep_id, target = d["problem_id"], float(d["p"])
+    one = used[used["n_pos"] == 1]
+    if one.empty:
+        return deep_id, None
+    key = (one["p"] - target).abs() if target is not None else one["p"]
+    return deep_id, one.assign(_d=key).sort_values(["_d", "problem_id"], kind="stable")["problem_id"].iloc[0]
+
+
+def depth_example_note(stats: pd.DataFrame, alpha: float) -> str:
+    """One sentence on whether this run has a problem with k ≥ 2 to show beside a k = 1 one."""
+    used = stats[stats["n_pairs"] > 0]
+    n = int(stats["n"].max()) if len(stats) else 0
+    deep = int((used["n_pos"] >= 2).sum())
+    if deep:
+        return (f"{deep} of {len(used)} problems with pairs keep k ≥ 2 positives at N = {n}, α = {alpha:g}: "
+                "below, the one with the most positives beside a k = 1 problem of similar p.")
+    return (f"This run has no problem with k ≥ 2: at N = {n} and α = {alpha:g} every one of the {len(used)} problems "
+            "with pairs keeps only its shortest correct response, so Q-DYN acts here exactly as Shortest. The two "
+            "problems below (highest and lowest p with pairs) both show k = 1.")
+
+
+def kl_examples(step_log: pd.DataFrame, refined: pd.DataFrame, epsilon: float) -> pd.DataFrame:
+    """03's worked example: one accepted candidate (the kept rewrite that saves the most tokens) and one rejected one
+    (the nearest miss above ε, from the same step if it has one), each with its step and KL. Empty rows are left
+    out: no accepted row when nothing was accepted."""
+    from ..task.format import split_steps, step_parts
+    from .plotting import _finite
+
+    cols = ["verdict", "response_id", "step", "step_text", "step_tokens", "candidate", "cand_tokens", "kl"]
+    if not len(step_log):
+        return pd.DataFrame(columns=cols)
+    ids = refined["problem_id"].astype(str) + "/" + refined["chosen_sample_idx"].astype(str)
+    originals = dict(zip(ids, refined["chosen_original"]))
+
+    def step_text(rid: str, i: int) -> str:
+        text = originals.get(rid)
+        steps = split_steps(text)[0] if text is not None else []
+        return step_parts(steps[i])[0] if i < len(steps) else "?"
+
+    rows, acc_key = [], None
+    kept = step_log[step_log["accepted"].astype(bool) & ~step_log["reverted"].astype(bool)]
+    if len(kept):
+        a = kept.assign(_save=-(kept["orig_tokens"] - kept["new_tokens"])).sort_values(
+            ["_save", "kl_chosen", "response_id", "step"], kind="stable").iloc[0]
+        j = next(j for j, (t, v) in enumerate(zip(a["cand_tokens"], a["kl"]))
+                 if t == a["new_tokens"] and v == a["kl_chosen"])
+        acc_key = (a["response_id"], int(a["step"]))
+        rows.append(["accepted", a["response_id"], int(a["step"]), step_text(*acc_key), int(a["orig_tokens"]),
+                     a["cand_texts"][j], int(a["cand_tokens"][j]), float(a["kl"][j])])
+    misses = [(float(v), r.response_id, int(r.step), j, r) for r in step_log.itertuples()
+              for j, v in enumerate(r.kl if r.kl is not None else []) if _finite([v]).size and v >= epsilon]
+    if misses:
+        same = [m for m in misses if (m[1], m[2]) == acc_key]
+        v, rid, i, j, r = min(same or misses, key=lambda m: m[:3])
+        rows.append(["rejected", rid, i, step_text(rid, i), int(r.orig_tokens), r.cand_texts[j], int(r.cand_tokens[j]),
+                     v])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def kl_example_note(examples: pd.DataFrame, epsilon: float, n_scored: int) -> str:
+    """One sentence on 03's worked example, chosen by what it holds."""
+    acc = examples[examples["verdict"] == "accepted"]
+    rej = examples[examples["verdict"] == "rejected"]
+    if n_scored == 0:
+        return "No candidate in this run was shorter than its step, so none was scored and nothing was rewritten."
+    if acc.empty:
+        return (f"No candidate in this run passed ε = {epsilon:g}: nothing was rewritten"
+                + (f" (the nearest miss had KL {rej['kl'].iloc[0]:.4g})." if len(rej) else "."))
+    a = acc.iloc[0]
+    out = (f"Accepted: step {a['step']} of {a['response_id']}, {a['step_tokens']} -> {a['cand_tokens']} tokens at "
+           f"KL {a['kl']:.4g} < ε = {epsilon:g}.")
+    if len(rej):
+        r = rej.iloc[0]
+        where = "the same step" if (r["response_id"], r["step"]) == (a["response_id"], a["step"]) else \
+            f"step {r['step']} of {r['response_id']}"
+        out += (f" Rejected: a {r['cand_tokens']}-token candidate for {where}, KL {r['kl']:.4g} ≥ ε: "
+                "shorter, but it moves the model's view of what follows.")
+    return out
+
+
+def refinement_effect(summary: dict, n_drawn: int, n_scored: int) -> str:
+    """Whether refinement acted in this run and, if it did not, why (from the candidate counts)."""
+    acc = summary.get("acceptance_rate") or 0.0
+    tb, ta = summary.get("tokens_per_step_before") or 0, summary.get("tokens_per_step_after") or 0
+    change = (ta / tb - 1) if tb else 0.0
+    if n_scored == 0:
+        return ("refinement did not act: no candidate was shorter than its step, so none could be kept")
+    if acc < 0.05:
+        return (f"refinement barely acts in this run: only {n_scored:,} of {n_drawn:,} candidates "
+                f"({_pct(n_scored / n_drawn) if n_drawn else '0%'}) were shorter than their step"
+                + (" (the model rarely re-words a step of these responses more briefly)"
+                   if n_drawn and n_scored < 0.05 * n_drawn else "")
+                + f", and only {summary.get('n_steps_accepted', 0)} steps had one under ε")
+    if change <= -0.05:
+        return f"refinement shortens steps here: tokens per step {100 * change:+.1f}%"
+    return f"a visible share of the steps is rewritten, but tokens per step change only {100 * change:+.1f}%"

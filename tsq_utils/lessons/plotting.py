@@ -155,6 +155,38 @@ def selection_count_figure(n: int, alpha: float, stats: pd.DataFrame | None = No
     return fig
 
 
+def k_over_p_n_table(alpha: float, n_max: int = 40) -> pd.DataFrame:
+    """k = max(1, ⌈α(1−p)c⌉) at α for every N = 2..n_max and correct count c = 1..N−1 (one row each, p = c/N)."""
+    from ..method.selection import quantile_count
+
+    return pd.DataFrame([(n, c, c / n, quantile_count(alpha, c, n)) for n in range(2, n_max + 1) for c in range(1, n)],
+                        columns=["N", "c", "p", "k"])
+
+
+def k_over_p_n_figure(alpha: float, n_run: int, n_max: int = 40):
+    """k over (p, N) at this α: every (c/N, N) coloured by k, the boundary α·N·p(1−p) = 1 above which k ≥ 2, and
+    the run's N marked."""
+    n_max = max(n_max, n_run + 4)
+    t = k_over_p_n_table(alpha, n_max)
+    kmax = int(t["k"].max())
+    cmap = ListedColormap(plt.get_cmap("YlOrRd")(np.linspace(0.15, 0.95, max(kmax, 1))))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sc = ax.scatter(t["p"], t["N"], c=t["k"], cmap=cmap, norm=BoundaryNorm(np.arange(0.5, kmax + 1.5), cmap.N), s=9,
+                    marker="s")
+    if alpha > 0:
+        p = np.linspace(0.01, 0.99, 197)
+        ax.plot(p, 1 / (alpha * p * (1 - p)), color="k", lw=1.2, label="α·N·p(1−p) = 1 (k ≥ 2 above)")
+    ax.axhline(n_run, color=style("tokensqueeze").color, ls="--", lw=1.2, label=f"this run: N = {n_run}")
+    ax.set(xlim=(0, 1), ylim=(1, n_max + 1), xlabel="correctness rate p = c / N", ylabel="N (samples per problem)",
+           title=f"k = max(1, ⌈α(1−p)c⌉) at α = {alpha:g}: k ≥ 2 needs N > 4/α = {4 / alpha:.3g}" if alpha > 0
+           else "α = 0: k = 1 everywhere (Shortest)")
+    ax.title.set_fontsize(9)
+    fig.colorbar(sc, ax=ax, label="k (positives per problem)", ticks=range(1, kmax + 1))
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
 def selection_live_figure(samples: pd.DataFrame, pairs: pd.DataFrame, stats: pd.DataFrame, alpha: float, n: int):
     """The live view of 02: problems per selection count k, and the samples of the mixed problem with the most
     positives (among ties the one nearest p = 1/2), shortest first, coloured by the role selection gave them."""
