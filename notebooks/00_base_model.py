@@ -69,9 +69,13 @@ toy_world = task.has_oracle  # the toy world's own cells: its teacher, its oracl
 #
 # The toy task is **chain arithmetic**: `Q:a5,b+6,c-3` asks for $5 + 6 - 3$. The difficulty $k \in \{2,\dots,8\}$ is the number of
 # terms. Each term has a label, and every step header repeats its term, so fetching the next operand is a copy, which a tiny model
-# can learn. The teacher writes each trace in one of two habits: **concise** (the shortest correct trace, our *oracle*) or
-# **overthinking** (verbose steps, "Wait, let me check…" steps, slips that a check corrects, a final review). Overthinking is the
-# majority habit, so the model's most likely output is long. Every figure counts length in tokens of the completion
+# can learn. The teacher's habits are **local**, decided step by step as a model decides token by token: each step picks
+# one of four phrasings of the same equation (the terse one is the *oracle*'s step, the others restate the running total in
+# more words), and after each step it may add a "Wait, let me check…" step. Sometimes a step **slips** (a carry error: the
+# tens digit off by one); only a check right after it, or the closing review of the whole chain, catches the slip, and a slip
+# nobody catches carries into the answer. So checking costs tokens and buys accuracy, most of all on long chains, and the
+# shortest correct traces of a hard problem are often lucky ones that skipped every check. The long phrasings are the
+# # majority, so the model's most likely output is long. Every figure counts length in tokens of the completion
 # (thinking + answer, no prompt), with the model's own tokenizer.
 #
 # On the GPU profiles the base model is DeepSeek-R1-Distill-Qwen-1.5B or -7B, an overthinker by training; it is prompted R1-style
@@ -84,8 +88,17 @@ import random
 if toy_world:
     demo = toy.make_problem(random.Random(0), k=4, max_value=P.toyworld.max_value, problem_id="demo")
     print("question:", demo.question, "  answer:", demo.answer, "\n")
-    print("--- an overthinking teacher trace ---")
-    print(toy.teacher_trace(demo, random.Random(3), P.toyworld.__class__(p_concise=0.0)))
+    for seed in range(100):  # the first teacher trace of this problem with a slip, to show what a check is for
+        record = {}
+        trace = toy.local_trace(demo, random.Random(seed), P.toyworld, record=record) if P.toyworld.teacher == "local" \
+            else toy.teacher_trace(demo, random.Random(seed), P.toyworld)
+        if any(record.get("slips", [])) or P.toyworld.teacher != "local":
+            break
+    print("--- a teacher trace ---")
+    print(trace)
+    if record:
+        print(f"\n(phrasing of each step, 0 = terse: {record['styles']}; checked: {record['checks']}; "
+              f"slipped: {record['slips']}; review: {record['review']}; answer right: {record['correct']})")
     print("\n--- the oracle (shortest correct) trace ---")
     print(toy.oracle_trace(demo))
 else:
@@ -94,7 +107,7 @@ else:
 # %% [markdown]
 # ## The reasoner
 #
-# On `toy` the model that notebook 00 trained once (`retrain=True` rebuilds it: about 20 minutes on one core) ships with the
+# On `toy` the model that notebook 00 trained once (`retrain=True` rebuilds it: about 25 minutes on one core) ships with the
 # repo under `checkpoints/toy-reasoner/`, with a manifest of how it was made. On `ci` a much smaller one is trained here in
 # about a minute. Pretraining is plain next-token prediction on fresh teacher traces (loss on the completion only), AdamW with
 # warmup and a cosine schedule.
@@ -162,7 +175,7 @@ if toy_world:
     print(f"greedy / oracle len  {checks['greedy_over_oracle']:.2f}    (want >= 1.8: room to compress)")
     print(f"accuracy at T={P.sampling.temperature:g}    {checks['sampled_accuracy']:.3f}   "
           "(want 0.30-0.85, falling with k)")
-    print(f"length CV per problem {checks['mean_cv']:.2f}   (want >= 0.3)")
+    print(f"length CV per problem {checks['mean_cv']:.2f}   (want >= 0.1: samples of one problem differ in length)")
     if P.pretrain.retrain:  # a reasoner trained here carries its own measurements (the shipped one has them too)
         toy_reasoner.record_heldout(toy_reasoner.toy_model_dir(P, stage.run_dir), checks)
 
@@ -194,9 +207,10 @@ if toy_world:
 # %% [markdown]
 # ## Try this
 #
-# - `retrain=True` rebuilds the reasoner from its seed (about 20 minutes on one core on `toy`); the manifest records every setting.
-# - Make the teacher less of an overthinker (`toyworld.p_concise` in `profiles/toy.yaml`) and retrain: greedy output moves towards
-#   the oracle and there is less left to squeeze.
+# - `retrain=True` rebuilds the reasoner from its seed (about 25 minutes on one core on `toy`); the manifest records every setting.
+# - Make the teacher less of an overthinker (more weight on the terse phrasing, `toyworld.phrasings` in `profiles/toy.yaml`) and
+#   retrain: greedy output moves towards the oracle and there is less left to squeeze. `toyworld.teacher: habit` brings back the
+#   first toy world (one concise-or-overthinking coin per trace, every slip caught), where refinement finds little to rewrite.
 # - A higher sampling temperature (`sampling.temperature`) lowers accuracy and widens the length spread; 01 uses it.
 
 # %%

@@ -29,7 +29,7 @@
 import os
 
 profile = os.environ.get("TSQ_PROFILE", "toy")
-n_samples = None  # N responses per problem (None: sampling.n; the paper leaves N open, 16 is our GPU default)
+n_samples = None  # N responses per problem (None: sampling.n; the paper leaves N open, 24 is our choice: N > 4/alpha)
 temperature = None  # None: the profile's sampling.temperature (the paper samples at 0.9)
 n_problems = None  # training problems (None: the profile's data.n_train_problems)
 max_new_tokens = None  # None: the profile's sampling.max_new_tokens (a response cut there never counts as correct)
@@ -71,7 +71,7 @@ task = training_task(P)  # data.train: the toy world or a math benchmark (its pr
 #
 # On the GPU profiles the training problems are the MATH train split (7,500 problems, disjoint from MATH500; the paper names no
 # training set, so this is a **choice**: `train_set`), each with the R1 prompt, sampled by vLLM at $T = 0.9$, top-p 0.95 and
-# $N = 16$ (top-p and $N$ are **choices**; the paper gives only the temperature).
+# $N = 24$ (top-p and $N$ are **choices**; the paper gives only the temperature; 02 shows why $N$ must exceed $4/\alpha = 20$).
 
 # %%
 model, tok = base_model.load_base_sampler(stage.run_dir, P)  # a vLLM engine under the vllm backend, else the model

@@ -139,6 +139,31 @@ def test_bounds_are_inclusive(tmp_path):
     assert (p.selection.alpha, p.selection.q_fix) == (0.0, 1.0)
 
 
+@pytest.mark.parametrize("weights", [
+    "[1, 2, 3]",               # not four
+    "[1, 2, 3, 4, 5]",
+    "[0.5, -0.1, 0.3, 0.3]",   # negative
+    "[0, 0, 0, 0]",            # no positive weight
+    "[true, 1, 1, 1]",         # a bool is not a weight
+    "[a, 1, 1, 1]",
+    ".nan",
+    "[.inf, 1, 1, 1]",         # not finite: the draw would divide inf by inf
+])
+def test_phrasings_must_be_four_weights(tmp_path, weights):
+    path = write_profile(tmp_path, f"toyworld:\n  phrasings: {weights}\n")
+    msg = load_error(path)
+    assert str(path) in msg and "toyworld.phrasings" in msg
+
+
+def test_phrasings_and_teacher_accepted(tmp_path):
+    p = load_profile(str(write_profile(tmp_path, "toyworld:\n  teacher: habit\n  phrasings: [0, 0, 0, 2]\n")))
+    assert (p.toyworld.teacher, p.toyworld.phrasings) == ("habit", [0, 0, 0, 2])
+    assert ToyWorldConfig().teacher == "local" and ToyWorldConfig().phrasings == [0.15, 0.2, 0.25, 0.4]
+    assert ToyWorldConfig().phrasings is not ToyWorldConfig().phrasings  # a fresh list per config
+    msg = load_error(write_profile(tmp_path, "toyworld:\n  teacher: global\n"))
+    assert "toyworld.teacher" in msg and "not one of" in msg and "'local', 'habit'" in msg
+
+
 def test_k_min_above_k_max(tmp_path):
     path = write_profile(tmp_path, "toyworld:\n  k_min: 5\n  k_max: 3\n")
     msg = load_error(path)
@@ -202,9 +227,10 @@ def test_override_through_a_scalar_is_an_error():
 
 
 def test_override_creates_a_missing_section():
-    """toy.yaml has no selection section: an override still lands in it."""
-    assert "selection" not in yaml.safe_load((config.PROFILES_DIR / "toy.yaml").read_text())
-    assert load_profile("toy", {"selection.variant": "shortest"}).selection.variant == "shortest"
+    """toy.yaml has no toyworld section (the world is the defaults): an override still lands in it."""
+    assert "toyworld" not in yaml.safe_load((config.PROFILES_DIR / "toy.yaml").read_text())
+    p = load_profile("toy", {"toyworld.teacher": "habit"})
+    assert p.toyworld.teacher == "habit" and p.toyworld.p_slip == ToyWorldConfig().p_slip
 
 
 # ----------------------------------------------------------------------------- seeds, folders, devices

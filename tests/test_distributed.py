@@ -57,7 +57,9 @@ def test_two_gloo_processes_train_like_one(toy, tmp_path):
     assert log2["loss"].tolist() == pytest.approx(log1["loss"].tolist(), rel=1e-5)
     assert log2["sft_loss"].tolist() == pytest.approx(log1["sft_loss"].tolist(), rel=1e-2)
     for a, b in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # two processes average their gradients in another order than one: float noise of order 1e-5 after two
+        # AdamW steps at lr 1e-3 (a wrong batch split moves weights by about the learning rate)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)
     # one saved model, written once (rank 0), and no scratch left behind
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["model"]
     assert sorted(p.name for p in (tmp_path / "two" / "model").glob("*.safetensors")) == ["model.safetensors"]

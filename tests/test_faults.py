@@ -347,7 +347,8 @@ def test_truncated_retrained_weights_are_rebuilt(tmp_path, monkeypatch, tiny_toy
 
     prof = load_profile("ci")
     path = tmp_path / "base_model" / "model"
-    manifest = {"pretrain_config": dict(vars(prof.pretrain))}
+    manifest = {"pretrain_config": dict(vars(prof.pretrain)),
+                "teacher_fingerprint": toy_reasoner.teacher_fingerprint(prof.toyworld)}
     toy_reasoner.save_reasoner(tiny_toy_model(tiny_toy_tokenizer), tiny_toy_tokenizer, path, manifest)
     assert toy_reasoner._retrain_reason(path, prof) is None
     weights = path / "model.safetensors"
@@ -451,3 +452,24 @@ def test_describe_an_interrupted_notebook():
         json.dump(nb, f)
     assert runner.describe(f.name, interrupted=True) == "interrupted at cell 3 (In [3])\n  cell starts: train()"
     os.unlink(f.name)
+
+
+def test_a_changed_teacher_rebuilds_a_retrained_reasoner(tmp_path, tiny_toy_tokenizer):
+    """The reasoner learned the teacher's traces: a retrained one made under another teacher is rebuilt, not reused."""
+    import dataclasses
+
+    from conftest import tiny_toy_model
+
+    from tsq_utils.model import toy_reasoner
+
+    prof = load_profile("ci")
+    path = tmp_path / "model"
+    manifest = {"pretrain_config": dict(vars(prof.pretrain)),
+                "teacher_fingerprint": toy_reasoner.teacher_fingerprint(prof.toyworld)}
+    toy_reasoner.save_reasoner(tiny_toy_model(tiny_toy_tokenizer), tiny_toy_tokenizer, path, manifest)
+    assert toy_reasoner._retrain_reason(path, prof) is None
+    other = "local" if prof.toyworld.teacher == "habit" else "habit"
+    swapped = dataclasses.replace(prof, toyworld=dataclasses.replace(prof.toyworld, teacher=other))
+    assert toy_reasoner._retrain_reason(path, swapped) == "the toy world's teacher changed"
+    checkier = dataclasses.replace(prof, toyworld=dataclasses.replace(prof.toyworld, p_check=0.9))
+    assert toy_reasoner._retrain_reason(path, checkier) == "the toy world's teacher changed"

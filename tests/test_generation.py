@@ -131,7 +131,7 @@ def test_eos_gives_stop_and_is_not_in_text(model, tok, prompts):
 def test_stop_string_cuts_text(model, tok, prompts):
     full = sample(model, tok, prompts, n=1, temperature=0, max_new_tokens=30)
     text = full.texts[0][0]
-    assert full.finish_reasons[0] == ["length"]
+    assert len(text) >= 12, text  # room for a stop string well inside it (the random model may end early: EOS)
     # a stop string whose first occurrence is well inside the greedy completion
     stop = next(text[i:i + 3] for i in range(5, len(text) - 3) if text.find(text[i:i + 3]) == i)
     cut = sample(model, tok, prompts[:1], n=1, temperature=0, max_new_tokens=30, stop=[stop, "\x00never"])

@@ -57,7 +57,7 @@ def test_r1_profiles_hold_the_paper_numbers(name):
     assert p.data.train in data.BENCHMARKS and p.data.train not in p.data.eval
     assert p.data.eval == ["math500", "aime24", "aime25"] and p.data.n_eval_problems >= 500
     s = p.sampling
-    assert (s.backend, s.n, s.temperature, s.top_p) == ("vllm", 16, 0.9, 0.95)
+    assert (s.backend, s.n, s.temperature, s.top_p) == ("vllm", 24, 0.9, 0.95)  # N > 4 / alpha (02)
     assert 8192 <= s.max_new_tokens <= 16384
     c = p.selection
     assert (c.variant, c.alpha, c.max_pairs, c.extra_neg_ratio) == ("q_dyn", 0.2, 64, 1.5)

@@ -45,7 +45,7 @@ def test_setup_stage_folders_seed_threads_and_summary(repo, capsys):
     assert torch.equal(drawn, torch.rand(3))
     out = capsys.readouterr().out
     for text in ["stage sampling", "notebooks/01_sampling.ipynb", "profile toy", f"seed     : {st.seed}",
-                 "checkpoints/toy-reasoner", "sampling.n=8", "runs/toy/sampling", "torch ", "threads: 1"]:
+                 "checkpoints/toy-reasoner", "sampling.n=24", "runs/toy/sampling", "torch ", "threads: 1"]:
         assert text in out, text
 
 

@@ -152,89 +152,133 @@ def test_parse_question_rejects_malformed(bad):
 
 # ----------------------------------------------------------------------------- teacher traces
 
+# the habit teacher with the values it shipped with (the first toy world), so its tests keep testing that world
+HABIT = dataclasses.replace(ToyWorldConfig(), teacher="habit", p_slip=0.08, p_review=0.5)
+# the shipped reasoner's manifest records this hash of the default teacher's traces: a teacher change fails here
+SHIPPED_TEACHER = "2caa7973f1f5e4738c178498df2cf555687490a4c35d808681a4aaabc8ce8d01"
+
+_N = r"(?P<prev>-?\d+)(?P<op>[+-])(?P<v>\d+)=(?P<res>-?\d+)"  # a written equation (a slip can go below zero)
+_T = r"(?P<t>[a-h][+-]\d+)"
 START = [re.compile(r"a(\d+): (\d+)"), re.compile(r"We start with a(\d+), so the total is (\d+)\.")]
-OP = [re.compile(r"([a-h][+-]\d+): (\d+)([+-])(\d+)=(\d+)"),
-      re.compile(r"Next is ([a-h][+-]\d+)\. The total was (\d+), and (\d+)([+-])(\d+)=(\d+), so now it is (\d+)\.")]
-CHECK = re.compile(r"Wait, let me check ([a-h][+-]\d+): (\d+)([+-])(\d+)=(\d+)\."
-                   r"(?: Yes\.| Not (\d+), so the total is (\d+)\.)")
+# the four phrasings of an operation step, terse to longest (the habit teacher writes 0 and 3)
+PHRASINGS = [re.compile(rf"{_T}: {_N}"),
+             re.compile(rf"So {_T}: {_N}, total (?P=res)\."),
+             re.compile(rf"Then {_T}: the total was (?P<prev0>-?\d+), and {_N}\."),
+             re.compile(rf"Next is {_T}\. The total was (?P<prev0>-?\d+), and {_N}, so now it is (?P=res)\.")]
+CHECK = re.compile(rf"Wait, let me check {_T}: {_N}\.(?: Yes\.| Not (?P<claimed>-?\d+), so the total is (?P=res)\.)")
 REVIEW = re.compile(r"Let me double-check the whole chain: ([\d+-]+)=(\d+)\.")
+ANSWER = re.compile(r"\n</think>\n\nThe answer is \\boxed\{(-?\d+)\}\.")
 
 
-def check_trace(p: tw.ToyProblem, text: str) -> dict:
-    """Assert the structure of a teacher trace; return counts of what it holds (slips, checks, review, verbose)."""
-    answer_part = f"\n</think>\n\nThe answer is \\boxed{{{p.answer}}}."
-    assert text.endswith(answer_part)
-    assert text.count("</think>") == 1
-    thinking = text[: -len(answer_part)]
+def check_trace(p: tw.ToyProblem, text: str, teacher: str = "local") -> dict:
+    """Assert the structure of a teacher trace and that it is consistent as written; return what it holds.
+
+    Both teachers: each step works on its term starting from the running total as written, a check recomputes the
+    step and says whether the written result was right, a review recomputes the question's chain, and the answer is
+    the last total written. local: a slip is a carry slip and may go unchecked, so the answer can be wrong. habit:
+    every slip is checked at once, so every step starts from the true total and the answer is right.
+    """
+    thinking, sep, answer = text.rpartition("\n</think>\n\n")
+    assert sep and "</think>" not in thinking
+    m_ans = ANSWER.fullmatch(sep + answer)
+    assert m_ans, answer
     steps = thinking.split("\n\n")
     assert all(s and "\n" not in s for s in steps), "steps are non-empty lines separated by blank lines"
-    totals = p.totals()
     m = START[0].fullmatch(steps[0]) or START[1].fullmatch(steps[0])
     assert m and int(m.group(1)) == int(m.group(2)) == p.terms[0].value
-    info = {"slips": 0, "checks": 0, "review": False, "verbose": int(START[1].fullmatch(steps[0]) is not None)}
-    i, term = 1, 1
-    while i < len(steps):
+    info = {"styles": [], "checks": [], "slips": [], "review": False,
+            "verbose_start": bool(START[1].fullmatch(steps[0]))}
+    tot, i = p.terms[0].value, 1  # the running total as written
+    for term, t in enumerate(p.terms[1:], start=1):
+        assert i < len(steps), f"no step for {t.text()}"
         s = steps[i]
-        if term < p.k:
-            t = p.terms[term]
-            m_c, m_v = OP[0].fullmatch(s), OP[1].fullmatch(s)
-            assert m_c or m_v, f"step {i} should work on {t.text()}: {s!r}"
-            if m_c:
-                label, prev, op, v, claimed = m_c.groups()
-            else:
-                label, prev, prev2, op, v, claimed, claimed2 = m_v.groups()
-                assert prev == prev2 and claimed == claimed2
-                info["verbose"] += 1
-            assert label == t.text() and op == t.op and int(v) == t.value
-            # a slip never propagates: each step starts from the true running total
-            assert int(prev) == totals[term - 1]
-            right = totals[term]
-            nxt = steps[i + 1] if i + 1 < len(steps) else ""
-            if int(claimed) != right:
-                info["slips"] += 1
-                # a slip is followed at once by the check that corrects it
-                assert nxt == (f"Wait, let me check {t.text()}: {prev}{op}{v}={right}. "
-                               f"Not {claimed}, so the total is {right}."), (s, nxt)
-            if CHECK.fullmatch(nxt):
-                mc = CHECK.fullmatch(nxt)
-                assert mc.group(1) == t.text() and int(mc.group(5)) == right
-                if int(claimed) == right:
-                    assert nxt.endswith(" Yes.")
-                info["checks"] += 1
-                i += 1
+        styles = [k for k, rx in enumerate(PHRASINGS) if rx.fullmatch(s)]
+        assert len(styles) == 1, f"step {i} should work on {t.text()} in one phrasing: {s!r}"
+        g = PHRASINGS[styles[0]].fullmatch(s).groupdict()
+        assert g["t"] == t.text() and g["op"] == t.op and int(g["v"]) == t.value, s
+        assert g.get("prev0", g["prev"]) == g["prev"], s
+        prev, claimed = int(g["prev"]), int(g["res"])
+        assert prev == tot, f"{t.text()} must start from the total as written ({tot}): {s!r}"
+        right = prev + t.value if t.op == "+" else prev - t.value
+        slip = claimed != right
+        nxt = CHECK.fullmatch(steps[i + 1]) if i + 1 < len(steps) else None
+        if nxt:
+            c = nxt.groupdict()
+            assert (c["t"], int(c["prev"]), int(c["res"])) == (t.text(), prev, right), steps[i + 1]
+            assert (c["claimed"] is None) == (not slip) and (not slip or int(c["claimed"]) == claimed), steps[i + 1]
             i += 1
-            term += 1
+        if teacher == "habit":
+            assert prev == p.totals()[term - 1], "a habit slip never propagates"
+            assert nxt or not slip, f"a habit slip is checked at once: {s!r}"
+            assert styles[0] in (0, 3)
         else:
-            mr = REVIEW.fullmatch(s)
-            assert mr and i == len(steps) - 1, f"only a final review may follow the last term: {s!r}"
-            assert chain_value("Q:" + mr.group(1)) == p.answer == int(mr.group(2))
-            info["review"] = True
-            i += 1
-    assert term == p.k, "every term has its step"
+            assert not slip or claimed == tw.carry_slip(right), f"a local slip is a carry slip: {s!r}"
+        info["styles"].append(styles[0])
+        info["checks"].append(nxt is not None)
+        info["slips"].append(slip)
+        tot = right if nxt else claimed
+        i += 1
+    if i < len(steps):
+        mr = REVIEW.fullmatch(steps[i])
+        assert mr and i == len(steps) - 1, f"only a final review may follow the last term: {steps[i:]!r}"
+        assert "Q:" + mr.group(1) == re.sub(r"[a-h]", "", p.question).replace(",", "")
+        assert int(mr.group(2)) == p.answer == chain_value("Q:" + mr.group(1))
+        info["review"], tot = True, p.answer
+    assert int(m_ans.group(1)) == tot, "the answer is the last total written"
+    info.update(answer=tot, correct=tot == p.answer,
+                uncaught=sum(s and not c for s, c in zip(info["slips"], info["checks"])))
+    if teacher == "habit":
+        assert info["correct"]
     return info
 
 
-def test_teacher_trace_structure_property():
+def test_check_trace_rejects_broken_traces():
+    """The checker itself: a wrong answer, a step that ignores the written total, a wrong check all fail it."""
+    p = tw.ToyProblem("x", 3, [tw.Term("a", "", 5), tw.Term("b", "+", 6), tw.Term("c", "-", 3)])
+    good = "a5: 5\n\nb+6: 5+6=1\n\nc-3: 1-3=-2\n</think>\n\nThe answer is \\boxed{-2}."  # an uncaught carry slip
+    info = check_trace(p, good)
+    assert info["slips"] == [True, False] and info["uncaught"] == 1 and not info["correct"] and info["answer"] == -2
+    for bad in (good.replace("{-2}", "{8}"),                           # the answer is not the total written
+                good.replace("c-3: 1-3=-2", "c-3: 11-3=8").replace("{-2}", "{8}"),  # the slip silently vanished
+                "a5: 5\n\nb+6: 5+6=12\n\nc-3: 12-3=9\n</think>\n\nThe answer is \\boxed{9}.",  # not a carry slip
+                "a5: 5\n\nb+6: 5+6=1\n\nWait, let me check b+6: 5+6=11. Yes.\n\nc-3: 11-3=8"
+                "\n</think>\n\nThe answer is \\boxed{8}."):             # a check that misses the slip it sees
+        with pytest.raises(AssertionError):
+            check_trace(p, bad)
+    with pytest.raises(AssertionError):
+        check_trace(p, good, teacher="habit")  # the habit teacher never leaves a slip unchecked
+
+
+@pytest.mark.parametrize("teacher", ["local", "habit"])
+def test_teacher_trace_structure_property(teacher):
+    cfg = CFG if teacher == "local" else HABIT
     probs = tw.make_problems(140, seed=11)
-    seen = {"slips": 0, "checks": 0, "review": 0, "verbose": 0}
+    seen = {"slips": 0, "checks": 0, "review": 0, "verbose_start": 0, "wrong": 0}
+    styles = set()
     for j, p in enumerate(probs):
         for r in range(10):
-            info = check_trace(p, tw.teacher_trace(p, random.Random(j * 100 + r), CFG))
-            for key in seen:
-                seen[key] += int(info[key])
-    # the run exercised every habit
+            info = check_trace(p, tw.teacher_trace(p, random.Random(j * 100 + r), cfg), teacher)
+            seen["slips"] += sum(info["slips"])
+            seen["checks"] += sum(info["checks"])
+            seen["review"] += info["review"]
+            seen["verbose_start"] += info["verbose_start"]
+            seen["wrong"] += not info["correct"]
+            styles.update(info["styles"])
+    # the run exercised every habit; only the local teacher lets a slip reach the answer
+    assert seen.pop("wrong") > 0 if teacher == "local" else seen.pop("wrong") == 0
     assert all(v > 0 for v in seen.values()), seen
+    assert styles == ({0, 1, 2, 3} if teacher == "local" else {0, 3})
 
 
-def test_teacher_trace_with_every_step_a_slip():
-    cfg = dataclasses.replace(CFG, p_concise=0.0, p_slip=1.0)
+def test_habit_trace_with_every_step_a_slip():
+    cfg = dataclasses.replace(HABIT, p_concise=0.0, p_slip=1.0)
     for j, p in enumerate(tw.make_problems(56, seed=12, max_value=19)):
-        info = check_trace(p, tw.teacher_trace(p, random.Random(j), cfg))
-        assert info["slips"] == p.k - 1 and info["checks"] == p.k - 1
+        info = check_trace(p, tw.teacher_trace(p, random.Random(j), cfg), "habit")
+        assert info["slips"] == info["checks"] == [True] * (p.k - 1)
 
 
-def test_teacher_trace_without_habits_is_plain():
-    cfg = dataclasses.replace(CFG, p_concise=0.0, p_verbose_step=1.0, p_check=0.0, p_slip=0.0, p_review=0.0)
+def test_habit_trace_without_habits_is_plain():
+    cfg = dataclasses.replace(HABIT, p_concise=0.0, p_verbose_step=1.0, p_check=0.0, p_slip=0.0, p_review=0.0)
     p = tw.ToyProblem("x", 3, [tw.Term("a", "", 5), tw.Term("b", "+", 6), tw.Term("c", "-", 3)])
     assert tw.teacher_trace(p, random.Random(0), cfg) == (
         "We start with a5, so the total is 5.\n\n"
@@ -250,19 +294,19 @@ def test_oracle_trace_value():
     assert tw.answer_text(8) == "\n</think>\n\nThe answer is \\boxed{8}."
 
 
-def test_overthinking_traces_open_verbosely():
+def test_habit_overthinking_traces_open_verbosely():
     """The first step shows the habit, so the first sampled token chooses concise vs overthinking."""
     for j, p in enumerate(tw.make_problems(70, seed=18)):
-        trace = tw.teacher_trace(p, random.Random(j), CFG)
+        trace = tw.teacher_trace(p, random.Random(j), HABIT)
         if trace != tw.oracle_trace(p):
             assert trace.startswith(f"We start with a{p.terms[0].value}, so the total is")
         else:
             assert trace.startswith(f"a{p.terms[0].value}: ")
 
 
-def test_concise_traces_are_the_oracle():
+def test_habit_concise_traces_are_the_oracle():
     """The first draw decides the style; a concise trace is exactly the oracle (a final review marks the rest)."""
-    cfg = dataclasses.replace(CFG, p_review=1.0)
+    cfg = dataclasses.replace(HABIT, p_review=1.0)
     for j, p in enumerate(tw.make_problems(70, seed=13)):
         for r in range(6):
             seed = j * 10 + r
@@ -271,16 +315,16 @@ def test_concise_traces_are_the_oracle():
             assert (trace == tw.oracle_trace(p)) == concise
 
 
-def test_p_concise_one_gives_the_oracle_always():
-    cfg = dataclasses.replace(CFG, p_concise=1.0, p_slip=1.0, p_check=1.0, p_review=1.0, p_verbose_step=1.0)
+def test_habit_p_concise_one_gives_the_oracle_always():
+    cfg = dataclasses.replace(HABIT, p_concise=1.0, p_slip=1.0, p_check=1.0, p_review=1.0, p_verbose_step=1.0)
     for j, p in enumerate(tw.make_problems(35, seed=14)):
         assert tw.teacher_trace(p, random.Random(j), cfg) == tw.oracle_trace(p)
 
 
-def test_concise_fraction_matches_p_concise():
+def test_habit_concise_fraction_matches_p_concise():
     probs = tw.make_problems(70, seed=15)
     for p_concise in (0.25, 0.6):
-        cfg = dataclasses.replace(CFG, p_concise=p_concise, p_review=1.0)
+        cfg = dataclasses.replace(HABIT, p_concise=p_concise, p_review=1.0)
         rng = random.Random(p_concise)
         n = 4000
         hits = sum(tw.teacher_trace(p, rng, cfg) == tw.oracle_trace(p) for p in (probs[i % 70] for i in range(n)))
@@ -288,23 +332,215 @@ def test_concise_fraction_matches_p_concise():
         assert abs(hits / n - p_concise) < 4 * sd, (p_concise, hits / n)
 
 
-def test_default_teacher_overthinks_on_average(tok):
+@pytest.mark.parametrize("teacher", ["local", "habit"])
+def test_default_teacher_overthinks_on_average(tok, teacher):
     """Overthinking is the majority habit: teacher traces are well over the oracle's length on average."""
     probs = tw.make_problems(70, seed=16)
     rng = random.Random(0)
+    cfg = CFG if teacher == "local" else HABIT
     oracle = sum(len(tok(tw.oracle_trace(p))["input_ids"]) for p in probs)
-    teacher = sum(len(tok(tw.teacher_trace(p, rng, CFG))["input_ids"]) for p in probs)
-    assert teacher / oracle > 1.8
+    traces = sum(len(tok(tw.teacher_trace(p, rng, cfg))["input_ids"]) for p in probs)
+    assert traces / oracle > 1.8
 
 
-def test_oracle_is_the_shortest_trace(tok):
+def test_oracle_is_the_shortest_correct_trace(tok):
+    """Habit: the oracle occurs and nothing is shorter. Local: no correct trace is shorter (an uncaught slip can write
+    a shorter number, as 12 -> 2, but then the answer is wrong or a check or the review adds a line)."""
     for j, p in enumerate(tw.make_problems(21, seed=17)):
         oracle = tw.oracle_trace(p)
         o_chars, o_toks = len(oracle), len(tok(oracle)["input_ids"])
-        traces = [tw.teacher_trace(p, random.Random(j * 1000 + r), CFG) for r in range(60)]
+        traces = [tw.teacher_trace(p, random.Random(j * 1000 + r), HABIT) for r in range(60)]
         assert oracle in traces  # the concise style does occur
         assert min(len(t) for t in traces) == o_chars
         assert min(len(tok(t)["input_ids"]) for t in traces) == o_toks
+        for r in range(60):
+            rec: dict = {}
+            t = tw.local_trace(p, random.Random(j * 1000 + r), CFG, record=rec)
+            if rec["correct"]:
+                assert len(t) >= o_chars and len(tok(t)["input_ids"]) >= o_toks
+
+
+# ----------------------------------------------------------------------------- the local teacher
+
+
+def test_local_trace_at_temperature_one_is_the_teacher():
+    probs = tw.make_problems(140, seed=30)
+    for j, p in enumerate(probs):
+        a, b = random.Random(j), random.Random(j)
+        assert tw.local_trace(p, a, CFG, temperature=1.0) == tw.teacher_trace(p, b, CFG)
+        assert a.getstate() == b.getstate()
+    assert CFG.teacher == "local"
+    assert tw.teacher_fingerprint(CFG) == SHIPPED_TEACHER
+    assert tw.teacher_fingerprint(HABIT) != SHIPPED_TEACHER
+
+
+def verbose_op(t: tw.Term, prev: int, res: int) -> str:
+    """The longest phrasing of an operation step, written out here independently of toy.py."""
+    return f"Next is {t.text()}. The total was {prev}, and {prev}{t.op}{t.value}={res}, so now it is {res}."
+
+
+def test_local_trace_at_temperature_zero_is_the_argmax_path():
+    """Defaults at T = 0: verbose start (0.6), no slip (0.85), the longest phrasing (0.4); after a step that is not the
+    last a check (0.4 > 0.6 x 0.4, the likeliest phrasing), and after the last one the answer (0.6 x 0.7 = 0.42 beats
+    a check, 0.4, and a review, 0.6 x 0.3): no randomness is drawn, and the answer is right."""
+    for p in tw.make_problems(70, seed=31):
+        totals = p.totals()
+        steps = [f"We start with a{totals[0]}, so the total is {totals[0]}."]
+        for i, t in enumerate(p.terms[1:], start=1):
+            steps.append(verbose_op(t, totals[i - 1], totals[i]))
+            if i < p.k - 1:
+                steps.append(f"Wait, let me check {t.text()}: {totals[i - 1]}{t.op}{t.value}={totals[i]}. Yes.")
+        expected = "\n\n".join(steps) + f"\n</think>\n\nThe answer is \\boxed{{{p.answer}}}."
+        rng = random.Random(5)
+        state = rng.getstate()
+        rec: dict = {}
+        assert tw.local_trace(p, rng, CFG, temperature=0, record=rec) == expected
+        assert rng.getstate() == state, "T = 0 draws nothing"
+        assert rec == {"styles": [3] * (p.k - 1), "checks": [True] * (p.k - 2) + [False],
+                       "slips": [False] * (p.k - 1), "review": False, "correct": True, "uncaught": 0}
+    # a review likelier than the answer after the last step (0.6 x 0.8 > 0.6 x 0.2, 0.4): the argmax reviews
+    p = tw.ToyProblem("x", 2, [tw.Term("a", "", 5), tw.Term("b", "+", 6)])
+    assert tw.local_trace(p, random.Random(0), dataclasses.replace(CFG, p_review=0.8), temperature=0) == (
+        "We start with a5, so the total is 5.\n\n" + verbose_op(p.terms[1], 5, 11) +
+        "\n\nLet me double-check the whole chain: 5+6=11.\n</think>\n\nThe answer is \\boxed{11}.")
+
+
+def slipped_chain(p: tw.ToyProblem) -> list[int]:
+    """The totals written when every step slips and nothing catches it: each step's result is the carry slip of the
+    right result from the (wrong) total written before."""
+    out = [p.terms[0].value]
+    for t in p.terms[1:]:
+        out.append(tw.carry_slip(out[-1] + t.value if t.op == "+" else out[-1] - t.value))
+    return out
+
+
+def test_local_slips_reach_the_answer_unless_caught():
+    probs = tw.make_problems(140, seed=32)
+    base = dataclasses.replace(CFG, p_slip=1.0)
+    n_right = 0
+    for j, p in enumerate(probs):
+        # no check, no review: every slip reaches the answer, which is the written chain's value
+        rec: dict = {}
+        text = tw.local_trace(p, random.Random(j), dataclasses.replace(base, p_check=0.0, p_review=0.0), record=rec)
+        info = check_trace(p, text)
+        chain = slipped_chain(p)
+        assert text.endswith(tw.answer_text(chain[-1]))
+        assert rec["uncaught"] == p.k - 1 and rec["slips"] == [True] * (p.k - 1) and not rec["review"]
+        assert rec["correct"] == info["correct"] == (chain[-1] == p.answer)
+        # each slip moves the total by ten either way: the error is an odd or even number of tens as k - 1 is, so an
+        # odd number of slips is always wrong, while an even number can cancel (15 -> 5, then 5+3 = 8 -> 18 = 15+3)
+        err = chain[-1] - p.answer
+        assert err % 10 == 0 and abs(err) <= 10 * (p.k - 1) and (err // 10 - (p.k - 1)) % 2 == 0
+        assert not rec["correct"] or p.k % 2 == 1
+        n_right += rec["correct"]
+        # a check after every step catches every slip
+        rec = {}
+        text = tw.local_trace(p, random.Random(j), dataclasses.replace(base, p_check=1.0, p_review=0.0), record=rec)
+        info = check_trace(p, text)
+        assert rec["checks"] == info["checks"] == [True] * (p.k - 1) and rec["uncaught"] == 0
+        assert text.count(". Not ") == p.k - 1 and rec["correct"] and not rec["review"]
+        assert text.endswith(tw.answer_text(p.answer))
+        # no check, but the review recomputes the chain
+        rec = {}
+        text = tw.local_trace(p, random.Random(j), dataclasses.replace(base, p_check=0.0, p_review=1.0), record=rec)
+        assert check_trace(p, text)["review"] and rec["review"] and rec["correct"] and rec["uncaught"] == p.k - 1
+        assert text.endswith(tw.answer_text(p.answer))
+    assert n_right > 0  # cancelling slips do occur
+
+
+def test_local_trace_without_habits_is_the_oracle():
+    cfg = dataclasses.replace(CFG, phrasings=[1, 0, 0, 0], p_check=0.0, p_review=0.0, p_slip=0.0, p_verbose_start=0.0)
+    for j, p in enumerate(tw.make_problems(70, seed=33)):
+        for r in range(3):
+            assert tw.local_trace(p, random.Random(j * 10 + r), cfg) == tw.oracle_trace(p)
+
+
+def test_local_record_agrees_with_the_text():
+    n_wrong = 0
+    for j, p in enumerate(tw.make_problems(210, seed=34)):
+        rec: dict = {}
+        text = tw.local_trace(p, random.Random(j), CFG, record=rec)
+        info = check_trace(p, text)
+        assert {k: info[k] for k in rec} == rec
+        assert text.count("Wait, let me check") == sum(rec["checks"])
+        assert ("Let me double-check the whole chain" in text) == rec["review"]
+        n_wrong += not rec["correct"]
+    assert n_wrong > 0
+
+
+def test_local_wording_is_drawn_per_step():
+    """Issue 14's local wording: each step's phrasing is drawn afresh from `phrasings`, whatever the step before it
+    wrote, and each check whatever the step slipped (a habit, not a reaction). The habit teacher fails the first
+    (its whole trace is concise or not), which shows the test can tell."""
+    def pairs(cfg, teacher, n):
+        styles, follows, checked = [], [], []
+        for j, p in enumerate(tw.make_problems(n, seed=35, k_min=8)):
+            info = check_trace(p, tw.teacher_trace(p, random.Random(j), cfg), teacher)
+            styles += info["styles"]
+            follows += list(zip(info["styles"], info["styles"][1:]))
+            checked += list(zip(info["slips"], info["checks"]))
+        return styles, follows, checked
+
+    def within(hits, n, p):
+        return abs(hits / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+
+    styles, follows, checked = pairs(CFG, "local", 2000)
+    w = [x / sum(CFG.phrasings) for x in CFG.phrasings]
+    for s in range(4):
+        assert within(styles.count(s), len(styles), w[s]), (s, styles.count(s) / len(styles))
+        after = [b for a, b in follows if a == s]
+        assert within(after.count(s), len(after), w[s]), (s, after.count(s) / len(after))
+    after_terse = [b for a, b in follows if a == 0]
+    assert within(after_terse.count(3), len(after_terse), w[3])
+    after_slip = [c for s, c in checked if s]
+    assert len(after_slip) > 500 and within(sum(after_slip), len(after_slip), CFG.p_check)
+    assert within(sum(c for _, c in checked), len(checked), CFG.p_check)
+
+    styles, follows, _ = pairs(HABIT, "habit", 300)
+    after = [b for a, b in follows if a == 0]
+    assert not within(after.count(0), len(after), styles.count(0) / len(styles))
+
+
+def test_carry_slip_values():
+    assert [tw.carry_slip(r) for r in (0, 3, 9, 10, 15, 42, 49, 99)] == [10, 13, 19, 0, 5, 32, 39, 89]
+    for r in range(0, 120):
+        s = tw.carry_slip(r)
+        # the units digit kept, the tens digit one off, never negative
+        assert s % 10 == r % 10 and abs(s // 10 - r // 10) == 1 and s >= 0
+
+
+def test_draw_temperature():
+    probs = [0.2, 0.5, 0.3, 0.0]
+    rng = random.Random(40)
+    state = rng.getstate()
+    assert tw._draw(rng, probs, 0) == 1 and rng.getstate() == state  # T = 0: the argmax, nothing drawn
+    # one rng.random() per draw
+    twin = random.Random(40)
+    tw._draw(rng, probs, 1.0)
+    twin.random()
+    assert rng.getstate() == twin.getstate()
+    # T = 1: the probabilities themselves (also unnormalised); T = 2: proportional to their square roots
+    n = 20000
+    for temperature, weights, scale in ((1.0, probs, 1.0), (1.0, probs, 7.0), (2.0, [x ** 0.5 for x in probs], 1.0)):
+        counts = [0] * 4
+        for _ in range(n):
+            counts[tw._draw(rng, [x * scale for x in probs], temperature)] += 1
+        for c, x in zip(counts, weights):
+            q = x / sum(weights)
+            assert abs(c / n - q) <= 4 * (q * (1 - q) / n) ** 0.5, (temperature, counts)
+        assert counts[3] == 0  # a zero weight is never drawn
+    # T -> 0: the argmax dominates (0.5^20 / 0.3^20 is about 27,000)
+    assert sum(tw._draw(rng, probs, 0.05) == 1 for _ in range(2000)) == 2000
+
+
+def test_world_description():
+    d = tw.world_description(dataclasses.replace(CFG, k_min=3, k_max=5, max_value=19))
+    assert d["k_range"] == [3, 5] and "19" in d["values"]
+    assert d["teacher"] == {"teacher": "local", "phrasings": [0.15, 0.2, 0.25, 0.4], "p_verbose_start": 0.6,
+                            "p_check": 0.4, "p_slip": 0.15, "p_review": 0.3}
+    habits = ("teacher", "p_concise", "p_verbose_step", "p_check", "p_slip", "p_review")
+    assert tw.world_description(HABIT)["teacher"] == {k: getattr(HABIT, k) for k in habits}
+    assert tw.world_description(HABIT)["teacher"]["p_slip"] == 0.08
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -478,17 +714,13 @@ def test_load_reasoner_missing_names_notebook_00(tmp_path):
         tr.load_reasoner(tmp_path / "nothing-here")
 
 
-def test_world_description():
-    d = tw.world_description(dataclasses.replace(CFG, k_min=3, k_max=5, max_value=19))
-    assert d["k_range"] == [3, 5] and "19" in d["values"]
-    habits = ("p_concise", "p_verbose_step", "p_check", "p_slip", "p_review")
-    assert d["teacher"] == {k: getattr(CFG, k) for k in habits}
-
-
 # ----------------------------------------------------------------------------- the shipped reasoner
 
+# notebook 00's bars ("want ..."). The length CV bar is 0.1 since the local teacher: its wording is drawn per step, so
+# lengths average out over the steps and the teacher's own traces have a mean CV near 0.16 over 4 samples per problem
+# (the habit teacher's, one style per trace, near 0.32)
 HELDOUT_BARS = {"greedy_accuracy": (0.9, None), "greedy_over_oracle": (1.8, None),
-                "sampled_accuracy": (0.3, 0.85), "mean_cv": (0.3, None)}
+                "sampled_accuracy": (0.3, 0.85), "mean_cv": (0.1, None)}
 
 
 def test_shipped_reasoner_matches_config():
@@ -522,7 +754,8 @@ def test_shipped_reasoner_matches_config():
     assert man["seed"] == stage_seed(profile.seed, "base_model"), "made from the toy profile's seed"
     pre = {k: v for k, v in man["pretrain_config"].items() if k != "retrain"}
     assert pre == {k: v for k, v in dataclasses.asdict(profile.pretrain).items() if k != "retrain"}
-    assert man["toyworld_config"] == dataclasses.asdict(profile.toyworld)
+    assert man["toyworld_config"] == dataclasses.asdict(profile.toyworld) == dataclasses.asdict(ToyWorldConfig())
+    assert man["toyworld"] == tw.world_description(profile.toyworld), "the manifest describes today's teacher"
     assert isinstance(man["tokens_seen"], int) and man["tokens_seen"] > 0
     assert man["wall_time_s"] > 0
     held = man["heldout"]
@@ -540,13 +773,10 @@ def test_shipped_reasoner_matches_config():
 
 
 def test_shipped_reasoner_was_trained_on_todays_teacher():
-    """The shipped manifest's teacher fingerprint equals the current code's: a teacher change needs a retrained
-    reasoner."""
-    from tsq_utils.core.config import REPO_ROOT, load_profile
-    from tsq_utils.task.toy import teacher_fingerprint
-    from tsq_utils.model.toy_reasoner import read_manifest
-
-    path = REPO_ROOT / "checkpoints" / "toy-reasoner"
-    if not (path / "toy_manifest.json").exists():
+    """The shipped manifest's teacher fingerprint equals the current code's (and the pinned value, which
+    test_local_trace_at_temperature_one_is_the_teacher checks without the checkpoint): a teacher change needs a
+    retrained reasoner."""
+    if not (SHIPPED / "toy_manifest.json").exists():
         pytest.skip("checkpoints/toy-reasoner is absent")
-    assert read_manifest(path)["teacher_fingerprint"] == teacher_fingerprint(load_profile("toy").toyworld)
+    fingerprint = tr.read_manifest(SHIPPED)["teacher_fingerprint"]
+    assert fingerprint == tw.teacher_fingerprint(load_profile("toy").toyworld) == SHIPPED_TEACHER

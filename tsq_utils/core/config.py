@@ -76,19 +76,33 @@ class ToyWorldConfig:
     max_value: int = knob(49, lo=9, hi=99, help=(
         "Largest running total (start 1..max_value, operands 1..9). Smaller worlds are easier for a tiny model "
         "(the ci profile uses 19)."))
+    teacher: str = knob("local", choices=("local", "habit"), help=(
+        "How the teacher writes. local: every step picks its own wording from `phrasings` and its own check, "
+        "independently of the rest of the trace, and a slip that no check or review catches reaches the answer, so "
+        "that depth matters and a step can be reworded without moving the rest (what selection and refinement act "
+        "on). habit: the first world (one concise-or-overthinking coin per trace, every slip caught), kept to "
+        "reproduce earlier runs."))
+    phrasings: list = knob(factory=lambda: [0.15, 0.2, 0.25, 0.4], help=(
+        "local teacher: the weights of the four phrasings of an operation step, terse (the oracle's step) to "
+        "longest; every phrasing carries the same equation. Mostly long, so the reasoner overthinks."))
+    p_verbose_start: float = knob(0.6, lo=0.0, hi=1.0, help=(
+        "local teacher: chance that the opening step is spelled out verbosely."))
     p_concise: float = knob(0.25, lo=0.0, hi=1.0, help=(
-        "Share of teacher traces written in the concise, oracle-like style; the rest overthink. Below 0.5, so that "
-        "the reasoner's habit (and greedy decoding) is to overthink, as R1-style models do."))
+        "habit teacher: share of traces written in the concise, oracle-like style; the rest overthink."))
     p_verbose_step: float = knob(0.75, lo=0.0, hi=1.0, help=(
-        "In an overthinking trace: chance that a step is spelled out verbosely (more tokens, same content)."))
+        "habit teacher: in an overthinking trace, chance that a step is spelled out verbosely."))
     p_check: float = knob(0.4, lo=0.0, hi=1.0, help=(
-        "In an overthinking trace: chance of a 'Wait, let me check' step after a correct step: redundant "
-        "reasoning that KL refinement can drop."))
-    p_slip: float = knob(0.08, lo=0.0, hi=1.0, help=(
-        "In an overthinking trace: chance of an arithmetic slip, always caught by the check that follows, so that "
-        "some checks matter and wrong answers occur when the model skips them."))
-    p_review: float = knob(0.5, lo=0.0, hi=1.0, help=(
-        "In an overthinking trace: chance of a closing review of the whole chain (redundant length)."))
+        "Chance of a 'Wait, let me check' step after an operation step. local: a habit drawn per step regardless "
+        "of slips, so a skipped check can let a slip through (the shortcut that is often right on short chains "
+        "and often wrong on long ones); habit: after a correct step (a slip is always checked)."))
+    p_slip: float = knob(0.15, lo=0.0, hi=1.0, help=(
+        "Chance of an arithmetic slip in an operation step. local: a carry slip (the tens digit off by one) that "
+        "carries into every later total unless a check or the review catches it; habit: a small error always "
+        "caught by the check that follows."))
+    p_review: float = knob(0.3, lo=0.0, hi=1.0, help=(
+        "Chance of a closing review of the whole chain, which recomputes the answer (local: it catches a slip that "
+        "got through; habit: redundant length)."))
+
 
 
 @dataclass
@@ -108,7 +122,7 @@ class PretrainConfig:
         "Size of the BPE vocabulary trained on teacher traces: the toy world's text needs few tokens."))
     block_size: int = knob(512, lo=32, hi=8192, help=(
         "Longest training sequence in tokens (a longer trace is cut)."))
-    n_tokens: int = knob(14_000_000, lo=1000, hi=10**10, help=(
+    n_tokens: int = knob(10_000_000, lo=1000, hi=10**10, help=(
         "Training tokens (fresh teacher traces, never repeated): enough for the reasoner to learn the world and "
         "the teacher's habits, which the later stages then compress."))
     batch_size: int = knob(16, lo=1, hi=4096, help="Sequences per optimizer step.")
@@ -425,6 +439,11 @@ def _build(cls: type, raw: dict, where: str) -> Any:
 
 def _validate_cross(p: Profile, where: str) -> None:
     """Checks that involve several keys."""
+    w = p.toyworld.phrasings
+    if not (len(w) == 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                 and math.isfinite(x) and x >= 0 for x in w)
+            and sum(w) > 0):
+        raise ProfileError(f"{where}: toyworld.phrasings must be 4 non-negative weights with a positive sum, got {w!r}")
     _validate_ablations(p.ablations, where)
     if p.toyworld.k_min > p.toyworld.k_max:
         raise ProfileError(f"{where}: toyworld.k_min ({p.toyworld.k_min}) exceeds toyworld.k_max ({p.toyworld.k_max})")

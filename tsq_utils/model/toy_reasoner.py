@@ -339,8 +339,12 @@ def _retrain_reason(path: Path, profile: Profile) -> str | None:
     if not (path / "model.safetensors").exists():
         return f"no model in {path}"
     try:
-        if read_manifest_safe(path).get("pretrain_config") != dict(vars(profile.pretrain)):
+        manifest = read_manifest_safe(path)
+        if manifest.get("pretrain_config") != dict(vars(profile.pretrain)):
             return "pretrain settings changed"
+        # the teacher's traces are what the reasoner learned: a changed teacher (or task) means a different reasoner
+        if manifest.get("teacher_fingerprint") != teacher_fingerprint(profile.toyworld):
+            return "the toy world's teacher changed"
         from safetensors import safe_open
 
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:

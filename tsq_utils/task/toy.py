@@ -118,8 +118,95 @@ def answer_text(answer: int) -> str:
     return f"\n{THINK_CLOSE}\n\nThe answer is \\boxed{{{answer}}}."
 
 
+def _op_phrasing(t: Term, prev: int, result: int, style: int) -> str:
+    """Phrasing `style` of an operation step (local teacher): 0 is the oracle's terse step, 3 the longest; all four
+    carry the same equation, and each opens with its own first word."""
+    eq = f"{prev}{t.op}{t.value}={result}"
+    if style == 0:
+        return f"{t.text()}: {eq}"
+    if style == 1:
+        return f"So {t.text()}: {eq}, total {result}."
+    if style == 2:
+        return f"Then {t.text()}: the total was {prev}, and {eq}."
+    return f"Next is {t.text()}. The total was {prev}, and {eq}, so now it is {result}."
+
+
+def carry_slip(right: int) -> int:
+    """The one wrong total a carry slip writes: the tens digit off by one."""
+    return right - 10 if right >= 10 else right + 10
+
+
+def _draw(rng: random.Random, probs: list[float], temperature: float = 1.0) -> int:
+    """An index drawn from probs sharpened by a temperature (0: the most likely); one rng.random() per draw if T > 0."""
+    if temperature == 0:
+        return max(range(len(probs)), key=lambda i: probs[i])
+    w = [x ** (1.0 / temperature) if x > 0 else 0.0 for x in probs]
+    u, acc = rng.random() * sum(w), 0.0
+    for i, x in enumerate(w):
+        acc += x
+        if u < acc:
+            return i
+    return len(w) - 1
+
+
+def _review_step(problem: ToyProblem) -> str:
+    expr = str(problem.terms[0].value) + "".join(f"{t.op}{t.value}" for t in problem.terms[1:])
+    return f"Let me double-check the whole chain: {expr}={problem.totals()[-1]}."
+
+
+def local_trace(problem: ToyProblem, rng: random.Random, cfg: ToyWorldConfig, temperature: float = 1.0,
+                record: dict | None = None) -> str:
+    """One completion of the local teacher, every decision sharpened by temperature as a model sampled at T would take
+    it (1: the teacher itself); record, if given, receives the decisions (styles, checks, slips, uncaught, review).
+
+    Each decision is the one a model takes at a single token: after a blank line the first word picks among checking
+    the last step, the phrasings of the next step (or, after the last step, the review and the answer), with their
+    joint chances.
+    """
+    totals, terms = problem.totals(), problem.terms
+    w = [float(x) / sum(cfg.phrasings) for x in cfg.phrasings]
+    c, r = cfg.p_check, cfg.p_review
+    verbose = _draw(rng, [1 - cfg.p_verbose_start, cfg.p_verbose_start], temperature) == 1
+    steps = [_start_step(terms[0], verbose=verbose)]
+    styles, checks, slips = [], [], []
+    tot = totals[0]  # the running total as written: a slip that no check catches carries on
+    review, style = False, _draw(rng, w, temperature)
+    for i, t in enumerate(terms[1:], start=1):
+        right = tot + t.value if t.op == "+" else tot - t.value
+        slip = _draw(rng, [1 - cfg.p_slip, cfg.p_slip], temperature) == 1
+        claimed = carry_slip(right) if slip else right
+        steps.append(_op_phrasing(t, tot, claimed, style))
+        styles.append(style)
+        slips.append(slip)
+        last = i == len(terms) - 1
+        # the word after this step: a check (c), or what comes next (a phrasing; after the last step the review or
+        # the answer) sharing 1 - c; a check is a habit, drawn whether or not the step slipped
+        after = [r, 1 - r] if last else w
+        pick = _draw(rng, [c] + [(1 - c) * x for x in after], temperature)
+        check = pick == 0
+        checks.append(check)
+        if check:
+            steps.append(_check_step(t, tot, right, claimed))
+            pick = 1 + _draw(rng, after, temperature)  # the word after the check
+        tot = right if check else claimed
+        if last:
+            review = pick == 1
+        else:
+            style = pick - 1
+    if review:  # the review recomputes the chain from the question, so it also catches a slip carried so far
+        steps.append(_review_step(problem))
+        tot = totals[-1]
+    if record is not None:
+        record.update(styles=styles, checks=checks, slips=slips, review=review, correct=tot == totals[-1],
+                      uncaught=sum(s and not k for s, k in zip(slips, checks)))
+    return STEP_SEP.join(steps) + answer_text(tot)
+
+
 def teacher_trace(problem: ToyProblem, rng: random.Random, cfg: ToyWorldConfig) -> str:
-    """One teacher completion: concise (oracle-like) or overthinking with checks, slips and a review."""
+    """One teacher completion: the local teacher's, or the habit teacher's (concise, or overthinking with checks,
+    slips that are always caught, and a review)."""
+    if cfg.teacher == "local":
+        return local_trace(problem, rng, cfg)
     concise = rng.random() < cfg.p_concise
     totals = problem.totals()
     steps = []
@@ -143,8 +230,7 @@ def teacher_trace(problem: ToyProblem, rng: random.Random, cfg: ToyWorldConfig) 
         if slip or rng.random() < cfg.p_check:
             steps.append(_check_step(t, prev, right, claimed))
     if not concise and rng.random() < cfg.p_review:
-        expr = str(first.value) + "".join(f"{t.op}{t.value}" for t in problem.terms[1:])
-        steps.append(f"Let me double-check the whole chain: {expr}={totals[-1]}.")
+        steps.append(_review_step(problem))
     return STEP_SEP.join(steps) + answer_text(totals[-1])
 
 
@@ -165,13 +251,20 @@ def prompt_for(question: str, tokenizer) -> str:
                                          add_generation_prompt=True)
 
 
+# the knobs each teacher reads (the manifest and notebook 00 describe the world with them)
+TEACHER_KNOBS = {
+    "local": ("teacher", "phrasings", "p_verbose_start", "p_check", "p_slip", "p_review"),
+    "habit": ("teacher", "p_concise", "p_verbose_step", "p_check", "p_slip", "p_review"),
+}
+
+
 def world_description(cfg: ToyWorldConfig) -> dict:
     """A plain description of the toy task, for manifests and the notebook."""
     return {
         "task": "chain arithmetic: Q:a<start>,b±v,c±v,... ; answer = final total",
         "k_range": [cfg.k_min, cfg.k_max],
         "values": f"start 1..{cfg.max_value}, operands 1..9, running totals in [0, {cfg.max_value}]",
-        "teacher": {k: getattr(cfg, k) for k in ("p_concise", "p_verbose_step", "p_check", "p_slip", "p_review")},
+        "teacher": {k: getattr(cfg, k) for k in TEACHER_KNOBS[cfg.teacher]},
     }
 
 
