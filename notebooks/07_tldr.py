@@ -92,8 +92,8 @@ device = config.resolve_device(P)
 # The authors answer GSM8K with a short-CoT model (System-1) and take s1K's hard prompts with the long model's shortest correct answer
 # (System-2). The toy world has both ingredients without an outside model; the difficulty split is by the number of terms $k$:
 #
-# - **System-1** = the easy training problems ($k \le$ `easy_max_k`) with the toy world's *concise* trace, the habit the teacher writes
-#   a quarter of the time and the shortest correct trace there is (the oracle). It plays the short-CoT model's answer: correct, terse,
+# - **System-1** = the easy training problems ($k \le$ `easy_max_k`) with the toy world's *oracle* trace: every step in its terse
+#   phrasing, no checks, no review, the shortest correct trace there is. It plays the short-CoT model's answer: correct, terse,
 #   no checks. Caveat: it is cleaner than a real short model (always right, always minimal), and it is outside help that TokenSqueeze
 #   never gets; its self-generated data only ever contains what the base model itself samples.
 # - **System-2** = the hard training problems ($k >$ `easy_max_k`) with the base model's shortest correct response among the $N$ samples
@@ -357,7 +357,7 @@ if not done:
 manifest = stage.finish(inputs, outputs=outputs, summary=summary)
 
 # %% tsq_lesson="seen"
-display(lessons.seen(claims.seen_tldr(traj, comparison, refs)))
+display(lessons.seen(claims.seen_tldr(traj, comparison, refs, results)))
 
 # %% [markdown] tsq_lesson="ex"
 # ## Exercises
@@ -377,7 +377,7 @@ display(lessons.answer(f"$e^4/(e^4 + 1)$ = {math.exp(4) / (math.exp(4) + 1):.4f}
 display(lessons.answer("$c$ keeps both weights at least $c/2$ above 0, so $\\log w$ stays finite and a pool can always "
                        "come back. With $\\eta = 0$ the update is the identity (up to smoothing): the static mix.",
                        title="Answer 2"))
-display(lessons.answer(" ".join(claims.seen_tldr(traj, comparison, refs)[:2]),
+display(lessons.answer(" ".join(claims.seen_tldr(traj, comparison, refs, results)[:2]),
                        title="Answer 3"))
 display(lessons.answer("It favours TLDR: its short pool is the concise oracle trace of each easy problem, outside help "
                        "that is always correct and minimal, while TokenSqueeze learns only from what the base model "

@@ -127,3 +127,43 @@ def test_seen_tldr_first_line_says_why():
                         index=["tldr", "static_mix", "tokensqueeze"])
     lines = claims.seen_tldr(_traj([0.5417] * 6), comp, {"a_s": 1.0, "a_l": 1.0})
     assert len(lines) == 3 and "A_S = 1.000, A_L = 1.000" in lines[0] and lines[1].startswith("TLDR vs static mix")
+
+
+def _tldr_results(acc_t, acc_s, len_t, len_s, n_problems=40, n=5, seed=0):
+    """Per-response results of 'tldr' and 'static_mix' on the same problems, with the given accuracies and lengths."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for model, acc, length in (("tldr", acc_t, len_t), ("static_mix", acc_s, len_s)):
+        for i in range(n_problems):
+            for j in range(n):
+                rows.append({"model": model, "problem_id": f"p{i}", "correct": bool(rng.random() < acc),
+                             "n_tokens": int(length + rng.integers(-3, 4))})
+    return pd.DataFrame(rows)
+
+
+def test_paired_difference_closed_form():
+    """Two problems answered twice by each model: the accuracy SE is the SD of the per-problem differences / sqrt(2)."""
+    rows = [("tldr", "a", True, 10), ("tldr", "a", True, 12), ("tldr", "b", False, 30), ("tldr", "b", True, 14),
+            ("static_mix", "a", True, 20), ("static_mix", "a", False, 40), ("static_mix", "b", False, 30),
+            ("static_mix", "b", False, 30)]
+    res = pd.DataFrame(rows, columns=["model", "problem_id", "correct", "n_tokens"])
+    d = claims.paired_difference(res, "tldr", "static_mix")
+    # per-problem differences: a 1 - 0.5 = 0.5, b 0.5 - 0 = 0.5: no spread, SE 0
+    assert d["acc_diff"] == pytest.approx(0.75 - 0.25) and d["acc_se"] == pytest.approx(0.0)
+    assert d["len_t_diff"] == pytest.approx(12.0 - 20.0)
+    with pytest.raises(ValueError, match="no results for model"):
+        claims.paired_difference(res, "tldr", "oracle")
+
+
+def test_dynamic_vs_static_verdicts():
+    beats = claims.dynamic_vs_static(_tldr_results(0.95, 0.60, 60, 60))
+    assert "TLDR better, beyond 2 SE" in beats
+    assert beats.endswith("dynamic re-weighting beats the static mix beyond noise.")
+    loses = claims.dynamic_vs_static(_tldr_results(0.80, 0.80, 90, 60, seed=1))
+    assert loses.endswith("the static mix beats dynamic re-weighting beyond noise.")
+    tie = claims.dynamic_vs_static(_tldr_results(0.8, 0.8, 60, 60, seed=2))
+    assert tie.endswith("no difference beyond noise.") and "within noise" in tie
+    trade = claims.dynamic_vs_static(_tldr_results(0.95, 0.55, 90, 60, seed=3))
+    assert trade.endswith("a trade-off: each is better on one count, beyond noise.")

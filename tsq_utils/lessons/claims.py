@@ -185,8 +185,62 @@ def seen_ablations(tables: Mapping[str, pd.DataFrame], n: int, alpha: float) -> 
     return out[:3]
 
 
-def seen_tldr(traj: pd.DataFrame, comparison: pd.DataFrame, refs: Mapping) -> list[str]:
-    """Three lines about TLDR's run: whether its weights moved and why, then lessons.seen_tldr's two comparisons."""
+def paired_difference(results: pd.DataFrame, a: str, b: str) -> dict[str, float]:
+    """Model a minus model b on the same problems: accuracy difference with its problem-paired SE, and Len-T
+    difference with the SE of two problem-clustered means (NaN where a model has no correct response)."""
+    from ..method.evaluation import mean_se
+
+    ra, rb = results[results["model"] == a], results[results["model"] == b]
+    if ra.empty or rb.empty:
+        raise ValueError(f"no results for model {a!r} or {b!r} (models: {sorted(results['model'].unique())})")
+    # the mean correctness of each problem under each model; the SE of the mean per-problem difference is the SE of
+    # the accuracy difference when both models answered every problem equally often (as 05 and 07 do)
+    pa = ra.groupby("problem_id")["correct"].mean()
+    pb = rb.groupby("problem_id")["correct"].mean()
+    d = (pa - pb).dropna()
+    se_acc = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    ca, cb = ra[ra["correct"].astype(bool)], rb[rb["correct"].astype(bool)]
+    if len(ca) and len(cb):
+        d_len = float(ca["n_tokens"].mean() - cb["n_tokens"].mean())
+        se_len = math.hypot(mean_se(ca["n_tokens"], ca["problem_id"]), mean_se(cb["n_tokens"], cb["problem_id"]))
+    else:
+        d_len, se_len = math.nan, math.nan
+    return {"acc_diff": float(ra["correct"].mean() - rb["correct"].mean()), "acc_se": se_acc,
+            "len_t_diff": d_len, "len_t_se": se_len}
+
+
+def dynamic_vs_static(results: pd.DataFrame) -> str:
+    """TLDR's dynamic re-weighting against the static 1:1 mix: accuracy and Len-T differences, each beyond two SEs
+    or not."""
+    d = paired_difference(results, "tldr", "static_mix")
+
+    def sign(x: float, se: float) -> int:
+        """+1 / -1 beyond two SEs in that direction, 0 within them (or without an SE)."""
+        if not (_finite(x) and _finite(se)) or se == 0 or abs(x) <= 2 * se:
+            return 0
+        return 1 if x > 0 else -1
+
+    acc, short = sign(d["acc_diff"], d["acc_se"]), sign(-d["len_t_diff"], d["len_t_se"])
+    words = {1: "TLDR better, beyond 2 SE", -1: "the static mix better, beyond 2 SE", 0: "within noise"}
+    if acc >= 0 and short >= 0 and acc + short > 0:
+        verdict = "dynamic re-weighting beats the static mix beyond noise"
+    elif acc <= 0 and short <= 0 and acc + short < 0:
+        verdict = "the static mix beats dynamic re-weighting beyond noise"
+    elif acc and short:
+        verdict = "a trade-off: each is better on one count, beyond noise"
+    else:
+        verdict = "no difference beyond noise"
+    return (f"TLDR vs static mix: accuracy {100 * d['acc_diff']:+.1f} ± {100 * d['acc_se']:.1f} points "
+            f"({words[acc]}), Len-T {d['len_t_diff']:+.1f} ± {d['len_t_se']:.1f} tokens ({words[short]}): {verdict}.")
+
+
+def seen_tldr(traj: pd.DataFrame, comparison: pd.DataFrame, refs: Mapping,
+              results: pd.DataFrame | None = None) -> list[str]:
+    """Three lines about TLDR's run: whether its weights moved and why, how it compares with the static mix (with SEs
+    when the per-response results are given), and how it compares with TokenSqueeze."""
     from . import seen_tldr as _seen_tldr  # the comparisons are right as they are; only the first line's reason is not
 
-    return [tldr_weights(traj, refs), *_seen_tldr(traj, comparison)[1:]]
+    lines = [tldr_weights(traj, refs), *_seen_tldr(traj, comparison)[1:]]
+    if results is not None and {"tldr", "static_mix"} <= set(results["model"]):
+        lines[1] = dynamic_vs_static(results)
+    return lines
