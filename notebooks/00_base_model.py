@@ -64,7 +64,7 @@ toy_world = task.has_oracle  # the toy world's own cells: its teacher, its oracl
 # ## The idea
 #
 # A reasoning model that *overthinks* writes many more tokens than the problem needs: it restates, re-derives and re-checks.
-# TokenSqueeze needs such a model, one that samples traces of very different lengths for the same problem and is sometimes wrong,
+# TokenSqueeze needs such a model, one that samples traces of different lengths for the same problem and is sometimes wrong,
 # so that "short and correct" is something to select and learn.
 #
 # The toy task is **chain arithmetic**: `Q:a5,b+6,c-3` asks for $5 + 6 - 3$. The difficulty $k \in \{2,\dots,8\}$ is the number of
@@ -146,7 +146,7 @@ print(f"\n{out.n_tokens[0][0]} tokens{oracle}, finish: {out.finish_reasons[0][0]
 #
 # Held-out problems, spread evenly over $k$, answered greedily and at the profile's sampling temperature. Three properties make the
 # later stages meaningful: greedy output is accurate but long (well above the oracle), sampled accuracy is moderate and falls with
-# $k$, and lengths vary widely among samples of the same problem (coefficient of variation $\sigma/\mu$ of tokens per problem).
+# $k$, and lengths vary among samples of the same problem (coefficient of variation $\sigma/\mu$ of tokens per problem).
 # (Toy world only: on a hub profile notebook 01 measures the same things on the training problems.)
 
 # %%
