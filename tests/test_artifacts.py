@@ -213,3 +213,17 @@ def test_package_versions():
 def test_no_pickle_in_artifacts():
     src = (Path(__file__).resolve().parent.parent / "tsq_utils" / "core" / "artifacts.py").read_text()
     assert "pickle" not in src
+
+
+def test_atomic_dir_refuses_a_file_and_leaves_it(tmp_path):
+    from tsq_utils.core.artifacts import atomic_dir
+
+    f = tmp_path / "model"
+    f.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        with atomic_dir(f) as d:
+            (d / "x").write_text("y")
+    assert f.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with atomic_dir(tmp_path / "new") as d:  # an absent folder is simply created
+        (d / "x").write_text("y")
+    assert (tmp_path / "new" / "x").read_text() == "y"

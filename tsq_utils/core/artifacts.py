@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -191,7 +192,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not path.is_dir():
+    # one stat, not exists() then is_dir(): another writer may move the folder aside between two calls
+    try:
+        is_dir = stat.S_ISDIR(path.stat().st_mode)
+    except FileNotFoundError:
+        is_dir = True
+    if not is_dir:
         raise NotADirectoryError(f"{path} exists and is not a folder")
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"
