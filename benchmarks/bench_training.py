@@ -1,12 +1,23 @@
-"""Time one DPO-L training step's forward + backward: the [chosen; rejected] batch as one padded forward vs two halves.
+"""Time DPO-L training on the toy profile's notebook-04 workload: where a training's time goes, and what it saves.
 
-    python benchmarks/bench_training.py                    # toy-world pairs, batch 8 and 4: about 30 s, one thread
-    python benchmarks/bench_training.py --batch-size 8 --steps 20 --threads 1
+    python benchmarks/bench_training.py                    # all parts, one thread: about 2 minutes
+    python benchmarks/bench_training.py --parts steps --trainer-steps 40 --threads 1
 
+Part "steps" (notebook 04 as it trains: the toy profile's training settings, TRL's DPOTrainer loop): CPU seconds
+(time.process_time, which another process on the box does not inflate the way it does wall time) of the set-up
+(tokenization by TRL), the reference scoring pass, and per optimizer step its forward (policy, both halves), backward,
+and the rest (optimizer, scheduler, logging, collation), from wrappers around the trainer's own methods.
+
+Part "reference": the reference pass over the dataset as TRL 1.16 computes it (one padded [chosen; rejected] forward
+per batch in dataset order, written to an Arrow cache file) against DPOLTrainer's (batches of similar length, each
+half cut at its last real token, kept in memory; rank-safe), on the same pairs, and the cache that lets later
+trainings of the same base model on the same pairs (notebook 06's rows, a rerun of 04) skip it.
+
+Part "split": one step's forward + backward with the [chosen; rejected] batch as one padded forward vs two halves.
 TRL's collator pads the chosen and the rejected completions of a batch to one width. Preferred (chosen) responses are
 the short ones, so most of the chosen half's forward runs over padding. `dpo_l.split_forward` runs each half cut
 after its own last real token. Both modes compute the same per-token log-probs on real tokens (checked here on every
-batch); the benchmark prints the median seconds per step of each mode and their ratio.
+batch).
 
 Pairs: toy-world problems (k = 2..8) with the oracle's concise trace as chosen and a teacher (overthinking) trace as
 rejected, tokenized and collated by the same DPOLTrainer notebook 04 uses. The model is the shipped toy reasoner
@@ -31,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from tsq_utils.model import toy_reasoner  # noqa: E402
 from tsq_utils.task import toy  # noqa: E402
-from tsq_utils.core.config import PretrainConfig, ToyWorldConfig, TrainingConfig  # noqa: E402
+from tsq_utils.core.config import PretrainConfig, ToyWorldConfig, TrainingConfig, load_profile  # noqa: E402
 from tsq_utils.method.dpo_l import make_dpo_l_trainer, split_forward  # noqa: E402
 
 
@@ -44,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", default="", help="a saved toy reasoner folder (default: checkpoints/toy-reasoner)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", nargs="+", default=["steps", "reference", "split"],
+                    choices=["steps", "reference", "split"])
+    ap.add_argument("--trainer-steps", type=int, default=30, help="optimizer steps timed in part 'steps'")
     return ap.parse_args()
 
 
@@ -70,37 +84,116 @@ def toy_pairs(tok, n: int, seed: int) -> pd.DataFrame:
 
 
 def time_mode(model, batches: list[dict], split: bool) -> tuple[float, list[torch.Tensor]]:
-    """Median seconds of forward + backward per batch, and the masked per-token log-probs of each batch."""
+    """Median CPU seconds of forward + backward per batch, and the masked per-token log-probs of each batch."""
     times, logps = [], []
     for b in batches:
         mask = b["completion_mask"][:, 1:]
         kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "use_cache": False}
         labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
         model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0 = cpu()
         if split:
             lp = split_forward(model, kw, labels, mask.size(1)).log_probs
         else:
             lp = model(**kw, labels=labels, fused_lm_head=True).log_probs[:, -mask.size(1):]
         (lp * mask).sum().backward()
-        times.append(time.perf_counter() - t0)
+        times.append(cpu() - t0)
         logps.append((lp * mask).detach())
     return statistics.median(times), logps
 
 
-def main() -> None:
-    """Print seconds per step of the joint and the split forward for each batch size, and their ratio."""
-    import datasets
+def cpu() -> float:
+    return time.process_time()
 
-    args = parse_args()
-    datasets.disable_progress_bars()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model, tok, what = load(args)
-    model.train()
+
+def part_steps(model, tok, args) -> None:
+    """Notebook 04's training loop on the toy profile's settings: set-up, reference pass, and per-step phases."""
+    import copy
+
+    from transformers import PrinterCallback
+
+    cfg = load_profile("toy").training
+    n = args.trainer_steps * cfg.batch_size * cfg.grad_accum  # one epoch of exactly trainer_steps steps
+    pairs = toy_pairs(tok, n, args.seed)
+    model = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = cpu()
+        trainer = make_dpo_l_trainer(model, None, tok, pairs, cfg, tmp, seed=args.seed, device="cpu",
+                                     disable_tqdm=True)
+        setup = cpu() - t0
+        trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the bar for a printer of every log line
+        ds = trainer.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+        t0 = cpu()
+        trainer._score_reference(ds, cfg.batch_size)
+        ref = cpu() - t0
+        spent = {"forward": 0.0, "backward": 0.0}
+
+        def timed(name, fn):
+            def run(*a, **k):
+                t = cpu()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[name] += cpu() - t
+            return run
+
+        trainer.compute_loss = timed("forward", trainer.compute_loss)
+        trainer.accelerator.backward = timed("backward", trainer.accelerator.backward)
+        t0 = cpu()
+        trainer.train()
+        total = cpu() - t0
+    steps = trainer.state.global_step
+    rest = total - spent["forward"] - spent["backward"]
+    print(f"Part steps: toy profile training (batch {cfg.batch_size}, max_length {cfg.max_length}), {len(pairs)} "
+          f"pairs, {steps} steps, CPU seconds")
+    print(f"  set-up: tokenize {setup - ref:.2f} s + reference pass {ref:.2f} s "
+          f"({1000 * ref / len(pairs):.1f} ms/pair)")
+    print(f"  per step: {total / steps:.3f} s = forward {spent['forward'] / steps:.3f} + backward "
+          f"{spent['backward'] / steps:.3f} + rest (optimizer, scheduler, logging, collation) {rest / steps:.3f}")
+    print(f"  a reference forward per step instead (on the fly) would add about {ref / steps:.3f} s/step "
+          f"({100 * ref / total:.0f}% of the training)")
+
+
+def part_reference(model, tok, args) -> None:
+    """TRL 1.16's reference pass against DPOLTrainer's, and the cache across trainings."""
+    from trl import DPOTrainer
+
+    cfg = load_profile("toy").training
     pairs = toy_pairs(tok, args.pairs, args.seed)
-    print(f"model: {what}; {len(pairs)} toy pairs, chosen {pairs['chosen'].str.len().mean():.0f} / rejected "
-          f"{pairs['rejected'].str.len().mean():.0f} characters on average; {args.threads} thread(s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_dpo_l_trainer(model, None, tok, pairs, cfg, tmp, seed=args.seed, device="cpu",
+                                     disable_tqdm=True)
+        ds = trainer.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+        t0 = cpu()
+        theirs = DPOTrainer._precompute_ref_logps(trainer, ds, "train", cfg.batch_size)
+        t_trl = cpu() - t0
+        t0 = cpu()
+        chosen, rejected = trainer._score_reference(ds, cfg.batch_size)
+        t_ours = cpu() - t0
+        torch.testing.assert_close(chosen, torch.tensor(theirs["ref_chosen_logps"]), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(rejected, torch.tensor(theirs["ref_rejected_logps"]), rtol=1e-4, atol=1e-3)
+        cache = Path(tmp) / "refcache"
+        t0 = cpu()
+        make_dpo_l_trainer(model, None, tok, pairs, cfg, Path(tmp) / "a", seed=args.seed, device="cpu",
+                           disable_tqdm=True, ref_cache=str(cache))
+        t_miss = cpu() - t0
+        t0 = cpu()
+        hit = make_dpo_l_trainer(model, None, tok, pairs, cfg, Path(tmp) / "b", seed=args.seed, device="cpu",
+                                 disable_tqdm=True, ref_cache=str(cache))
+        t_hit = cpu() - t0
+        assert hit.ref_cache_hit
+    print(f"Part reference: {len(pairs)} pairs, batch {cfg.batch_size}, CPU seconds")
+    print(f"  TRL 1.16 (padded joint forward, dataset order, Arrow file): {t_trl:.2f} s; DPOLTrainer (length-sorted, "
+          f"split halves, in memory): {t_ours:.2f} s, {t_trl / t_ours:.2f}x; same log-probs (checked)")
+    print(f"  trainer set-up with ref_cache: first training {t_miss:.2f} s (tokenize + score + store), a later one on "
+          f"the same pairs {t_hit:.2f} s (tokenize + hash + read)")
+
+
+def part_split(model, tok, args) -> None:
+    """Print seconds per step of the joint and the split forward for each batch size, and their ratio."""
+    pairs = toy_pairs(tok, args.pairs, args.seed)
+    print(f"Part split: {len(pairs)} toy pairs, chosen {pairs['chosen'].str.len().mean():.0f} / rejected "
+          f"{pairs['rejected'].str.len().mean():.0f} characters on average")
     for bs in args.batch_size:
         with tempfile.TemporaryDirectory() as tmp:
             # one step is shorter than an epoch: no reference pass over the data (only the batches are needed)
@@ -113,8 +206,25 @@ def main() -> None:
         split, lp_split = time_mode(model, batches, split=True)
         for a, b in zip(lp_joint, lp_split):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        print(f"batch {bs} pairs ({2 * bs} sequences, {100 * statistics.mean(pad):.0f}% padding when joint): "
+        print(f"  batch {bs} pairs ({2 * bs} sequences, {100 * statistics.mean(pad):.0f}% padding when joint): "
               f"joint {joint:.3f} s/step, split {split:.3f} s/step, {joint / split:.2f}x")
+
+
+def main() -> None:
+    import os
+
+    import datasets
+
+    args = parse_args()
+    datasets.disable_progress_bars()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, tok, what = load(args)
+    model.train()
+    print(f"model: {what}; {args.threads} thread(s)")
+    for part in args.parts:
+        {"steps": part_steps, "reference": part_reference, "split": part_split}[part](model, tok, args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -158,10 +158,11 @@ if toy_world:
         S = P.sampling
         greedy = sampling.sample_and_grade(model, tok, heldout, n=1, temperature=0.0, top_p=1.0,
                                            max_new_tokens=S.max_new_tokens, seed=stage.seed, batch_size=S.batch_size,
-                                           grader=task.grader)
+                                           grader=task.grader, shards=P.shards, workers=P.workers)
         sampled = sampling.sample_and_grade(model, tok, heldout, n=eval_samples, temperature=S.temperature,
                                             top_p=S.top_p, max_new_tokens=S.max_new_tokens, seed=stage.seed + 1,
-                                            batch_size=S.batch_size, grader=task.grader)
+                                            batch_size=S.batch_size, grader=task.grader, shards=P.shards,
+                                            workers=P.workers)
         save_table(greedy, stage.dir / "heldout_greedy.parquet")
         save_table(sampled, stage.dir / "heldout_sampled.parquet")
     greedy = load_table(stage.dir / "heldout_greedy.parquet")

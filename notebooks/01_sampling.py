@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -90,7 +90,7 @@ inputs = base_model.base_inputs(stage.run_dir, P)
 if not stage.is_done(inputs):
     samples = sampling.sample_and_grade(model, tok, problems, n=S.n, temperature=S.temperature, top_p=S.top_p,
                                         max_new_tokens=S.max_new_tokens, seed=stage.seed, batch_size=S.batch_size,
-                                        grader=task.grader, backend=S.backend)
+                                        grader=task.grader, backend=S.backend, shards=P.shards, workers=P.workers)
     save_table(samples, stage.dir / "samples.parquet")
 samples = load_table(stage.dir / "samples.parquet")
 stats = sampling.per_problem_stats(samples)

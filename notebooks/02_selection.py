@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -113,8 +113,11 @@ print(f"k over the {len(used)} problems with pairs: {used['n_pos'].value_counts(
 # Every cell is $k$ for one $\alpha$ (rows) and one correct count $c$ (columns, $p = c/N$) at this run's $N$; the bars on top count the run's problems at each $c$. The product $\alpha(1-p)c = \alpha N p(1-p)$ never exceeds $\alpha N/4$, so at this $N$ a row is all 1 unless $\alpha > 4/N$ (at $N = 8$: $\alpha > 0.5$).
 
 # %% tsq_lesson="heat"
-fig = plotting.selection_count_figure(int(stats["n"].max()), C.alpha, stats)
-stage.save_fig(fig, "02_selection_count")
+if int(stats["n"].max()) >= 2:
+    fig = plotting.selection_count_figure(int(stats["n"].max()), C.alpha, stats)
+    stage.save_fig(fig, "02_selection_count")
+else:  # one response per problem (sampling.n = 1): no correct count has a second sample to pair with
+    print("N = 1: every problem has a single response, so there is no k × p map to draw (and no pair).")
 
 # %% [markdown]
 # ### k over (p, N) at this run's α
@@ -183,7 +186,7 @@ def selection_view(alpha: float, n: int):
     return plotting.selection_live_figure(sub, pairs_n, stats_n, alpha, n)
 
 lessons.live(selection_view, alpha=lessons.slider(float(C.alpha), 0.0, 1.0, 0.05, "α"),
-             n=lessons.slider(n_run, 2, n_run, 1, "N"))
+             n=lessons.slider(n_run, 2, max(n_run, 2), 1, "N"))
 
 # %% [markdown]
 # ## Try this

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -94,7 +94,8 @@ if not stage.is_done(inputs):
     # resumable: finished groups are kept in the shard folder
     refined, step_log = refinement.refine_pairs(model, tok, pairs, R, seed=stage.seed,
                                                 grade_fn_factory=refinement.grader_factory(samples, grader),
-                                                shard_dir=stage.run_dir / "refinement_shards")
+                                                shard_dir=stage.run_dir / "refinement_shards", shards=P.shards,
+                                                workers=P.workers)
     save_table(refined, stage.dir / "refined_pairs.parquet")
     save_table(step_log, stage.dir / "step_log.parquet")
 refined, step_log = load_table(stage.dir / "refined_pairs.parquet"), load_table(stage.dir / "step_log.parquet")

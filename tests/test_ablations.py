@@ -39,7 +39,9 @@ def _samples() -> pd.DataFrame:
 
 @pytest.fixture
 def prof():
-    return load_profile("ci")
+    p = load_profile("ci")
+    p.workers = 1  # the fakes below count calls in this process: no worker processes
+    return p
 
 
 def make_ctx(run_dir: Path, prof) -> A.AblationContext:
@@ -103,7 +105,7 @@ class Fakes:
         return out, step_log
 
     def train_and_save(self, model, tokenizer, pairs, cfg, stage_dir, seed, device="cpu", max_steps=None,
-                       model_subdir="model", progress=True):
+                       model_subdir="model", progress=True, ref_cache=None):
         if self.fail_train:
             raise RuntimeError("training blew up")
         self.train.append({"cfg": cfg, "seed": seed, "pairs": len(pairs), "chosen": list(pairs["chosen"]),
@@ -123,8 +125,8 @@ class Fakes:
         return pd.DataFrame(rows)
 
     def evaluate_model(self, name, model, tokenizer, problems, n, temperature, top_p, max_new_tokens, seed,
-                       batch_size=64, backend="transformers", progress=True):
-        assert not progress
+                       batch_size=64, backend="transformers", progress=True, shards=1, workers=1):
+        assert not progress and workers == 1  # 06 runs rows side by side, each evaluation in one process
         self.eval.append(model)
         return self.results(problems, n, name)
 
@@ -648,13 +650,17 @@ def test_findings_verdicts(prof):
     tables = {g: A.aggregate(s, g, rows, benchmarks=["toy"]) for g in A.TABLE_FILES}
     f = A.findings(tables).set_index("finding")["reproduced"]
     assert f["pure DPO loses accuracy"] == "yes"  # -40 points, far beyond 2 SE
-    assert f["Shortest hurts hard problems (accuracy on the hard half)"] == "direction only"  # -5 points, SE 2.8
-    assert f["SFT alone stays longer (Len-T)"] == "no"  # 49.25 < 50.25: the opposite way, over two seeds each
+    # -5 points, SE 2.8: within 2 SE, and (2 * 2.8 / 5)^2 * 2 = 2.5 -> 3 seeds would settle a difference this size
+    assert f["Shortest hurts hard problems (accuracy on the hard half)"] == (
+        "not settled: the paper's way within 2 SE; about 3 seeds would settle this size")
+    assert f["SFT alone stays longer (Len-T)"] == "no"  # 49.25 < 50.25 (SE 0.35): the opposite way beyond 2 SE
     # one row trained once: no SE over training seeds, so neither yes nor no
     assert f["extra negatives cost accuracy"] == "not testable: one training seed (the difference goes the paper's way)"
     assert f["KL refinement shortens correct responses (Len-T)"] == "not testable: a tie (no difference)"
     assert f["a rewrite without the KL check costs accuracy"] == "—"  # not run
-    assert f["α = 0.2 is near the best α (accuracy)"] == "yes"  # 1 point below the best, SE 1
+    # 1 point below the best, SE 1: not settled; (2 * 1 / 1)^2 * 2 = 8 seeds
+    assert f["α = 0.2 is the best α (accuracy)"] == (
+        "not settled: against the paper within 2 SE; about 8 seeds would settle this size")
     assert "| pure DPO loses accuracy |" in A.findings_markdown(A.findings(tables))
     # twins (the same pairs, one model): every number equal, nothing to test
     s2 = s.copy()
@@ -672,11 +678,13 @@ def test_findings_verdicts(prof):
 def test_alpha_finding_is_not_testable_on_a_tie_or_one_seed(alphas, verdict):
     s = _summary([dict(name=f"alpha/{x:g}", x=x, acc=a, len_t=40.0) for x, a in alphas.items()])
     t = {"alpha": A.aggregate(s, "alpha", benchmarks=["toy"])}  # the rows of the summary, whatever the profile's α
-    assert A.findings(t).set_index("finding").loc["α = 0.2 is near the best α (accuracy)", "reproduced"] == verdict
+    assert A.findings(t).set_index("finding").loc["α = 0.2 is the best α (accuracy)", "reproduced"] == verdict
 
 
 @pytest.mark.parametrize("diff, se, n_seeds, verdict", [
-    (-5.0, 1.0, 3, "yes"), (-1.0, 1.0, 3, "direction only"), (2.0, 1.0, 3, "no"),
+    (-5.0, 1.0, 3, "yes"), (5.0, 1.0, 3, "no"),
+    (-1.0, 1.0, 3, "not settled: the paper's way within 2 SE; about 12 seeds would settle this size"),
+    (1.5, 1.0, 3, "not settled: against the paper within 2 SE; about 6 seeds would settle this size"),
     (0.0, 1.0, 3, "not testable: a tie (no difference)"), (0.0, 0.0, 1, "not testable: a tie (no difference)"),
     (-5.0, 1.0, 1, "not testable: one training seed (the difference goes the paper's way)"),
     (5.0, 1.0, 1, "not testable: one training seed (the difference goes against the paper)"),
@@ -686,6 +694,30 @@ def test_verdict_never_answers_on_a_tie_or_one_seed(diff, se, n_seeds, verdict):
     from tsq_utils.ablations.report import _verdict
 
     assert _verdict(diff, se, True, n_seeds) == verdict
+
+
+def test_paired_difference_removes_what_the_rows_share():
+    """Rows that move together over seeds (common random numbers): the paired SE is the SD of the per-seed differences
+    / sqrt(n), far below the unpaired one; the finding then answers where the unpaired reading could not."""
+    from tsq_utils.ablations.report import paired_difference, seeds_to_settle
+
+    shared = (0.50, 0.70, 0.60)  # seed-to-seed swings both rows share
+    s = _summary([dict(name="table4/dpo", seed=i, acc=v - 0.05 + e, len_t=30.0)
+                  for i, (v, e) in enumerate(zip(shared, (0.0, 0.01, -0.01)))]
+                 + [dict(name="table4/dpo_l_sft", seed=i, acc=v, len_t=50.0) for i, v in enumerate(shared)])
+    d, se, n = paired_difference(s, "table4/dpo", "table4/dpo_l_sft", "acc", "toy")
+    assert n == 3 and d == pytest.approx(-0.05)
+    assert se == pytest.approx(0.01 / math.sqrt(3))  # SD of (-0.05, -0.04, -0.06) = 0.01
+    rows = A.build_rows(load_profile("ci"))
+    tables = {g: A.aggregate(s, g, rows, benchmarks=["toy"]) for g in A.TABLE_FILES}
+    unpaired = A.findings(tables).set_index("finding").loc["pure DPO loses accuracy"]
+    paired = A.findings(tables, summary=s).set_index("finding").loc["pure DPO loses accuracy"]
+    assert unpaired["reproduced"].startswith("not settled")  # SD 0.1 per row: SE 0.08 against 5 points
+    assert paired["reproduced"] == "yes" and paired["n_seeds"] == 3
+    assert paired["se"] == pytest.approx(100 * 0.01 / math.sqrt(3))
+    # closed form: n * (2 SE / |d|)^2, at least one seed more than now
+    assert seeds_to_settle(-0.05, 0.05, 3) == 12 and seeds_to_settle(-1.0, 0.01, 3) == 4
+    assert seeds_to_settle(0.0, 0.1, 3) is None and seeds_to_settle(0.1, float("nan"), 3) is None
 
 
 # --------------------------------------------------------------------------- the no-KL rewrite, for real

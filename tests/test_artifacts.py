@@ -227,3 +227,24 @@ def test_atomic_dir_refuses_a_file_and_leaves_it(tmp_path):
     with atomic_dir(tmp_path / "new") as d:  # an absent folder is simply created
         (d / "x").write_text("y")
     assert (tmp_path / "new" / "x").read_text() == "y"
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    """Issue 26: a truncated model.safetensors gave a bare SafetensorError naming no file."""
+    import shutil as _shutil
+
+    from tsq_utils.core.artifacts import CorruptWeightsError, check_safetensors
+    from tsq_utils.core.config import REPO_ROOT
+
+    src = REPO_ROOT / "checkpoints" / "toy-reasoner" / "model.safetensors"
+    check_safetensors(src)
+    bad = tmp_path / "model.safetensors"
+    _shutil.copy(src, bad)
+    with open(bad, "r+b") as f:
+        f.truncate(src.stat().st_size - 100)
+    with pytest.raises(CorruptWeightsError, match=r"model.safetensors is not a whole safetensors file \(its tensors "
+                                                  r"need \d+ bytes, the file has \d+\): truncated"):
+        check_safetensors(bad)
+    bad.write_bytes(b"abc")
+    with pytest.raises(CorruptWeightsError, match="too short for a header"):
+        check_safetensors(bad)

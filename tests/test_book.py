@@ -68,3 +68,30 @@ def test_no_notebooks_is_a_clear_error(tmp_path):
 def test_the_toy_book_builds(tmp_path):
     assert book.main(["--profile", "toy", "--out", str(tmp_path / "book")]) == 0
     assert book.check_links(tmp_path / "book") == []
+
+
+def test_the_book_says_which_notebooks_failed_or_are_missing(tmp_path, capsys):
+    """Issue 26: the book said "8 of 8 notebooks executed" over a failed 02, and a partial run failed with
+    "21 broken internal links"."""
+    import os
+    import time
+
+    src = tmp_path / "nbs"
+    src.mkdir()
+    for name in ("00_base_model", "01_sampling", "02_selection"):
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        code = next(c for c in nb.cells if c.cell_type == "code")
+        code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="ran\n")]
+        nbformat.write(nb, src / f"{name}.ipynb")
+    shutil.copy(src / "02_selection.ipynb", src / "02_selection.failed.ipynb")  # run_all.sh: 02's last run failed
+    later = time.time() + 5
+    os.utime(src / "02_selection.failed.ipynb", (later, later))
+    index = book.build(src, tmp_path / "book")
+    text = index.read_text()
+    assert "2 of 8 notebooks executed; failed: 02; missing: 03, 04, 05, 06, 07 (./run_all.sh --only 03,04,05,06,07)" \
+        in text
+    assert "(failed)" in text and "(missing: not run)" in text
+    assert book.check_links(tmp_path / "book") == []  # the lessons' links to 03..07 reach their "not run" pages
+    assert "Not run:" in (tmp_path / "book" / "05_evaluation.html").read_text()
+    assert "02_selection.ipynb: failed." in (tmp_path / "book" / "02_selection.html").read_text()
+    assert "failed: 02; missing: 03" in capsys.readouterr().out

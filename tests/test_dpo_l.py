@@ -2,6 +2,7 @@
 
 import math
 import string
+from pathlib import Path
 
 import datasets
 import pandas as pd
@@ -458,3 +459,233 @@ def test_quiet_training_is_the_same_training(tok, tmp_path, capsys):
     pd.testing.assert_frame_equal(quiet[per_step], loud[per_step])
     a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("loud", "quiet"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- issue 23: the SFT term per token whatever the accumulation; the saved precision; DeepSpeed set-up -------------
+
+PAIRS8 = pd.concat([PAIRS, PAIRS.assign(chosen=PAIRS["chosen"] + "\n", rejected=PAIRS["rejected"] + " ok")],
+                   ignore_index=True)
+
+
+def _step_gradient(tok, tmp_path, batch_size: int, grad_accum: int, eta: float) -> tuple[dict, float]:
+    """One optimizer step's accumulated gradient over all 8 pairs, as the Trainer's loop computes it."""
+    cfg = _cfg(batch_size=batch_size, grad_accum=grad_accum, eta=eta)
+    trainer = make_dpo_l_trainer(_model(tok, noise=0.3), _model(tok), tok, PAIRS8, cfg, tmp_path, seed=0, max_steps=1)
+    model = trainer.model
+    model.train()
+    batches, n_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), grad_accum, trainer.args.device)
+    assert len(batches) == grad_accum and sum(b["input_ids"].size(0) for b in batches) == 16
+    trainer.current_gradient_accumulation_steps = grad_accum
+    total = sum(trainer.training_step(model, b, n_items).item() for b in batches)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, total
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_sft_term_is_one_token_mean_whatever_the_accumulation(tok, tmp_path, eta):
+    """1 x 8 and 2 x 4 (batch x accumulation) give one step the same loss and gradient: that of the closed form
+    η·mean_pairs DPO-L + (1−η)·(NLL summed over every chosen token of the 8 pairs / their token count)."""
+    g1, loss1 = _step_gradient(tok, tmp_path / "a", 8, 1, eta)
+    g2, loss2 = _step_gradient(tok, tmp_path / "b", 4, 2, eta)
+    assert loss2 == pytest.approx(loss1, rel=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6)
+    # the closed form, by autograd on the whole batch
+    policy, ref = _model(tok, noise=0.3), _model(tok)
+    trainer = _dpol(tok, tmp_path / "c", policy, ref, PAIRS8, sft_eta=eta)
+    batch = _batch(trainer)
+    pol = (_logps_with_grad(policy, batch))
+    rf = _token_logps(ref, batch)
+    c, r = pol.sum(1).chunk(2)
+    rc, rr = rf.sum(1).chunk(2)
+    lw, ll = _lengths(tok, PAIRS8)
+    margin = (-1 * torch.log(ll / lw)).float()
+    dpo = -F.logsigmoid(0.1 * ((c - rc) - (r - rr)) + margin).mean()
+    chosen_mask = batch["completion_mask"][:, 1:].chunk(2)[0].bool()
+    sft = -pol.chunk(2)[0][chosen_mask].sum() / chosen_mask.sum()
+    closed = eta * dpo + (1 - eta) * sft
+    closed.backward()
+    assert loss1 == pytest.approx(closed.item(), rel=1e-5)
+    for name, p in policy.named_parameters():
+        if name in g1:
+            torch.testing.assert_close(g1[name], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def _logps_with_grad(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = logits[:, :-1].float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return logps * batch["completion_mask"][:, 1:]
+
+
+def test_saved_model_keeps_the_precision_it_trained_in(tok, tmp_path):
+    """bf16-loaded weights train as fp32 master weights at the paper's lr 5e-6; the saved file holds those fp32
+    weights exactly, so updates below bf16's rounding step reach the saved model (the old cast back to bf16 kept
+    under half of them)."""
+    from safetensors.torch import load_file
+
+    from tsq_utils.method import dpo_l
+
+    base = _model(tok, noise=0.05).to(torch.bfloat16)
+    before = {n: p.detach().float().clone() for n, p in base.named_parameters()}
+    cfg = _cfg(lr=5e-6, bf16=True, batch_size=2)
+    dpo_l.train_and_save(base, tok, PAIRS, cfg, tmp_path, seed=0, max_steps=4, device="cpu", progress=False)
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    layers = [n for n in saved if ".layers." in n]
+    assert {saved[n].dtype for n in saved} == {torch.float32}
+    for n, p in base.named_parameters():  # the in-memory trained weights, bit for bit
+        assert torch.equal(saved[n], p.detach()), n
+    moved = sum((saved[n] != before[n]).sum().item() for n in layers) / sum(saved[n].numel() for n in layers)
+    moved_bf16 = sum((saved[n].to(torch.bfloat16).float() != before[n]).sum().item() for n in layers) / sum(
+        saved[n].numel() for n in layers)
+    assert moved > 0.95 and moved_bf16 < 0.5, (moved, moved_bf16)
+
+
+def test_generated_deepspeed_configs_run_bf16_with_fp32_gradient_accumulation(monkeypatch):
+    """The DeepSpeed config accelerate builds from configs/accelerate/zero{2,3}.yaml: bf16 on, gradients accumulated
+    in fp32, ZeRO-3 built under zero.Init (zero3_init_flag), fp32 master weights saved (not the bf16 model)."""
+    import yaml
+    from accelerate.utils import DeepSpeedPlugin
+
+    from tsq_utils.method import dpo_l
+
+    for name in ("zero2", "zero3"):
+        raw = yaml.safe_load(dpo_l.accelerate_config_file(name).read_text())
+        ds = raw["deepspeed_config"]
+        path = dpo_l.REPO_CONFIGS / Path(ds["deepspeed_config_file"]).name
+        assert path.is_file() and raw["mixed_precision"] == "bf16"
+        plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=ds["zero3_init_flag"])
+        plugin.set_mixed_precision(raw["mixed_precision"])  # what accelerate does with the yaml's mixed_precision
+        conf = plugin.deepspeed_config
+        assert conf["bf16"]["enabled"] is True and conf["fp16"]["enabled"] is False
+        assert conf["data_types"]["grad_accum_dtype"] == "fp32"
+        assert conf["zero_optimization"]["stage"] == int(name[-1])
+        assert plugin.zero3_init_flag is (name == "zero3")
+    # the launcher passes the JSON by absolute path (the yaml's is relative to the repository root)
+    cfg = _cfg(batch_size=1, grad_accum=16)
+    cfg.num_processes, cfg.accelerate_config = 8, "zero3"
+    cmd = dpo_l.launch_command(Path("/tmp/job.json"), cfg, "cuda")
+    assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(dpo_l.REPO_CONFIGS / "ds_zero3.json")
+
+
+@pytest.mark.parametrize("deepspeed", [True, False])
+def test_train_entry_builds_the_training_arguments_before_loading_the_weights(tmp_path, monkeypatch, deepspeed):
+    """ZeRO-3's zero.Init applies to from_pretrained only when the DeepSpeed config is registered first (by building
+    the training arguments); under DeepSpeed the weights load in bf16, without it (bf16 autocast) in fp32."""
+    from tsq_utils.method import dpo_l, train_entry
+
+    events = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_args(*a, **k):
+        events.append(("args", dpo_l.deepspeed_enabled()))
+        return object()
+
+    def fake_load(*a, dtype=None, **k):
+        events.append(("load", dtype))
+        raise Stop
+
+    import transformers
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true" if deepspeed else "false")
+    monkeypatch.setattr(dpo_l, "training_args", fake_args)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_load)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _tokenizer())
+    PAIRS.to_parquet(tmp_path / "pairs.parquet")
+    job = {"model": "x", "tokenizer": "x", "dtype": "bfloat16", "training": {"bf16": True}, "seed": 0,
+           "max_steps": None, "device": "cuda", "pairs": str(tmp_path / "pairs.parquet"), "stage_dir": str(tmp_path),
+           "model_subdir": "model", "log": str(tmp_path / "log.parquet")}
+    with pytest.raises(Stop):
+        train_entry.run_job(job)
+    assert events == [("args", deepspeed), ("load", torch.bfloat16 if deepspeed else torch.float32)]
+
+
+def test_reference_cache_is_reused_across_trainings(tok, tmp_path):
+    """reference_log_probs scores a pairs table once into a cache folder; a later training (one epoch) of the same
+    base model on the same pairs reads it (no scoring pass) and trains exactly as without the cache; other pairs or
+    other weights miss."""
+    from tsq_utils.method import dpo_l
+
+    cache = tmp_path / "refcache"
+    cfg = _cfg(batch_size=2)
+    ref = dpo_l.reference_log_probs(_model(tok), tok, PAIRS, cfg, cache, device="cpu")
+    assert len(ref) == len(PAIRS) and len(list(cache.glob("*.safetensors"))) == 1
+    plain = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "a", seed=1)
+    assert plain.args.precompute_ref_log_probs and plain.ref_cache_hit is None
+    torch.testing.assert_close(torch.tensor(plain.train_dataset["ref_chosen_logps"]),
+                               torch.tensor(ref["ref_chosen_logps"].tolist()), rtol=1e-5, atol=1e-5)
+    cached = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "b", seed=1, ref_cache=str(cache))
+    assert cached.ref_cache_hit is True and cached.ref_model is None
+    plain.train()
+    cached.train()
+    assert training_log(cached)["loss"].tolist() == training_log(plain)["loss"].tolist()
+    other = make_dpo_l_trainer(_model(tok), None, tok, PAIRS.iloc[:3], cfg, tmp_path / "c", seed=1,
+                               ref_cache=str(cache))
+    assert other.ref_cache_hit is False and len(list(cache.glob("*.safetensors"))) == 2
+    moved = make_dpo_l_trainer(_model(tok, noise=0.1), None, tok, PAIRS, cfg, tmp_path / "d", seed=1,
+                               ref_cache=str(cache))
+    assert moved.ref_cache_hit is False  # other weights: another key
+
+
+def test_short_runs_share_reference_batches(tok, tmp_path):
+    """Runs shorter than an epoch (notebook 06's rows) score the batches they visit on the fly; with a ref_cache,
+    a later run that draws the same batches (same pairs, same seed, another objective) reads them and trains bit for
+    bit as it would have without the cache; another seed draws other batches."""
+    cache = tmp_path / "refcache"
+    runs = {}
+    for name, eta, seed, rc in [("plain", 0.5, 1, None), ("cold", 0.5, 1, cache), ("warm", 0.8, 1, cache),
+                                ("warm_plain", 0.8, 1, None), ("seed2", 0.5, 2, cache)]:
+        cfg = _cfg(batch_size=1, eta=eta)
+        trainer = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / name, seed=seed, max_steps=2,
+                                     ref_cache=None if rc is None else str(rc))
+        assert trainer.ref_model is not None and not trainer.args.precompute_ref_log_probs
+        trainer.train()
+        runs[name] = (trainer, training_log(trainer))
+    assert runs["cold"][0].ref_batch_hits == 0 and runs["warm"][0].ref_batch_hits == 2
+    assert len(list((cache / "batches").glob("*.safetensors"))) >= 2
+    for a, b in (("plain", "cold"), ("warm_plain", "warm")):
+        pd.testing.assert_frame_equal(runs[a][1].drop(columns=[c for c in runs[a][1] if "runtime" in c or
+                                                               "per_second" in c]),
+                                      runs[b][1].drop(columns=[c for c in runs[b][1] if "runtime" in c or
+                                                               "per_second" in c]))
+        for pa, pb in zip(runs[a][0].model.parameters(), runs[b][0].model.parameters()):
+            assert torch.equal(pa, pb)
+    assert runs["seed2"][0].ref_batch_hits < 2
+
+
+def test_precompute_decision_counts_every_process():
+    from tsq_utils.method.dpo_l import _shorter_than_an_epoch
+
+    cfg = _cfg(batch_size=4)
+    assert _shorter_than_an_epoch(cfg, 2, 16)
+    cfg.num_processes = 2  # 2 steps x 4 pairs x 2 processes visit all 16 pairs: precompute, no second model
+    assert not _shorter_than_an_epoch(cfg, 2, 16) and not _shorter_than_an_epoch(cfg, None, 16)
+
+
+def test_deepspeed_save_writes_the_fp32_master_weights(tok, tmp_path, monkeypatch):
+    """Under DeepSpeed the module holds bf16 weights and the optimizer the fp32 masters: save_trained gathers and
+    writes the masters (a stand-in for deepspeed.utils.safe_get_full_fp32_param; DeepSpeed is not installed here)."""
+    import sys
+    import types
+
+    from safetensors.torch import load_file
+
+    from tsq_utils.method import dpo_l
+
+    masters = _model(tok, noise=0.05)
+    trainer = make_dpo_l_trainer(_model(tok, noise=0.05).to(torch.bfloat16), _model(tok), tok, PAIRS, _cfg(),
+                                 tmp_path / "t", seed=0)
+    trainer.model.to(torch.bfloat16)  # DeepSpeed's bf16 section: the module in bf16
+    by_id = {id(p): m.detach() for p, m in zip(trainer.model.parameters(), masters.parameters())}
+    fake = types.ModuleType("deepspeed.utils")
+    fake.safe_get_full_fp32_param = lambda p: by_id[id(p)].clone()
+    import importlib.machinery
+
+    for name, mod in (("deepspeed", types.ModuleType("deepspeed")), ("deepspeed.utils", fake)):
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    dpo_l.save_trained(trainer, tok, tmp_path / "model")
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    for name, p in masters.named_parameters():
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], p.detach()), name

@@ -70,7 +70,9 @@ def test_result_shape_and_counts(model, tok, prompts):
         for t, n, nt in zip(texts, ntok, nthink):
             assert n == count_tokens(tok, t)
             assert nt == think_tokens(tok, t)
-            assert n <= 12  # re-tokenising a decoded completion never needs more tokens than were generated
+            # re-tokenising a decoded completion usually needs no more tokens than were generated; a sampled
+            # non-canonical BPE sequence can re-tokenize into a few more
+            assert n <= 2 * 12
 
 
 def test_same_seed_same_samples(model, tok, prompts):
@@ -106,7 +108,8 @@ def test_tiny_top_p_is_greedy(model, tok, prompts):
 
 
 def test_max_new_tokens_gives_length(model, tok, prompts):
-    res = sample(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=5, seed=1)
+    never = with_eos_bias(model, tok, -1e4)  # no EOS, so every sample runs to the limit
+    res = sample(never, tok, prompts, n=2, temperature=1.0, max_new_tokens=5, seed=1)
     assert all(r == "length" for row in res.finish_reasons for r in row)
     assert all(1 <= n <= 5 for row in res.n_tokens for n in row)
 
@@ -224,8 +227,12 @@ def test_vllm_requests(tok, prompts):
         vllm_requests(tok, prompts, 3, 1.0, 1.0, 0, seed=4)
 
 
-def test_prefill_keeps_only_the_last_positions_logits(model, tok, prompts):
-    """Memory-safe generation: no forward (prefill or step) builds logits for more than the last position."""
+def test_prefill_keeps_only_the_last_positions_logits(model, tok, prompts, monkeypatch):
+    """Memory-safe generation (the transformers loop, used for models the fast engine does not take): no forward
+    (prefill or step) builds logits for more than the last position."""
+    from tsq_utils.model import generation
+
+    monkeypatch.setattr(generation, "_fast_decoder", lambda m: None)
     seen = []
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda _m, _inp, out: seen.append(tuple(out.shape)))

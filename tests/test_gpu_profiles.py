@@ -144,12 +144,13 @@ def test_new_config_keys_defaults_leave_the_cpu_profiles_alone():
 # ----------------------------------------------------------------------------- the hub path on a local folder
 
 
-def test_hub_loading_path_on_a_locally_saved_folder(standin, run_dirs):
+def test_hub_loading_path_on_a_locally_saved_folder(standin, run_dirs, monkeypatch):
+    monkeypatch.setenv("TSQ_ALLOW_CPU", "1")  # the profile's device: cuda refuses the CPU unless asked
     stage = setup_stage("base_model", "r1-1.5b",
                         {"model.local_override": str(standin), "sampling.backend": "transformers"})
     model, tok, info = base_model.prepare_base(stage, progress=False)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.bfloat16
-    assert next(model.parameters()).device.type == "cpu"  # device auto, no GPU here
+    assert next(model.parameters()).device.type == "cpu"  # no GPU here, and TSQ_ALLOW_CPU asked for the CPU
     ptr = json.loads((stage.dir / "base_model.json").read_text())
     assert ptr == {"model": str(standin.resolve()), "kind": "hub", "hub_id": R1["r1-1.5b"], "local": True,
                    "dtype": "bfloat16"}
@@ -311,6 +312,100 @@ def test_samplers_hold_one_vllm_engine_at_a_time(fake_vllm, standin):
         base_model.Samplers(p, {"base": (str(standin), "gguf")})
 
 
+# ----------------------------------------------------------------------------- no silent CPU run, tensor parallel
+
+
+DRIVER_545 = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  545.23.08  Mon Nov  6 23:49:37 UTC 2023\n"
+
+
+@pytest.fixture
+def no_gpu(monkeypatch, tmp_path):
+    """torch as a CUDA 13.0 build that sees no GPU on a machine whose driver (545, /proc only) is too old."""
+    import shutil
+
+    from tsq_utils.core import config
+
+    def refuse():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12030).")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", refuse)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    proc = tmp_path / "nvidia_version"
+    proc.write_text(DRIVER_545)
+    monkeypatch.setattr(config, "NVIDIA_VERSION_FILE", proc)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)  # no nvidia-smi
+    monkeypatch.delenv("TSQ_ALLOW_CPU", raising=False)
+    return proc
+
+
+@pytest.mark.parametrize("name", list(R1))
+def test_a_gpu_profile_refuses_the_cpu_naming_the_driver_and_cuda(name, no_gpu, standin, monkeypatch, tmp_path):
+    import shutil
+    import warnings
+
+    from tsq_utils.core.config import resolve_device
+
+    p = load_profile(name)
+    assert p.device == "cuda"
+    with pytest.raises(RuntimeError, match=r"(?s)CUDA 13\.0 build.*driver 545\.23\.08.*too old.*>= 580.*TSQ_ALLOW_CPU"):
+        resolve_device(p)
+    # every model load goes through it: the transformers path refuses before any weights move
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*driver 545"):
+        base_model.load_model(str(standin), "hub", p)
+    # nvidia-smi, where present, names the driver
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 575.51.03\n")
+    smi.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: str(smi) if cmd == "nvidia-smi" else None)
+    with pytest.raises(RuntimeError, match=r"driver 575\.51\.03.*too old"):
+        resolve_device(p)
+    # asked for: device cpu (with the transformers backend) or TSQ_ALLOW_CPU=1
+    assert resolve_device(load_profile(name, {"device": "cpu", "sampling.backend": "transformers"})) == "cpu"
+    monkeypatch.setenv("TSQ_ALLOW_CPU", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_device(p) == "cpu"
+    assert any("TSQ_ALLOW_CPU" in str(w.message) for w in caught)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(p) == "cuda"
+
+
+def test_no_driver_and_a_cpu_build_are_named_too(no_gpu, monkeypatch, fake_vllm, standin):
+    from tsq_utils.core import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # fake_vllm said True
+    no_gpu.unlink()
+    with pytest.raises(RuntimeError, match=r"(?s)CUDA 13\.0 build; NVIDIA driver not found.*No NVIDIA driver"):
+        config.resolve_device(load_profile("r1-7b"))
+    # the vLLM engine's own refusal carries the same diagnosis
+    with pytest.raises(RuntimeError, match=r"(?s)sampling.backend 'vllm' needs a CUDA GPU.*driver not found"):
+        base_model.make_vllm_engine(str(standin), load_profile("r1-7b"))
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="CPU-only build"):
+        config.resolve_device(load_profile("r1-1.5b"))
+    assert config.resolve_device(load_profile("toy")) == "cpu"  # CPU profiles are untouched
+
+
+def test_tensor_parallel_must_divide_the_attention_heads(fake_vllm, standin):
+    # R1-Distill-Qwen-1.5B: 12 query heads, 2 key/value heads, MLP 8960; 7B: 28, 4 and 18944 (their config.json)
+    assert base_model.model_shape(R1["r1-1.5b"]) == (12, 2, 8960)
+    assert base_model.model_shape(R1["r1-7b"]) == (28, 4, 18944)
+    for name in R1:
+        assert base_model.tensor_parallel_sizes(*base_model.model_shape(R1[name]), upto=8) == [1, 2, 4]
+        for tp in (3, 6, 7, 8):
+            p = load_profile(name, {"sampling.tensor_parallel_size": tp})
+            with pytest.raises(ValueError, match=rf"tensor_parallel_size {tp} does not divide.*use one of 1, 2, 4"):
+                base_model.make_vllm_engine(R1[name], p)
+        engine = base_model.make_vllm_engine(R1[name], load_profile(name, {"sampling.tensor_parallel_size": 4}))
+        assert engine.kwargs["tensor_parallel_size"] == 4
+    # a local folder's config.json wins (the stand-in: 2 heads, 2 key/value heads)
+    assert base_model.model_shape(str(standin)) == (2, 2, 128)
+    with pytest.raises(ValueError, match="tensor_parallel_size 4 does not divide"):
+        base_model.make_vllm_engine(str(standin), load_profile("r1-1.5b", {"sampling.tensor_parallel_size": 4}))
+    assert base_model.model_shape("some/unknown-model") is None  # unknown: vLLM checks it itself
+
+
 # ----------------------------------------------------------------------------- datasets
 
 
@@ -416,6 +511,7 @@ def test_notebooks_00_01_05_on_r1_with_a_standin(standin, tmp_path):
         pytest.skip("../shared/data/math500_test.jsonl is absent")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
     env.update(TSQ_SKIP_SETUP="1", TSQ_PYTHON=sys.executable, TSQ_KERNEL="python3", OMP_NUM_THREADS="1",
+               TSQ_ALLOW_CPU="1",  # the profile's device: cuda refuses the CPU unless asked
                TSQ_RUNS_DIR=str(tmp_path / "runs"), TSQ_FIGURES_DIR=str(tmp_path / "figures"))
     cmd = ["bash", str(REPO / "run_all.sh"), "--profile", "r1-1.5b", "--only", "00,01,05",
            "-p", "model_override", str(standin), "-p", "backend", "transformers", "-p", "data_dir", str(math500.parent),
@@ -445,20 +541,25 @@ def test_notebooks_00_01_05_on_r1_with_a_standin(standin, tmp_path):
 
 
 def test_first_gpu_script_runs_its_steps_on_the_cpu(tmp_path):
-    """scripts/first_gpu_check.py --cpu-smoke: install check, sampling, two refined responses, four DPO-L micro-steps
-    on the toy reasoner (the GPU path itself needs a GPU)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TSQ_RUNS_DIR=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
+    """scripts/first_gpu_check.py --cpu-smoke runs every check of the GPU mode at toy size, on the r1-1.5b profile
+    with the R1 stand-in: the tokenizer round-trip on real R1 traces, the profile's sampling settings on MATH500, the
+    profile's refinement modes (branch / fast / spans), DPO-L steps, the 2-process training entry under accelerate
+    (gloo, max_steps unset) and 2 data-parallel engines through vllm_shards."""
+    if not (REPO.parent / "shared" / "data" / "math500_test.jsonl").is_file():
+        pytest.skip("../shared/data is absent")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
+    env.update(TSQ_RUNS_DIR=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "first_gpu_check.py"), "--cpu-smoke", "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = r.stdout.split("== summary")[1]
-    for step in ("1 install", "2 sampling engine", "3 two refined responses", "4 four DPO-L micro-steps"):
-        assert f"{step}" in summary
-    assert "FAILED" not in summary and "4 steps in" in summary
+    for check in ("install", "tokenizer", "sampling", "refinement", "training", "train-2proc", "sample-2dp"):
+        assert re.search(rf"^PASS {check} ", summary, re.M), summary
+    assert "FAIL" not in summary and "SKIP" not in summary
+    assert "candidates branch, scoring fast, steps spans" in summary  # the profile's modes, not the defaults
+    assert "T=0.9 top-p 0.95" in summary and "round-trip exactly" in summary
+    assert "2 gloo processes" in summary and "max_steps unset" in summary
+    assert "same answers as one engine" in summary and "both engines shut down" in summary
 
 
 def test_global_batch_of_the_r1_profiles_is_the_papers_128():

@@ -14,7 +14,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
@@ -23,6 +22,8 @@ from tsq_utils.core import config, fingerprint, pipeline, runner
 from tsq_utils.core import stage as stage_mod
 from tsq_utils.core.artifacts import path_hash, save_table
 from tsq_utils.core.stage import setup_stage
+
+from fake_tables import fake_table
 
 REPO = Path(__file__).resolve().parent.parent
 ORDER = list(pipeline.PIPELINE)
@@ -42,6 +43,17 @@ def _new_repo(root: Path) -> Path:
     (root / "profiles").mkdir()
     shutil.copy(config.PROFILES_DIR / "ci.yaml", root / "profiles" / "ci.yaml")
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _package_snapshot(tmp_path_factory):
+    """The code fingerprints read a snapshot of tsq_utils taken when the module starts: an edit another developer
+    makes to the package while these tests run must not look like a code change to them."""
+    root = Path(shutil.copytree(fingerprint.PACKAGE_DIR, tmp_path_factory.mktemp("snapshot") / "tsq_utils",
+                                ignore=shutil.ignore_patterns("__pycache__")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fingerprint, "PACKAGE_DIR", root)
+        yield root
 
 
 @pytest.fixture
@@ -105,7 +117,7 @@ def run_fake_stage(repo: Path, name: str) -> bool:
                 (st.dir / out).mkdir(exist_ok=True)
                 (st.dir / out / "model.safetensors").write_bytes(content + out.encode())
             elif out.endswith(".parquet"):
-                save_table(pd.DataFrame({"content": [content.decode()], "output": [out]}), st.dir / out)
+                save_table(fake_table(name, out, content=content.decode(), output=out), st.dir / out)
             else:
                 (st.dir / out).write_bytes(content + out.encode())
     st.finish()
@@ -128,7 +140,9 @@ def test_a_fresh_run_computes_every_stage_and_a_second_reuses_all(repo):
     m = json.loads((repo / "runs/ci/selection/manifest.json").read_text())
     selection = m["profile_config"]["selection"]
     assert m["profile_reads"] == {"seed": 1234, **{f"selection.{k}": v for k, v in selection.items()}}
-    assert set(m["code"]) == {"package", "notebook", "git_commit", "git_dirty"}
+    assert set(m["code"]) == {"package", "notebook", "modules", "git_commit", "git_dirty"}
+    assert "tsq_utils/method/selection.py" in m["code"]["modules"]
+    assert "tsq_utils/method/refinement.py" not in m["code"]["modules"]
     assert m["code"]["notebook"] == fingerprint.notebook_hash(repo / "notebooks/02_selection.ipynb") is not None
 
 
@@ -178,18 +192,105 @@ def test_a_dotted_param_equal_to_the_profile_changes_nothing(done):
     release(st)
 
 
-def test_a_package_edit_is_noticed_by_every_stage(done, monkeypatch, capsys):
+@pytest.fixture
+def pkg(tmp_path, monkeypatch):
+    """A copy of the tsq_utils sources that the code fingerprints read instead of the package's own."""
+    root = Path(shutil.copytree(fingerprint.PACKAGE_DIR, tmp_path / "tsq_utils",
+                                ignore=shutil.ignore_patterns("__pycache__")))
+    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", root)
+    return root
+
+
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+def test_a_code_edit_to_a_module_every_stage_uses_reruns_every_stage(done, pkg, capsys):
     repo = done
-    monkeypatch.setattr(stage_mod.fingerprint, "package_hash", lambda: "e" * 64)
+    _append(pkg / "core" / "artifacts.py", "\n_EDITED = 1\n")
     capsys.readouterr()
     st = setup_stage("sampling", str(repo / "profiles" / "ci.yaml"))
-    assert "will rerun: code changed since the last run: the tsq_utils source" in capsys.readouterr().out
-    assert st.stale_reason() == "code changed since the last run: the tsq_utils source"
+    assert "will rerun: code changed since the last run: tsq_utils/core/artifacts.py" in capsys.readouterr().out
+    assert st.stale_reason() == "code changed since the last run: tsq_utils/core/artifacts.py"
     release(st)
     assert run_pipeline(repo) == ORDER  # the fake outputs are unchanged, but each stage's own code changed
 
 
-def test_package_hash_follows_the_source(tmp_path):
+def test_a_comment_docstring_or_formatting_edit_to_any_module_reruns_no_stage(done, pkg, _package_snapshot):
+    repo = done
+    for path in pkg.rglob("*.py"):
+        src = path.read_text()
+        path.write_text("# a new comment\n\n" + src.replace("\n\n\n", "\n\n\n\n") + "\n# the end\n")
+    ref = pkg / "method" / "refinement.py"
+    text = ref.read_text()
+    first = text.index('"""', text.index("def "))  # the first function's docstring
+    ref.write_text(text[:first + 3] + "Reworded. " + text[first + 3:])
+    assert fingerprint.code_hash(ref.read_text()) == fingerprint.code_hash(
+        (_package_snapshot / "method" / "refinement.py").read_text())
+    assert run_pipeline(repo) == []
+
+
+def test_an_edit_to_refinement_reruns_03_and_what_uses_it_not_01(done, pkg, capsys):
+    repo = done
+    _append(pkg / "method" / "refinement.py", "\n_EDITED = 1\n")
+    capsys.readouterr()
+    rerun = run_pipeline(repo)
+    # 03 and 06 (its rows refine) use refinement's code; 00, 01, 02, 04, 05 and 07 do not
+    assert rerun == ["refinement", "ablations"]
+    assert "code changed since the last run: tsq_utils/method/refinement.py" in capsys.readouterr().out
+    assert set(rerun) <= {"refinement", "ablations", *pipeline.downstream("refinement")}
+
+
+def test_an_expensive_stage_is_kept_on_a_code_change_and_says_so(done, pkg, capsys, monkeypatch):
+    repo = done
+    edit_profile(repo, "expensive", ["sampling", "refinement"])  # not a resume key: reruns nothing by itself
+    assert run_pipeline(repo) == []
+    _append(pkg / "method" / "sampling.py", "\n_EDITED = 1\n")
+    monkeypatch.delenv("TSQ_RERUN_ON_CODE_CHANGE", raising=False)
+    capsys.readouterr()
+    rerun = run_pipeline(repo)
+    out = capsys.readouterr().out
+    assert "sampling" not in rerun and "evaluation" in rerun  # 05 also uses method/sampling.py, and is not expensive
+    assert "kept: code changed since" in out and "pass --rerun-on-code-change" in out
+    assert "tsq_utils/method/sampling.py" in out
+    m = json.loads((repo / "runs/ci/sampling/manifest.json").read_text())
+    assert m["kept"].startswith("kept: code changed since")
+    assert run_fake_stage(repo, "sampling") is False  # still kept, and said again
+    st = setup_stage("sampling", str(repo / "profiles" / "ci.yaml"), rerun_on_code_change=True)
+    assert st.stale_reason() == "code changed since the last run: tsq_utils/method/sampling.py"
+    release(st)
+    monkeypatch.setenv("TSQ_RERUN_ON_CODE_CHANGE", "1")  # what run_all.sh --rerun-on-code-change sets
+    assert run_fake_stage(repo, "sampling") is True
+    m = json.loads((repo / "runs/ci/sampling/manifest.json").read_text())
+    assert m["kept"] is None
+
+
+def test_the_r1_profiles_mark_sampling_refinement_training_and_evaluation_expensive():
+    for name in ("r1-1.5b", "r1-7b"):
+        assert config.load_profile(name).expensive == ["sampling", "refinement", "training", "evaluation"]
+    assert config.load_profile("toy").expensive == []
+    with pytest.raises(config.ProfileError, match="expensive names unknown stages"):
+        config.load_profile("ci", {"expensive": ["sampling", "smapling"]})
+
+
+def test_stage_modules_follow_the_notebook_imports():
+    mods = {s: stage_mod.stage_modules(s) for s in ORDER}
+    assert "tsq_utils.method.sampling" in mods["sampling"] and "tsq_utils.method.refinement" not in mods["sampling"]
+    assert "tsq_utils.method.refinement" in mods["refinement"] and "tsq_utils.method.refinement" in mods["ablations"]
+    assert "tsq_utils.method.train_entry" in mods["training"]  # started by name: python -m tsq_utils.method...
+    assert all("tsq_utils.core.stage" in m and "tsq_utils.core.artifacts" in m for m in mods.values())
+
+
+def test_normalized_code_ignores_comments_docstrings_and_formatting():
+    a = 'def f(x):\n    """Doc."""\n    return x + 1  # one\n'
+    b = '# header\n\n\ndef f( x ):\n    """Another doc,\n    longer."""\n\n    return (x+1)\n'
+    assert fingerprint.code_hash(a) == fingerprint.code_hash(b)
+    assert fingerprint.code_hash(a) != fingerprint.code_hash(a.replace("+ 1", "+ 2"))
+    only_doc = 'def g():\n    """Only a docstring."""\n'
+    assert fingerprint.code_hash(only_doc) == fingerprint.code_hash("def g():\n    pass\n")
+
+
+def test_package_hash_follows_the_code(tmp_path):
     pkg = tmp_path / "pkg"
     shutil.copytree(fingerprint.PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__"))
     h = fingerprint.package_hash(pkg)
@@ -200,8 +301,10 @@ def test_package_hash_follows_the_source(tmp_path):
     assert fingerprint.package_hash(pkg) == h  # caches and other files do not count
     src = pkg / "method" / "selection.py"
     src.write_text(src.read_text() + "\n# a comment\n")
+    assert fingerprint.package_hash(pkg) == h  # a comment is not code
+    src.write_text(src.read_text() + "\n_EDITED = 1\n")
     h2 = fingerprint.package_hash(pkg)
-    assert h2 != h  # any edit counts (the safe side)
+    assert h2 != h  # a code edit counts
     (pkg / "sub").mkdir()
     (pkg / "sub" / "new.py").write_text("x = 1\n")
     assert fingerprint.package_hash(pkg) not in (h, h2)  # a new module, in a sub-package too
@@ -217,7 +320,9 @@ def _edit_notebook(path: Path, cell_type: str, edit) -> None:
 def test_a_notebook_code_edit_reruns_that_stage(done, capsys):
     repo = done
     nb = repo / "notebooks" / "02_selection.ipynb"
-    _edit_notebook(nb, "code", lambda c: c["source"].append("\n# edited\n"))
+    _edit_notebook(nb, "code", lambda c: c["source"].append("\n# a comment only\n"))
+    assert run_pipeline(repo) == []  # a comment is not code
+    _edit_notebook(nb, "code", lambda c: c["source"].append("\n_edited = 1\n"))
     capsys.readouterr()
     st = setup_stage("selection", str(repo / "profiles" / "ci.yaml"))
     assert ("will rerun: code changed since the last run: the code cells of notebooks/02_selection.ipynb"
@@ -420,3 +525,25 @@ def test_notebook_inputs_and_outputs_match_the_table(stage):
     listed = _finish_outputs(nb)
     if listed:
         assert set(s.outputs) <= listed <= set(s.outputs) | set(s.optional_outputs), stage
+
+
+def test_weights_copied_over_the_base_are_tampering_not_a_new_base(done):
+    """Issue 26: trained weights copied over the base were recorded as "inputs changed: base_weights" by 03, then 00."""
+    repo = done
+    weights = repo / "runs/ci/base_model/model/model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"trained weights copied over the base")
+    st = setup_stage("refinement", str(repo / "profiles" / "ci.yaml"))
+    with pytest.raises(stage_mod.StaleArtifactError, match=r"base model's weights .*model.safetensors changed after "
+                       r"notebooks/00_base_model.ipynb recorded them.*-p force True"):
+        st.is_done()
+    release(st)
+    st = setup_stage("base_model", str(repo / "profiles" / "ci.yaml"))
+    with pytest.raises(stage_mod.StaleArtifactError, match="changed after notebooks/00_base_model.ipynb recorded"):
+        st.is_done()
+    release(st)
+    st = setup_stage("base_model", str(repo / "profiles" / "ci.yaml"), force=True)  # adopting them is explicit
+    assert st.is_done() is False
+    release(st)
+    weights.write_bytes(good)
+    assert run_pipeline(repo) == ["base_model"]  # the forced 00 was left incomplete; the same weights again after it

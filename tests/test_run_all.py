@@ -278,3 +278,11 @@ def test_run_tests_names_a_missing_ruff(tmp_path):
     fake.chmod(0o755)
     r = run([str(REPO / "run_tests.sh")], env_extra={"TSQ_PYTHON": str(fake), "TSQ_LANE": "0"}, cwd=tmp_path)
     assert r.returncode == 1 and "ruff is not installed" in r.stderr and "dev extra" in r.stderr
+
+
+def test_rerun_on_code_change_is_an_option(nbdir):
+    r = run_all("--help")
+    assert "--rerun-on-code-change" in r.stdout and "kept: code changed since" in r.stdout
+    r = run_all("-n", "--rerun-on-code-change", env_extra={"TSQ_NOTEBOOKS_DIR": str(nbdir)})
+    assert r.returncode == 0, r.stderr
+    assert "TSQ_RERUN_ON_CODE_CHANGE=1" in (REPO / "run_all.sh").read_text()

@@ -3,7 +3,6 @@
 import json
 
 import matplotlib
-import pandas as pd
 import pytest
 import yaml
 import torch
@@ -13,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tsq_utils.core import config  # noqa: E402
 from tsq_utils.core.artifacts import file_hash, save_table  # noqa: E402
+
+from fake_tables import fake_table  # noqa: E402
 from tsq_utils.core.stage import STAGES, MissingArtifactError, notebook_for, setup_stage  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def test_setup_stage_folders_seed_threads_and_summary(repo, capsys):
     assert torch.equal(drawn, torch.rand(3))
     out = capsys.readouterr().out
     for text in ["stage sampling", "notebooks/01_sampling.ipynb", "profile toy", f"seed     : {st.seed}",
-                 "checkpoints/toy-reasoner", "sampling.n=24", "runs/toy/sampling", "torch ", "threads: 1"]:
+                 "checkpoints/toy-reasoner", "sampling.n=48", "runs/toy/sampling", "torch ", "threads: 1"]:
         assert text in out, text
 
 
@@ -81,7 +82,7 @@ def test_require_names_the_notebook_to_run(repo):
     assert str(e.value) == ("runs/toy/sampling/samples.parquet is missing: run notebooks/01_sampling.ipynb first "
                             "(profile toy)")
     path = repo / "runs" / "toy" / "sampling" / "samples.parquet"
-    save_table(pd.DataFrame({"a": [1]}), path)
+    save_table(fake_table("sampling", "samples.parquet"), path)
     # a file without a finished run of its stage is not handed on
     with pytest.raises(MissingArtifactError, match=r"no record of a finished run.*rerun notebooks/01_sampling\.ipynb"):
         st.require("sampling", "samples.parquet")
@@ -95,7 +96,7 @@ def test_require_names_the_notebook_to_run(repo):
 
 def make_upstream(repo, content: str = "v1"):
     p = repo / "runs" / "toy" / "sampling" / "samples.parquet"
-    save_table(pd.DataFrame({"text": [content]}), p)
+    save_table(fake_table("sampling", "samples.parquet", text=content), p)
     return p
 
 
@@ -104,7 +105,7 @@ def finished_stage(repo, params=None):
     inputs = {"samples": make_upstream(repo)}
     st = setup_stage("selection", "toy", params=params)
     assert not st.is_done(inputs)
-    save_table(pd.DataFrame({"x": [1, 2]}), st.dir / "pairs.parquet")
+    save_table(fake_table("selection", "pairs.parquet", 2, x=[1, 2]), st.dir / "pairs.parquet")
     st.finish(inputs, ["pairs.parquet"], summary={"n_pairs": 2}, extra={"note": "hi"})
     return st, inputs
 
@@ -218,3 +219,27 @@ def test_save_fig_png_and_pdf(repo):
     assert (png.parent / "fig3_budget.pdf").read_bytes()[:5] == b"%PDF-"
     with pytest.raises(ValueError, match="plain file name"):
         st.save_fig(fig, "../escape")
+
+
+def test_a_stage_that_reruns_nothing_keeps_its_finished_at(repo):
+    """Issue 26: 06 (which never asks is_done: its rows are cached one by one) rewrote finished_at on every run."""
+    import json as _json
+
+    from tsq_utils.core.artifacts import save_table as _save
+    from tsq_utils.core.stage import setup_stage as _setup
+    import pandas as _pd
+
+    st = _setup("ablations", "ci")
+    _save(_pd.DataFrame({"row": ["a"]}), st.dir / "summary.parquet")
+    first = st.finish({}, ["summary.parquet"], summary={"rows_run": 1})
+    first["finished_at"] = "2020-01-01T00:00:00+00:00"  # long ago: a rewrite would show
+    st.manifest_path.write_text(_json.dumps(first))
+    m1 = _json.loads(st.manifest_path.read_text())
+    st = _setup("ablations", "ci")
+    _save(_pd.DataFrame({"row": ["a"]}), st.dir / "summary.parquet")  # the same bytes again
+    again = st.finish({}, ["summary.parquet"], summary={"rows_run": 1})
+    assert again["finished_at"] == first["finished_at"] and _json.loads(st.manifest_path.read_text()) == m1
+    st = _setup("ablations", "ci")
+    _save(_pd.DataFrame({"row": ["b"]}), st.dir / "summary.parquet")  # a real change: a new record
+    changed = st.finish({}, ["summary.parquet"], summary={"rows_run": 1})
+    assert changed["output_hashes"] != first["output_hashes"]

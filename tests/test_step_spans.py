@@ -138,7 +138,8 @@ def test_spans_mode_refines_on_the_toy_world(monkeypatch):
         assert [t for t in texts if t in seg_texts] == list(seg_texts)
         tokens = dict(zip(texts, log["cand_tokens"].iloc[k]))
         extra = [tokens[t] for t in texts if t not in seg_texts]
-        assert len(extra) <= 1 and all(n >= max(log["cand_tokens"].iloc[k]) for n in extra)
+        # any number of them (the old per-batch sampler happened to give at most one here): each is at the cap
+        assert all(n >= max(log["cand_tokens"].iloc[k]) for n in extra)
         assert [tokens[t] for t in seg_texts] == [n + (k < 2) for n in seg_log["cand_tokens"].iloc[k]]
     assert out["chosen_tokens"].iloc[0] <= out["chosen_tokens_original"].iloc[0]
     again = refinement.rethreshold(tok, pairs, log, cfg, steps="spans")

@@ -1,7 +1,11 @@
 """The ablation cache: keys, entries, adoption of the pipeline's own artifacts, and twins.
 
 Every intermediate artifact lives in runs/<profile>/ablations/cache/<key>/, written atomically (a temp folder
-renamed into place, so an entry that exists is complete), where key hashes exactly what determines it:
+renamed into place, so an entry that exists is complete), where key hashes exactly what determines it. Entries are
+content-addressed and cannot lie: their files are copies (reflinks where the file system has them), never hard
+links to a stage's files; meta.json records the sha256 of each file and every reuse verifies them (and the tables'
+columns, pipeline.SCHEMAS): an entry that fails is said and recomputed. `python -m tsq_utils.ablations.cache
+list|verify|prune` lists, verifies and prunes entries (by age, by code, to a size). The keys:
 
     pairs    samples table (bytes), the selection parameters the variant reads, the selection seed
     scored   pairs key, base model, every refinement parameter except ε, its seed: each step's candidates and
@@ -16,20 +20,20 @@ renamed into place, so an entry that exists is complete), where key hashes exact
 Parameters a stage does not read (α for Shortest, λ when η = 0, the evaluation budget, which only enters the
 metrics) do not change keys; which selection knobs a variant reads is declared once, in its entry of
 selection.REGISTRY (variant_params). Every key also covers the code: cache_key hashes the payload together with
-the fingerprint of the tsq_utils source (fingerprint.package_hash), so after an edit to the package nothing
-computed by the old code is reused.
+the fingerprint of the code the rows run (package_hash: the normalized code of the ablations package and every
+module it imports), so after an edit to that code nothing computed by the old code is reused.
 
 Adoption. Before computing an entry, a row checks the pipeline's own stage (02 selection, 03 refinement,
-04 training, 05 evaluation): when that stage's manifest is complete, records the same code fingerprint, its
-recorded inputs have the same hashes, and the key its recorded settings give equals the row's key, its files
-are linked into the cache instead of recomputed. Evaluation is adopted only when the ablation evaluation has
-notebook 05's size. The file names are the stage table's (core/pipeline.py), so entries hold the same files as
-the stages.
+04 training, 05 evaluation): when that stage's manifest is complete, the modules it ran are unchanged, its
+recorded inputs have the same hashes, its files still have the hashes it recorded, and the key its recorded
+settings give equals the row's key, its files are copied into the cache instead of recomputed. Evaluation is
+adopted only when the ablation evaluation has notebook 05's size. The file names are the stage table's
+(core/pipeline.py), so entries hold the same files as the stages.
 
 Twins. Rows with different selection settings can still give the very same pairs (at N = 8 samples, Q-DYN with
 any α ≤ 0.5 takes one positive per problem, exactly as Shortest). Before training, a row looks up
 cache/twins/<hash of the pairs' texts and its training settings>; when another key already trained on that
-content with those settings, its model (and its results, evaluated the same way) are linked instead of
+content with those settings, its model (and its results, evaluated the same way) are copied instead of
 recomputed: the same computation, run once.
 """
 
@@ -50,15 +54,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..core import pipeline
-from ..core.artifacts import (atomic_dir, atomic_write_json, dir_hash, file_hash, load_table, read_json,
-                              save_table)
+from ..core import fingerprint, pipeline
+from ..core.artifacts import (SchemaError, atomic_dir, atomic_write_json, check_table, dir_hash, file_hash,
+                              load_table, read_json, save_table)
 from ..core.config import Profile, RefinementConfig, SelectionConfig, TrainingConfig, stage_seed
-from ..core.fingerprint import package_hash
 from ..core.stage import MANIFEST, notebook_for
 from ..method import refinement, selection
 from .context import SAMPLES, AblationContext
 from .rows import Row
+
+
+def package_hash() -> str:
+    """The code every key covers: the normalized code of the modules the rows run through (the tsq_utils.ablations
+    package and what it imports, transitively: selection, refinement, training, evaluation, the model and the task),
+    taken once per session. A comment, a docstring, or an edit to a module the rows never run (a lesson's figure,
+    TLDR) re-keys nothing."""
+    return fingerprint.code_of("tsq_utils.ablations")
 
 
 def _declared(stage: str, name: str) -> str:
@@ -109,7 +120,7 @@ def _canon(value: Any) -> Any:
 
 def cache_key(payload: dict) -> str:
     """The cache key of a payload: the first 20 hex digits of the SHA-256 of its canonical JSON and of the code
-    fingerprint (fingerprint.package_hash: after an edit to tsq_utils no entry computed by the old code is reused)."""
+    fingerprint (package_hash: after an edit to the code the rows run no entry computed by the old code is reused)."""
     text = json.dumps(_canon({"code": package_hash(), "payload": payload}), sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -131,13 +142,16 @@ def refinement_params(ref: RefinementConfig) -> dict:
     return d
 
 
-def refinement_payloads(pairs_key: str, base_hashes: dict, ref: RefinementConfig, seed: int, grader: str
-                        ) -> tuple[dict, dict]:
-    """The payloads of the scored entry (candidates and their KLs: every refinement parameter but ε) and of the
-    refined entry (the scored entry, ε and the grader that decides reverts)."""
+def refinement_payloads(pairs_key: str, base_hashes: dict, ref: RefinementConfig, seed: int, grader: str,
+                        shards: int = 1) -> tuple[dict, dict]:
+    """The payloads of the scored entry (candidates and their KLs: every refinement parameter but ε, and the profile's
+    shards, which group the responses and so seed their candidates) and of the refined entry (the scored entry, ε and
+    the grader that decides reverts)."""
     params = refinement_params(ref)
     epsilon = params.pop("epsilon")
     scored = {"kind": "scored", "pairs": pairs_key, "base": base_hashes, "refinement": params, "seed": seed}
+    if shards != 1:  # the default keeps the keys of runs made before shards existed
+        scored["shards"] = shards
     return scored, {"kind": "refined", "scored": cache_key(scored), "epsilon": epsilon, "grader": grader}
 
 
@@ -172,7 +186,7 @@ def payloads(ctx: AblationContext, row: Row) -> dict[str, dict]:
     data = cache_key(out["pairs"])
     if row.refine != "off":
         out["scored"], out["refined"] = refinement_payloads(data, ctx.base_hashes, row.refinement, ctx.refinement_seed,
-                                                            ctx.grader)
+                                                            ctx.grader, ctx.profile.shards)
         data = cache_key(out["refined"])
     training = training_params(row.training)
     if ctx.max_steps:
@@ -191,17 +205,29 @@ def row_keys(ctx: AblationContext, row: Row) -> dict[str, str]:
 # --------------------------------------------------------------------------- adopting the pipeline's artifacts
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a file or a folder's files (a copy across file systems); artifacts are replaced, never edited."""
+_FICLONE = 0x40049409  # Linux ioctl: share the blocks copy-on-write (btrfs, XFS); a write to either then copies
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a file or a folder's files: a reflink where the file system has them, else a plain copy. Never a hard
+    link: a hard-linked entry is the same file as the stage's, so a `cp` over training/model/model.safetensors would
+    rewrite the cached copy too."""
     if src.is_dir():
         dst.mkdir(parents=True, exist_ok=True)
         for p in src.iterdir():
-            _link_or_copy(p, dst / p.name)
+            _copy(p, dst / p.name)
         return
     try:
-        os.link(src, dst)
-    except OSError:
+        import fcntl
+
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            fcntl.ioctl(fo.fileno(), _FICLONE, fi.fileno())
+        shutil.copystat(src, dst)
+    except (OSError, ImportError):
         shutil.copy2(src, dst)
+
+
+_link_or_copy = _copy  # the old name: entries are copies now
 
 
 def _stage_manifest(ctx: AblationContext, stage: str, files: Sequence[str]) -> dict | None:
@@ -215,13 +241,37 @@ def _stage_manifest(ctx: AblationContext, stage: str, files: Sequence[str]) -> d
     if not isinstance(m, dict) or m.get("complete") is not True or m.get("stage") != stage:
         return None
     # computed by other code: the keys it would give under today's code say nothing about it
-    if not isinstance(m.get("code"), dict) or m["code"].get("package") != package_hash():
+    code = m.get("code")
+    if not isinstance(code, dict):
+        return None
+    if isinstance(code.get("modules"), dict) and code["modules"]:
+        if not fingerprint.files_unchanged(code["modules"]):  # the stage's own modules changed since
+            return None
+    elif code.get("package") != fingerprint.package_hash() and code.get("package") != package_hash():
         return None
     # a rerun that died after rewriting an output but before its manifest leaves the output newer
     limit = mpath.stat().st_mtime
     if not all((d / f).exists() and (d / f).stat().st_mtime <= limit for f in files):
         return None
+    # and a file rewritten since (a cp over training/model/model.safetensors) is not adopted: the hashes must match
+    # (a manifest with no output_hashes at all predates them: the mtime rule above is all it allows)
+    hashes = m.get("output_hashes")
+    if hashes is not None and not (isinstance(hashes, dict) and all(
+            hashes.get(Path(f).parts[0]) == _path_hash_once(d / Path(f).parts[0]) for f in files)):
+        return None
     return m
+
+
+def _path_hash_once(path: Path) -> str:
+    """path_hash of a stage output, a file or a folder, hashed once per session while unchanged."""
+    if path.is_file():
+        return _hash_once(path)
+    if not path.is_dir():
+        return ""
+    h = hashlib.sha256()  # as artifacts.dir_hash
+    for p in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
+        h.update(f"{p.relative_to(path).as_posix()}\0{_hash_once(p)}\n".encode())
+    return h.hexdigest()
 
 
 def _section(m: dict, cls: type, name: str) -> Any:
@@ -260,7 +310,7 @@ def adopt_pairs(ctx: AblationContext, key: str, tmp: Path) -> str | None:
     if cache_key(p) != key:
         return None
     for f in SELECTION_FILES:
-        _link_or_copy(ctx.run_dir / stage / f, tmp / f)
+        _copy(ctx.run_dir / stage / f, tmp / f)
     return _adopted(stage)
 
 
@@ -283,13 +333,13 @@ def adopt_scored(ctx: AblationContext, key: str, pairs_key: str, tmp: Path) -> s
     if not found:
         return None
     m, ref = found
-    scored, _ = refinement_payloads(pairs_key, ctx.base_hashes, ref, m.get("seed"), ctx.grader)
+    scored, _ = refinement_payloads(pairs_key, ctx.base_hashes, ref, m.get("seed"), ctx.grader, ctx.profile.shards)
     log = ctx.run_dir / REFINED[0] / STEP_LOG
     if cache_key(scored) != key or "cand_texts" not in load_table(log).columns:  # an older log lacks the texts
         return None
     if not refinement.fully_scored(load_table(log)):  # 03 ran with scoring="fast": its KLs cannot be re-thresholded
         return None
-    _link_or_copy(log, tmp / STEP_LOG)
+    _copy(log, tmp / STEP_LOG)
     return _adopted(REFINED[0])
 
 
@@ -301,11 +351,12 @@ def adopt_refined(ctx: AblationContext, key: str, pairs_key: str, tmp: Path) -> 
         return None
     m, ref = found
     # 03 grades with the profile's grader, as the rows do
-    _, refined = refinement_payloads(pairs_key, ctx.base_hashes, ref, m.get("seed"), ctx.grader)
+    _, refined = refinement_payloads(pairs_key, ctx.base_hashes, ref, m.get("seed"), ctx.grader,
+                                     ctx.profile.shards)
     if cache_key(refined) != key:
         return None
     for f in files:
-        _link_or_copy(ctx.run_dir / REFINED[0] / f, tmp / f)
+        _copy(ctx.run_dir / REFINED[0] / f, tmp / f)
     return _adopted(REFINED[0])
 
 
@@ -322,7 +373,7 @@ def adopt_model(ctx: AblationContext, key: str, data_key: str, data_file: Path, 
     if cache_key(p) != key:
         return None
     for f in files:
-        _link_or_copy(ctx.run_dir / stage / f, tmp / f)
+        _copy(ctx.run_dir / stage / f, tmp / f)
     return _adopted(stage)
 
 
@@ -370,8 +421,15 @@ def ensure(ctx: AblationContext, key: str, payload: dict, build: Callable[[Path]
     The entry's meta.json records its payload, where it came from, the seconds it took and describe()'s numbers.
     """
     path = ctx.cache_dir / key
+    recomputed = ""
     if path.is_dir() and not (force and key not in ctx.forced):
-        return path, "cached"
+        problems = verify_entry(path)
+        if not problems:
+            return path, "cached"
+        # a tampered or damaged entry is never used: say so, and compute it again
+        recomputed = f"recomputed: the cached entry failed verification ({problems[0]})"
+        print(f"[ablations] cache entry {key} does not verify ({'; '.join(problems[:3])}): recomputing it")
+        force = True  # neither adopt nor reuse what the damaged entry may have come from
     t0 = time.perf_counter()
     with atomic_dir(path) as tmp:
         source = adopt(tmp) if adopt is not None and not force else None
@@ -384,10 +442,65 @@ def ensure(ctx: AblationContext, key: str, payload: dict, build: Callable[[Path]
             "key": key, "payload": _canon(payload), "code": package_hash(), "source": source,
             "seconds": round(seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "info": _canon(info),
+            "files": entry_files(tmp),
+            **({"note": recomputed} if recomputed else {}),
         })
     if force:
         ctx.forced.add(key)
     return path, source
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def entry_files(path: Path) -> dict[str, str]:
+    """{file relative to the entry: sha256} of every file of a cache entry but its meta.json."""
+    path = Path(path)
+    return {p.relative_to(path).as_posix(): file_hash(p)
+            for p in sorted(path.rglob("*")) if p.is_file() and p.relative_to(path).as_posix() != CACHE_META}
+
+
+# (entry file, inode, size, mtime) -> sha256: an unchanged file is not hashed twice in a session
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _hash_once(p: Path) -> str:
+    st = p.stat()
+    sig = (str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+    if sig not in _VERIFIED:
+        _VERIFIED[sig] = file_hash(p)
+    return _VERIFIED[sig]
+
+
+def verify_entry(path: Path) -> list[str]:
+    """What is wrong with a cache entry (empty when it verifies): its meta.json must record the sha256 of its files
+    and every file must still have it, none missing and none added."""
+    path = Path(path)
+    try:
+        meta = read_json(path / CACHE_META)
+    except (OSError, ValueError) as e:
+        return [f"{CACHE_META} is missing or unreadable ({type(e).__name__})"]
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not files:
+        return [f"{CACHE_META} records no file hashes (written by an older version)"]
+    problems = []
+    present = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+    present.pop(CACHE_META, None)
+    for name, sha in sorted(files.items()):
+        if name not in present:
+            problems.append(f"{name} is missing")
+        elif _hash_once(present[name]) != sha:
+            problems.append(f"{name} changed (sha256 differs from {CACHE_META})")
+    problems += [f"{name} is not part of the entry" for name in sorted(set(present) - set(files))]
+    if not problems:  # the files are the ones recorded: their columns must still be what later stages read
+        for name, p in sorted(present.items()):
+            columns = pipeline.schema(None, Path(name).name) if name.endswith(".parquet") else None
+            if columns:
+                try:
+                    check_table(p, columns)
+                except SchemaError as e:
+                    problems.append(f"{name}: {str(e).split(': ', 1)[1]}")
+    return problems
 
 
 def twin_index(ctx: AblationContext, model_payload: dict, data_file: Path) -> Path:
@@ -406,7 +519,7 @@ def adopt_twin_model(ctx: AblationContext, key: str, twin: Path, tmp: Path) -> s
     if not other or other == key or not (ctx.cache_dir / other).is_dir():
         return None
     for f in (MODEL[1], TRAINING_LOG):
-        _link_or_copy(ctx.cache_dir / other / f, tmp / f)
+        _copy(ctx.cache_dir / other / f, tmp / f)
     (tmp / "twin_of").write_text(other)
     return f"same pairs and settings as {other}"
 
@@ -429,3 +542,155 @@ def entry_meta(ctx: AblationContext, key: str | None) -> dict:
         return {}
     p = ctx.cache_dir / key / CACHE_META
     return read_json(p) if p.is_file() else {}
+
+
+# --------------------------------------------------------------------------- listing, verifying and pruning
+
+
+def entries(cache_dir: str | os.PathLike) -> list[dict]:
+    """The entries of a cache folder, oldest first: key, kind, source, bytes, finished_at, code (the package hash
+    they were computed with) and whether it is today's code."""
+    cache_dir = Path(cache_dir)
+    out = []
+    if not cache_dir.is_dir():
+        return out
+    today = package_hash()
+    for d in sorted(cache_dir.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or d.name == TWINS:
+            continue
+        try:
+            meta = read_json(d / CACHE_META)
+        except (OSError, ValueError):
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        out.append({"key": d.name, "kind": (meta.get("payload") or {}).get("kind", "?"),
+                    "source": meta.get("source", "?"), "bytes": size, "finished_at": meta.get("finished_at", ""),
+                    "code": meta.get("code"), "current_code": meta.get("code") == today, "path": d})
+    return sorted(out, key=lambda e: (e["finished_at"], e["key"]))
+
+
+def verify(cache_dir: str | os.PathLike, remove: bool = False) -> dict[str, list[str]]:
+    """{key: problems} of the entries that do not verify (verify_entry); with remove=True they are deleted, so the
+    next run of notebook 06 recomputes them (a run recomputes an entry that fails verification anyway)."""
+    bad = {}
+    for e in entries(cache_dir):
+        problems = verify_entry(e["path"])
+        if problems:
+            bad[e["key"]] = problems
+            if remove:
+                shutil.rmtree(e["path"], ignore_errors=True)
+    return bad
+
+
+def _parse_size(text: str) -> int:
+    """'500M', '2G', '10k' or bytes -> bytes."""
+    t = str(text).strip().upper().removesuffix("B")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise ValueError(f"size {text!r}: give bytes or a number with K, M, G or T (500M)") from None
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"size {text!r} must be a non-negative number")
+    return int(value * mult)
+
+
+def prune(cache_dir: str | os.PathLike, older_than_days: float | None = None, stale_code: bool = False,
+          max_bytes: int | None = None, dry_run: bool = False) -> list[dict]:
+    """Remove entries: finished more than `older_than_days` ago, computed by other code than today's (`stale_code`:
+    they can no longer be hit, since every key covers the code), and then the oldest until the cache holds at most
+    `max_bytes`. Returns the removed entries (with dry_run, those that would be)."""
+    now = datetime.now(timezone.utc)
+    keep, gone = [], []
+    for e in entries(cache_dir):
+        try:
+            age_days = (now - datetime.fromisoformat(e["finished_at"])).total_seconds() / 86400
+        except (TypeError, ValueError):
+            age_days = math.inf
+        if (older_than_days is not None and age_days > older_than_days) or (stale_code and not e["current_code"]):
+            gone.append(e)
+        else:
+            keep.append(e)
+    if max_bytes is not None:
+        total = sum(e["bytes"] for e in keep)
+        while keep and total > max_bytes:
+            e = keep.pop(0)  # the oldest first
+            total -= e["bytes"]
+            gone.append(e)
+    if not dry_run:
+        for e in gone:
+            shutil.rmtree(e["path"], ignore_errors=True)
+        twins = Path(cache_dir) / TWINS
+        if twins.is_dir():  # twin records that name a removed entry
+            for t in twins.iterdir():
+                if t.is_file() and not (Path(cache_dir) / t.read_text().strip()).is_dir():
+                    t.unlink(missing_ok=True)
+    return gone
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m tsq_utils.ablations.cache list|verify|prune [--profile NAME | --cache DIR] ..."""
+    import argparse
+
+    from ..core import config
+
+    ap = argparse.ArgumentParser(prog="python -m tsq_utils.ablations.cache",
+                                 description="List, verify or prune notebook 06's ablation cache.")
+    ap.add_argument("command", choices=("list", "verify", "prune"))
+    ap.add_argument("--profile", default=os.environ.get("TSQ_PROFILE", "toy"),
+                    help="whose cache: runs/<profile>/ablations/cache (default: toy)")
+    ap.add_argument("--cache", help="a cache folder instead of the profile's")
+    ap.add_argument("--remove", action="store_true", help="verify: delete the entries that fail (recomputed by 06)")
+    ap.add_argument("--older-than", type=float, metavar="DAYS", help="prune: entries finished more than DAYS ago")
+    ap.add_argument("--stale-code", action="store_true",
+                    help="prune: entries computed by other code than today's (their keys can no longer be hit)")
+    ap.add_argument("--max-size", metavar="SIZE", help="prune: then the oldest until the cache holds at most SIZE "
+                                                        "(bytes, or 500M, 2G)")
+    ap.add_argument("--dry-run", action="store_true", help="prune: say what would go, remove nothing")
+    a = ap.parse_args(argv)
+    cache_dir = Path(a.cache) if a.cache else config.runs_root() / a.profile / "ablations" / "cache"
+    if not cache_dir.is_dir():
+        print(f"no cache at {cache_dir}")
+        return 0 if a.command != "verify" else 0
+    if a.command == "list":
+        es = entries(cache_dir)
+        for e in es:
+            print(f"{e['key']}  {e['kind']:<8} {_human(e['bytes']):>7}  {e['finished_at'] or '?':<25}  "
+                  f"{'today' if e['current_code'] else 'other'} code  {e['source']}")
+        print(f"{len(es)} entries, {_human(sum(e['bytes'] for e in es))} in {cache_dir}")
+        return 0
+    if a.command == "verify":
+        bad = verify(cache_dir, remove=a.remove)
+        n = len(entries(cache_dir)) + (len(bad) if a.remove else 0)
+        for key, problems in bad.items():
+            print(f"{key}: {'; '.join(problems)}" + (" (removed)" if a.remove else ""))
+        print(f"{n - len(bad)} of {n} entries verify" + (
+            "" if not bad else ("; the failed ones were removed: notebook 06 recomputes them" if a.remove else
+                                "; notebook 06 recomputes them on its next run (or --remove them now)")))
+        return 1 if bad and not a.remove else 0
+    if a.older_than is None and not a.stale_code and a.max_size is None:
+        ap.error("prune needs --older-than DAYS, --stale-code or --max-size SIZE")
+    try:
+        max_bytes = None if a.max_size is None else _parse_size(a.max_size)
+    except ValueError as e:
+        ap.error(str(e))
+    gone = prune(cache_dir, a.older_than, a.stale_code, max_bytes, a.dry_run)
+    for e in gone:
+        print(f"{'would remove' if a.dry_run else 'removed'} {e['key']} ({e['kind']}, {_human(e['bytes'])}, "
+              f"{e['finished_at'] or '?'})")
+    print(f"{len(gone)} entries {'would be ' if a.dry_run else ''}removed, "
+          f"{_human(sum(e['bytes'] for e in gone))} freed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -282,25 +282,52 @@ def _val(t: pd.DataFrame, name: str, col: str) -> float:
     return float(hit[col].iloc[0]) if len(hit) else math.nan
 
 
+def seeds_to_settle(diff: float, se: float, n_seeds: int) -> int | None:
+    """Training seeds that would put a difference this size beyond 2 SE, the seed-to-seed spread unchanged
+    (SE shrinks as 1/sqrt(seeds)); None when there is no difference or no SE to scale."""
+    if not (diff == diff and se == se) or diff == 0 or se <= 0 or n_seeds < 1:
+        return None
+    return max(n_seeds + 1, math.ceil(n_seeds * (2 * se / abs(diff)) ** 2))
+
+
 def _verdict(diff: float, se: float, expect_negative: bool, n_seeds: int = 2) -> str:
-    """'yes' (the paper's direction, beyond 2 SE), 'direction only' (within the noise), 'no' (the opposite), '—' (not
-    run); never yes/no on an exact tie or when a row was trained with one seed (no SE over training seeds)."""
+    """'yes' (the paper's direction beyond 2 SE), 'no' (the other way beyond 2 SE), else 'not settled' with the seeds
+    that would settle it; '—' (not run); never yes/no on an exact tie or when a row was trained with one seed."""
     if diff != diff:
         return "—"
     if diff == 0:
         return "not testable: a tie (no difference)"
     right = diff < 0 if expect_negative else diff > 0
+    way = "the paper's way" if right else "against the paper"
     if n_seeds < 2:
         # one training seed: the evaluation SE alone says nothing about training variation, which is the larger
-        return ("not testable: one training seed (the difference goes "
-                + ("the paper's way)" if right else "against the paper)"))
-    if not right:
-        return "no"
-    return "yes" if se == se and abs(diff) > 2 * se else "direction only"
+        return f"not testable: one training seed (the difference goes {way})"
+    if se == se and abs(diff) > 2 * se:
+        return "yes" if right else "no"
+    need = seeds_to_settle(diff, se, n_seeds)
+    return f"not settled: {way} within 2 SE" + (f"; about {need} seeds would settle this size" if need else "")
 
 
-def findings(tables: dict[str, pd.DataFrame], benchmark: str | None = None) -> pd.DataFrame:
-    """The paper's qualitative findings checked on these tables: the difference, its SE and a verdict each."""
+def paired_difference(summary: pd.DataFrame, a: str, b: str, col: str, benchmark: str) -> tuple[float, float, int]:
+    """Mean over common training seeds of row a minus row b, its paired SE (SD of the per-seed differences / sqrt n;
+    NaN under 2 seeds) and n. Rows share their seeds and evaluation draws, so the pairing removes what they share."""
+    s = summary[summary["benchmark"] == benchmark]
+    va = s[s["name"] == a].groupby("seed")[col].mean()
+    vb = s[s["name"] == b].groupby("seed")[col].mean()
+    d = (va - vb).dropna()
+    if not len(d):
+        return math.nan, math.nan, 0
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    return float(d.mean()), se, int(len(d))
+
+
+def findings(tables: dict[str, pd.DataFrame], benchmark: str | None = None,
+             summary: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The paper's qualitative findings checked on these tables: the difference, its SE and a verdict each.
+
+    With the per-seed `summary` (summarize's table) a difference and its SE are paired over the training seeds the two
+    rows share (paired_difference): common random numbers, since rows use the same seeds and evaluation draws;
+    without it, the rows' own SEs are combined as if independent (the safe side)."""
     def t(group: str) -> pd.DataFrame:
         df = tables.get(group, pd.DataFrame(columns=list(TABLE_COLUMNS)))
         b = benchmark or (df["benchmark"].iloc[0] if len(df) else None)
@@ -310,17 +337,21 @@ def findings(tables: dict[str, pd.DataFrame], benchmark: str | None = None) -> p
         tb = t(group)
         if not (len(tb[tb["name"] == a]) and len(tb[tb["name"] == b])):
             return {"finding": finding, "paper (7B)": paper, "ours": "not run", "difference": math.nan, "se": math.nan,
-                    "reproduced": "—"}
+                    "n_seeds": 0, "reproduced": "—"}
         d = _val(tb, a, col) - _val(tb, b, col)
         se = math.sqrt(_se(tb, a, col) ** 2 + _se(tb, b, col) ** 2)
+        n_seeds = int(min(_val(tb, a, "n_seeds"), _val(tb, b, "n_seeds")))
+        if summary is not None and len(tb):
+            pd_, pse, pn = paired_difference(summary, a, b, col, tb["benchmark"].iloc[0])
+            if pn >= 2:
+                d, se, n_seeds = pd_, pse, pn
         ours = f"{_val(tb, a, col) * scale:.1f} vs {_val(tb, b, col) * scale:.1f} ({d * scale:+.1f} {unit})"
         # every number equal: the two rows are one model (twins: their settings picked the same pairs)
         same = all(_val(tb, a, c) == _val(tb, b, c) for c in ("acc", "len_t", "auc", "acc_hard"))
-        n_seeds = int(min(_val(tb, a, "n_seeds"), _val(tb, b, "n_seeds")))
         verdict = ("not testable: every number equal (one model, or models that answer alike)" if same
                    else _verdict(d, se, expect_negative, n_seeds))
         return {"finding": finding, "paper (7B)": paper, "ours": ours, "difference": d * scale, "se": se * scale,
-                "reproduced": verdict}
+                "n_seeds": n_seeds, "reproduced": verdict}
 
     out = [
         pair("table4", "table4/dpo", "table4/dpo_l_sft", "acc", True, "pure DPO loses accuracy",
@@ -340,34 +371,40 @@ def findings(tables: dict[str, pd.DataFrame], benchmark: str | None = None) -> p
     if len(ta) and ta["acc"].notna().sum() >= 2 and (ta["x"] == 0.2).any():
         best = ta.loc[ta["acc"].idxmax()]
         a02 = ta[ta["x"] == 0.2].iloc[0]
-        d = float(a02["acc"] - best["acc"])
-        se = math.sqrt(_se(ta, a02["name"]) ** 2 + _se(ta, best["name"]) ** 2) if best["name"] != a02["name"] else 0.0
         # α = 0.2 against the best other α (the runner-up when α = 0.2 is the best itself)
         others = ta[(ta["name"] != a02["name"]) & ta["acc"].notna()]
         other = others.loc[others["acc"].idxmax()]
         d_other = float(a02["acc"] - other["acc"])
         n_seeds = int(min(a02["n_seeds"], other["n_seeds"]))
+        se_other = math.sqrt(_se(ta, a02["name"]) ** 2 + _se(ta, other["name"]) ** 2)
+        if summary is not None:
+            pd_, pse, pn = paired_difference(summary, a02["name"], other["name"], "acc", ta["benchmark"].iloc[0])
+            if pn >= 2:
+                d_other, se_other, n_seeds = pd_, pse, pn
         if d_other == 0:
             verdict = f"not testable: a tie (α = 0.2 and α = {other['x']:g} give the same accuracy)"
         elif n_seeds < 2:
             verdict = "not testable: one training seed"
         else:
-            se_other = math.sqrt(_se(ta, a02["name"]) ** 2 + _se(ta, other["name"]) ** 2)
-            verdict = "yes" if d_other > 0 or abs(d_other) <= 2 * se_other else "no"
-        out.append({"finding": "α = 0.2 is near the best α (accuracy)", "paper (7B)": PAPER_FIG4,
+            # the paper's claim is a peak at 0.2: α = 0.2 above the best other α beyond 2 SE is a yes, below it a no
+            verdict = _verdict(d_other, se_other, False, n_seeds)
+        out.append({"finding": "α = 0.2 is the best α (accuracy)", "paper (7B)": PAPER_FIG4,
                     "ours": f"α = 0.2: {a02['acc'] * 100:.1f}; best α = {best['x']:g}: {best['acc'] * 100:.1f}",
-                    "difference": d * 100, "se": se * 100, "reproduced": verdict})
+                    "difference": d_other * 100, "se": se_other * 100, "n_seeds": n_seeds,
+                    "reproduced": verdict})
     else:
-        out.append({"finding": "α = 0.2 is near the best α (accuracy)", "paper (7B)": PAPER_FIG4, "ours": "not run",
-                    "difference": math.nan, "se": math.nan, "reproduced": "—"})
+        out.append({"finding": "α = 0.2 is the best α (accuracy)", "paper (7B)": PAPER_FIG4, "ours": "not run",
+                    "difference": math.nan, "se": math.nan, "n_seeds": 0, "reproduced": "—"})
     return pd.DataFrame(out)
 
 
 def findings_markdown(f: pd.DataFrame) -> str:
-    """The findings table as Markdown (verdict: 'yes' beyond 2 SE in the paper's direction, 'direction only', 'no',
-    or 'not testable' on a tie or a row trained with one seed)."""
+    """The findings table as Markdown (verdict: 'yes' / 'no' beyond 2 SE in / against the paper's direction, 'not
+    settled' with the seeds that would settle it, or 'not testable' on a tie or a row trained with one seed)."""
     lines = ["| finding | paper (7B) | ours | reproduced |", "|---|---|---|---|"]
     for _, r in f.iterrows():
-        se = "" if r["se"] != r["se"] else f", SE {r['se']:.1f}"
+        n = r.get("n_seeds", 0)
+        se = "" if r["se"] != r["se"] else f", SE {r['se']:.1f}" + (f" over {int(n)} paired seeds" if n == n and n >= 2
+                                                                      else "")
         lines.append(f"| {r['finding']} | {r['paper (7B)']} | {r['ours']}{se} | {r['reproduced']} |")
     return "\n".join(lines)

@@ -20,11 +20,11 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.artifacts import atomic_write_text, load_table, read_json, save_table
+from ..core.artifacts import atomic_write_text, clean_leftovers, load_table, read_json, save_table
 from ..method import evaluation, refinement, selection
 from .cache import (CACHE_META, MODEL, PAIRS, PROBLEM_STATS, REFINED, RESULTS, STEP_LOG, TRAINING_LOG, adopt_model,
                     adopt_pairs, adopt_refined, adopt_results, adopt_scored, adopt_twin_model, adopt_twin_results,
-                    ensure, payloads, row_keys, train_seed, twin_index)
+                    ensure, payloads, row_keys, train_seed, twin_index, verify_entry)
 from .context import AblationContext
 from .rows import Row, build_rows, select_rows
 
@@ -76,8 +76,10 @@ def _score(ctx: AblationContext, row: Row, pairs_dir: Path, tmp: Path) -> None:
     """Stage 03's expensive half for a row: every step's candidates and their KLs (run at ε = ∞, no grading)."""
     pairs = load_table(pairs_dir / PAIRS[1])
     cfg = dataclasses.replace(row.refinement, epsilon=math.inf, scoring="full")  # 06 re-thresholds: exact KLs
+    # grouped by the profile's shards as notebook 03 groups them (so an adopted step log and a computed one agree);
+    # one process: 06 runs its rows side by side already
     _, step_log = refinement.refine_pairs(ctx.base_model, ctx.tokenizer, pairs, cfg, seed=ctx.refinement_seed,
-                                          progress=False)
+                                          progress=False, shards=ctx.profile.shards, workers=1)
     save_table(step_log, tmp / STEP_LOG)
 
 
@@ -114,7 +116,11 @@ def _train(ctx: AblationContext, row: Row, data_file: Path, tmp: Path) -> None:
     model, tok = load_base(ctx.run_dir, ctx.profile)
     log = dpo_l.train_and_save(model, tok, pairs, row.training, tmp, seed=train_seed(ctx.profile, row.seed),
                                device=ctx.device, max_steps=ctx.max_steps or None, model_subdir=MODEL[1],
-                               progress=False)
+                               progress=False,
+                               # the reference model's log-probs of a batch, shared by the rows that train on the same
+                               # pairs with the same seed (the objectives, signs and η's): keyed by the base weights
+                               # and the batch's token ids, so an entry never goes stale
+                               ref_cache=str(ctx.run_dir / "ablations" / "reference_cache"))
     save_table(log.reset_index(), tmp / TRAINING_LOG)
 
 
@@ -151,7 +157,7 @@ def _results(ctx: AblationContext, key: str, model_dir: Path | None, tmp: Path) 
         res = evaluation.evaluate_model(key, model, ctx.tokenizer, ctx.problems, n=ctx.eval_n,
                                         temperature=E.temperature, top_p=E.top_p, max_new_tokens=E.max_new_tokens,
                                         seed=ctx.eval_seed, batch_size=S.batch_size, backend=S.backend,
-                                        progress=False)
+                                        progress=False, shards=ctx.profile.shards, workers=1)
         save_table(res, tmp / RESULTS)
     finally:
         if model is not ctx._base_model:
@@ -167,61 +173,163 @@ def _describe_results(d: Path) -> dict:
 # --------------------------------------------------------------------------- rows
 
 
+STAGES = ("pairs", "scored", "refined", "model", "results")  # a row's stages, in the order they depend on each other
+
+
+def _data(ctx: AblationContext, row: Row, keys: dict) -> tuple[str, Path]:
+    """The key and file of what a row trains on: its refined pairs, or its selected pairs without refinement."""
+    if row.refine != "off":
+        return keys["refined"], ctx.cache_dir / keys["refined"] / REFINED[1]
+    return keys["pairs"], ctx.cache_dir / keys["pairs"] / PAIRS[1]
+
+
+def _ensure_stage(ctx: AblationContext, row: Row, stage: str, force: bool, keys: dict, pl: dict,
+                  sources: dict) -> Path:
+    """One stage of a row through the cache (its upstream entries must exist): reused, adopted or computed; the
+    source goes into `sources` (the scored entry too when the refined one needed it)."""
+    def entry(s: str) -> Path:
+        return ctx.cache_dir / keys[s]
+
+    if stage == "pairs":
+        d, sources["pairs"] = ensure(ctx, keys["pairs"], pl["pairs"], lambda t: _select(ctx, row, t),
+                                     lambda t: adopt_pairs(ctx, keys["pairs"], t), _describe_pairs, force)
+    elif stage == "scored":
+        d, sources["scored"] = ensure(ctx, keys["scored"], pl["scored"],
+                                      lambda t: _score(ctx, row, entry("pairs"), t),
+                                      lambda t: adopt_scored(ctx, keys["scored"], keys["pairs"], t),
+                                      _describe_scored, force)
+    elif stage == "refined":
+        # the refined entry needs the scored one only when it is not there yet (nor adoptable from 03)
+        d, sources["refined"] = ensure(
+            ctx, keys["refined"], pl["refined"],
+            lambda t: _rethreshold(ctx, row, entry("pairs"),
+                                   _ensure_stage(ctx, row, "scored", force, keys, pl, sources), t),
+            lambda t: adopt_refined(ctx, keys["refined"], keys["pairs"], t), _describe_refined, force)
+    elif stage == "model":
+        data_key, data_file = _data(ctx, row, keys)
+        twin = twin_index(ctx, pl["model"], data_file)
+        d, sources["model"] = ensure(ctx, keys["model"], pl["model"], lambda t: _train(ctx, row, data_file, t),
+                                     lambda t: (adopt_model(ctx, keys["model"], data_key, data_file, t)
+                                                or adopt_twin_model(ctx, keys["model"], twin, t)),
+                                     _describe_model, force)
+        if not twin.exists():
+            atomic_write_text(twin, keys["model"])
+    elif stage == "results":
+        model_dir = None if row.is_base else entry("model")
+        d, sources["results"] = ensure(ctx, keys["results"], pl["results"],
+                                       lambda t: _results(ctx, keys["results"], model_dir, t),
+                                       lambda t: (adopt_results(ctx, keys["results"], model_dir, t)
+                                                  or (model_dir is not None
+                                                      and adopt_twin_results(ctx, keys["results"], model_dir, t))
+                                                  or None),
+                                       _describe_results, force)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    return d
+
+
+def _row_stages(row: Row) -> tuple[str, ...]:
+    """The stages a row runs (the scored one only on demand, through the refined one)."""
+    if row.is_base:
+        return ("results",)
+    return ("pairs", "refined", "model", "results") if row.refine != "off" else ("pairs", "model", "results")
+
+
 def run_row(ctx: AblationContext, row: Row, force: bool = False) -> dict:
     """Run (or reuse) each stage of one row; return its keys and where each stage came from."""
     keys, pl = row_keys(ctx, row), payloads(ctx, row)
     sources: dict[str, str] = {}
     with _quiet():
-        if row.is_base:
-            _, sources["results"] = ensure(ctx, keys["results"], pl["results"],
-                                            lambda t: _results(ctx, keys["results"], None, t),
-                                            lambda t: adopt_results(ctx, keys["results"], None, t),
-                                            _describe_results, force)
-            return {"name": row.name, "seed": row.seed, "keys": keys, "sources": sources}
-        pairs_dir, sources["pairs"] = ensure(ctx, keys["pairs"], pl["pairs"], lambda t: _select(ctx, row, t),
-                                              lambda t: adopt_pairs(ctx, keys["pairs"], t), _describe_pairs, force)
-        data_key, data_file = keys["pairs"], pairs_dir / PAIRS[1]
-        if row.refine != "off":
-            # the refined entry needs the scored one only when it is not there yet (nor adoptable from 03)
-            scored: list[Path] = []
-
-            def scored_dir() -> Path:
-                if not scored:
-                    d, sources["scored"] = ensure(ctx, keys["scored"], pl["scored"],
-                                                   lambda t: _score(ctx, row, pairs_dir, t),
-                                                   lambda t: adopt_scored(ctx, keys["scored"], keys["pairs"], t),
-                                                   _describe_scored, force)
-                    scored.append(d)
-                return scored[0]
-
-            ref_dir, sources["refined"] = ensure(ctx, keys["refined"], pl["refined"],
-                                                  lambda t: _rethreshold(ctx, row, pairs_dir, scored_dir(), t),
-                                                  lambda t: adopt_refined(ctx, keys["refined"], keys["pairs"], t),
-                                                  _describe_refined, force)
-            data_key, data_file = keys["refined"], ref_dir / REFINED[1]
-        twin = twin_index(ctx, pl["model"], data_file)
-        model_dir, sources["model"] = ensure(ctx, keys["model"], pl["model"], lambda t: _train(ctx, row, data_file, t),
-                                              lambda t: (adopt_model(ctx, keys["model"], data_key, data_file, t)
-                                                         or adopt_twin_model(ctx, keys["model"], twin, t)),
-                                              _describe_model, force)
-        if not twin.exists():
-            atomic_write_text(twin, keys["model"])
-        _, sources["results"] = ensure(ctx, keys["results"], pl["results"],
-                                        lambda t: _results(ctx, keys["results"], model_dir, t),
-                                        lambda t: (adopt_results(ctx, keys["results"], model_dir, t)
-                                                   or adopt_twin_results(ctx, keys["results"], model_dir, t)),
-                                        _describe_results, force)
+        for stage in _row_stages(row):
+            _ensure_stage(ctx, row, stage, force, keys, pl, sources)
     return {"name": row.name, "seed": row.seed, "keys": keys, "sources": sources}
 
 
+# --------------------------------------------------------------------------- rows side by side
+
+
+def _stage_task(ctx: AblationContext, task: tuple[Row, str, bool]) -> tuple[str, dict | None, dict[str, str]]:
+    """One wave task, run in a worker process: a stage of one row. Returns (row name, {stage: source} or None on
+    failure, {stage: key}) or the error as the second item's "error"."""
+    row, stage, force = task
+    keys, pl = row_keys(ctx, row), payloads(ctx, row)
+    sources: dict[str, str] = {}
+    try:
+        with _quiet():
+            _ensure_stage(ctx, row, stage, force, keys, pl, sources)
+    except Exception as e:  # noqa: BLE001 -- reported with the row, after the other rows ran
+        return row.name, {"error": f"{type(e).__name__}: {e}"}, keys
+    return row.name, sources, keys
+
+
+def _usable(ctx: AblationContext, key: str, force: bool) -> bool:
+    """True when a cache entry can be reused as it is (present, verifies, and not to be recomputed under force)."""
+    path = ctx.cache_dir / key
+    return path.is_dir() and not (force and key not in ctx.forced) and not verify_entry(path)
+
+
+def _wave(ctx: AblationContext, rows: list[Row], stage: str, force: bool, failed: dict) -> list[Row]:
+    """The rows whose `stage` entry one worker must compute in this wave: one row per distinct entry (two workers
+    never write one entry), none whose entry is usable, none that failed already. Twins: rows whose pairs have the
+    same content train (and evaluate) once; the others adopt the twin after the wave."""
+    todo, seen = [], set()
+    for row in rows:
+        if row.name in failed or stage not in (*_row_stages(row), "scored"):
+            continue
+        if stage == "scored" and row.refine == "off":
+            continue
+        keys, pl = row_keys(ctx, row), payloads(ctx, row)
+        key = keys[stage]
+        if stage == "scored":
+            # the scored entry is wanted only where the refined one must be computed (not reusable nor adoptable)
+            if _usable(ctx, keys["refined"], force) or (not force and _adoptable_refined(ctx, keys)):
+                continue
+        group = key
+        if stage == "model":
+            data_file = _data(ctx, row, keys)[1]
+            twin = twin_index(ctx, pl["model"], data_file)
+            other = twin.read_text().strip() if twin.is_file() else ""
+            if not force and other and other != key and _usable(ctx, other, force):
+                continue  # adopted from its twin after the wave
+            if not force:  # (under force every key trains: twins are adopted only without it)
+                group = twin.name
+        if stage == "results" and not row.is_base:
+            twin_of = ctx.cache_dir / keys["model"] / "twin_of"
+            if not force and twin_of.is_file():
+                group = ("twin", twin_of.read_text().strip())
+        if group in seen or _usable(ctx, key, force):
+            seen.add(group)
+            continue
+        seen.add(group)
+        todo.append(row)
+    if stage == "results":
+        # a twin's results are taken from the model it is a twin of: evaluate that one first
+        todo.sort(key=lambda r: (ctx.cache_dir / row_keys(ctx, r).get("model", "") / "twin_of").is_file())
+    return todo
+
+
+def _adoptable_refined(ctx: AblationContext, keys: dict) -> bool:
+    """True when notebook 03's refined pairs can stand in for this refined key (then no scoring is needed)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".probe-") as tmp:
+        return adopt_refined(ctx, keys["refined"], keys["pairs"], Path(tmp)) is not None
+
+
 def run_rows(ctx: AblationContext, rows: Sequence[Row | str] | None = None, force: bool = False,
-             progress: bool = True) -> pd.DataFrame:
+             progress: bool = True, workers: int | None = None) -> pd.DataFrame:
     """Run rows (Row objects, or names/groups of build_rows' rows; None: all) with a progress bar.
+
+    Independent work runs side by side on `workers` one-thread processes (default: the profile's `workers`, 0 =
+    every core; core/parallel.map_shards), in waves by stage: every row's pairs, then the scored candidates, the
+    refined pairs, the trainings and the evaluations, each distinct cache entry computed by one process (rows that
+    share an entry, and twins, share its computation). Every entry is computed exactly as one worker computes it,
+    so the results and cache entries are the same whatever `workers` is. On a GPU the rows run one at a time.
 
     A failing row does not stop the others: after the last row a RuntimeError lists the failures (the rows that
     finished stay cached). Returns one line per row: its name, seed and the source of each stage.
     """
-    from tqdm.auto import tqdm
+    from ..core.parallel import map_shards, n_workers
 
     every = build_rows(ctx.profile)
     if rows is None:
@@ -232,18 +340,73 @@ def run_rows(ctx: AblationContext, rows: Sequence[Row | str] | None = None, forc
         bad = [r for r in todo if not isinstance(r, Row)]
         if bad:
             raise ValueError(f"rows must be Row objects or row/group names, got {bad[0]!r}")
-    out, failed = [], []
+    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+    for gone in clean_leftovers(ctx.cache_dir):  # entries a killed run was writing
+        print(f"[ablations] removed {gone.name}, left in the cache by a run that was killed")
+    w = n_workers(ctx.profile.workers if workers is None else workers)
+    if ctx.device != "cpu":
+        w = 1  # CUDA does not survive a fork; one process drives the GPU
+    failed: dict[str, str] = {}
+    done_sources: dict[str, str] = {}  # key -> source, for the entries the waves computed or adopted
+
+    def record(name: str, sources: dict, keys: dict) -> None:
+        if "error" in sources:
+            failed[name] = sources["error"]
+            return
+        for s, src in sources.items():
+            done_sources.setdefault(keys[s], src)  # the pass that made it says how (later ones: cached)
+            if force:
+                ctx.forced.add(keys[s])  # computed under force in this session: not again below
+
+    if w > 1:
+        for stage in STAGES:
+            wave = _wave(ctx, todo, stage, force, failed)
+            if wave:
+                if stage in ("scored", "results") and any(r.is_base or stage == "scored" for r in wave):
+                    with _quiet():
+                        _ = ctx.base_model  # loaded once, before the fork: the workers inherit it
+                for name, sources, keys in map_shards(_stage_task, [(r, stage, force) for r in wave], workers=w,
+                                                      shared=ctx, progress=progress,
+                                                      desc=f"ablations: {stage} ({len(wave)})"):
+                    record(name, sources, keys)
+            if stage == "scored":
+                continue  # reached through the refined stage
+            # then this stage of every row here, in row order: reused, or adopted (twins, the pipeline's stages):
+            # cheap, and what the next wave reads
+            for row in todo:
+                if row.name not in failed and stage in _row_stages(row):
+                    record(*_stage_task(ctx, (row, stage, force)))
+    out = []
+    claimed: set[str] = set()
+
+    def source(key: str, src: str) -> str:
+        """Where a row's entry came from, as one worker would say: the first row to use an entry a wave made gets
+        the wave's source (computed, adopted, ...), the others "cached"."""
+        if src == "cached" and key in done_sources and key not in claimed:
+            claimed.add(key)
+            return done_sources[key]
+        return src
+
+    from tqdm.auto import tqdm
+
     bar = tqdm(todo, desc="ablation rows", disable=not progress)
     for row in bar:
         bar.set_postfix_str(f"{row.name} seed {row.seed}")
+        if row.name in failed:
+            continue
         try:
             rec = run_row(ctx, row, force=force)
         except Exception as e:  # noqa: BLE001 -- reported together after the other rows ran
-            failed.append(f"{row.name} (seed {row.seed}): {type(e).__name__}: {e}")
+            failed[row.name] = f"{type(e).__name__}: {e}"
             continue
-        out.append({"name": row.name, "seed": row.seed, **rec["sources"]})
+        keys = rec["keys"]
+        sources = {s: source(keys[s], src) for s, src in rec["sources"].items()}
+        if sources.get("refined") == "computed" and "scored" not in sources:
+            sources["scored"] = source(keys["scored"], "cached")  # computing the refined entry read the scored one
+        out.append({"name": row.name, "seed": row.seed, **{s: sources[s] for s in STAGES if s in sources}})
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(todo)} ablation rows failed:\n  " + "\n  ".join(failed))
+        lines = [f"{r.name} (seed {r.seed}): {failed[r.name]}" for r in todo if r.name in failed]
+        raise RuntimeError(f"{len(lines)} of {len(todo)} ablation rows failed:\n  " + "\n  ".join(lines))
     return pd.DataFrame(out)
 
 

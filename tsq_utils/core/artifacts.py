@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import stat
 import tempfile
@@ -232,6 +233,97 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# atomic_dir's temporary folders: .<name>.tmp-<pid>-<8 hex> (being written) and .<name>.old-<pid>-<8 hex> (moved aside)
+_LEFTOVER = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    """True when a process with this id runs (or may: one we may not signal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders atomic_dir left in `folder` when its process was killed (SIGKILL, OOM): those
+    whose writer's process is gone. A live writer's folders are left alone. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _LEFTOVER.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+    return removed
+
+
+class SchemaError(ValueError):
+    """A table lacks a column its schema (core/pipeline.SCHEMAS) declares, or holds it with another type."""
+
+
+def check_table(path: str | os.PathLike, columns: dict[str, str], df: pd.DataFrame | None = None) -> None:
+    """SchemaError naming the file and the column unless the table (read from `path` unless `df` is given) has every
+    declared column with its kind ("str", "int", "float", "bool"); an empty table is checked for its columns only."""
+    from pandas.api import types as t
+
+    path = Path(path)
+    if df is None:
+        df = load_table(path)
+    checks = {"str": lambda s: t.is_string_dtype(s) or (t.is_object_dtype(s) and all(isinstance(v, str) for v in s)),
+              "int": lambda s: t.is_integer_dtype(s) and not t.is_bool_dtype(s),
+              "float": lambda s: t.is_numeric_dtype(s) and not t.is_bool_dtype(s),
+              "bool": t.is_bool_dtype}
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SchemaError(f"{path}: column {missing[0]!r} is missing (the table has {list(df.columns)[:12]}); "
+                          "rerun the notebook that writes it")
+    if len(df) == 0:
+        return
+    for col, kind in columns.items():
+        if not checks[kind](df[col]):
+            raise SchemaError(f"{path}: column {col!r} holds {df[col].dtype}, not {kind}; the table was not written "
+                              "by this pipeline's code: rerun the notebook that writes it")
+
+
+class CorruptWeightsError(ValueError):
+    """A safetensors file that is truncated or not safetensors; the message names the file."""
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """CorruptWeightsError naming the file unless it is a whole safetensors file: an 8-byte header length, a JSON
+    header, and tensor data that ends exactly where the file does (a truncated copy ends early). Reads the header
+    only."""
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "restore it (git checkout for the shipped reasoner), or rerun the notebook that wrote it"
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, too short for a header")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8 or n > 100 * 2**20:
+                raise ValueError(f"its header claims {n} bytes, past the end of the file ({size} bytes)")
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) != size:
+            raise ValueError(f"its tensors need {8 + n + max(ends, default=0)} bytes, the file has {size}")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise CorruptWeightsError(f"{path} is not a whole safetensors file ({e}): truncated or damaged; "
+                                  f"{fix}") from None
 
 
 def file_hash(path: str | os.PathLike) -> str:

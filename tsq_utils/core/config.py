@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,9 @@ class SamplingConfig:
     max_new_tokens: int = knob(512, lo=1, hi=10**6, help=(
         "Longest response; a response cut there counts as not correct (unfinished)."))
     batch_size: int = knob(64, lo=1, hi=100000, help=(
-        "Rows per generate call (transformers backend): larger is faster until memory runs out."))
+        "Decode slots of the transformers backend (rows decoded together; a finished row's slot takes the next "
+        "waiting row at once): larger is faster until memory runs out. With the toy world's engine "
+        "(model/fast_decode.py) the samples do not depend on it."))
     gpu_memory_utilization: float = knob(0.85, lo=0.05, hi=1.0, help=(
         "vLLM only: the share of GPU memory the engine may take (weights + KV cache); the rest stays for the CUDA "
         "context and a transformers model in the same process."))
@@ -369,8 +372,23 @@ class Profile:
     threads: int = knob(1, lo=0, hi=1024, help=(
         "torch's CPU threads (0: torch's default). Float reductions can differ across thread counts, so it is "
         "part of what makes a run reproducible; 1 on the shared CPU boxes."))
+    workers: int = knob(0, lo=0, hi=1024, help=(
+        "How many processes (one torch thread each) run a stage's shards at once (0: every core this process may "
+        "use). It decides only the wall time: the shards, and so every byte written, are fixed by `shards`, so a "
+        "2-core box and a 16-core laptop write the same results. No stage's resume key reads it."))
+    shards: int = knob(4, lo=1, hi=4096, help=(
+        "How many fixed pieces the parallel stages split their work into (sampling, grading and evaluation by "
+        "problem; ablation rows one per process): the unit that `workers` processes share. Part of what decides "
+        "the bytes (each shard is its own batch), so it is a resume key."))
     device: str = knob("cpu", choices=("cpu", "cuda", "auto"), help=(
-        "Where models run: cpu, cuda, or auto (CUDA when present, so one GPU profile also runs a CPU smoke test)."))
+        "Where models run: cpu, cuda, or auto (CUDA when present, else the CPU). cuda (the GPU profiles) refuses to "
+        "run without a visible GPU, naming the torch CUDA build and the NVIDIA driver found (a driver too old for "
+        "the build hides the GPU); device: cpu, or the environment variable TSQ_ALLOW_CPU=1, runs on the CPU."))
+    expensive: list = knob(factory=list, help=(
+        "Stages (by name: sampling, refinement, ...) too costly to rerun for a code change alone: after an edit to "
+        "the code they use, such a stage keeps its outputs and says \"kept: code changed since <commit>; pass "
+        "--rerun-on-code-change\" (run_all.sh flag, or TSQ_RERUN_ON_CODE_CHANGE=1). A change of its inputs or "
+        "profile values still reruns it. No stage's resume key reads it."))
     model: ModelConfig = field(default_factory=ModelConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -437,6 +455,12 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value, cut to `limit` characters (an aliased list can be huge)."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _validate_cross(p: Profile, where: str) -> None:
     """Checks that involve several keys."""
     w = p.toyworld.phrasings
@@ -445,6 +469,16 @@ def _validate_cross(p: Profile, where: str) -> None:
             and sum(w) > 0):
         raise ProfileError(f"{where}: toyworld.phrasings must be 4 non-negative weights with a positive sum, got {w!r}")
     _validate_ablations(p.ablations, where)
+    from .pipeline import PIPELINE  # the stage names (pipeline imports nothing of config)
+
+    for k, v in p.data.local_files.items():
+        if not isinstance(k, str) or not k or not isinstance(v, str) or not v.strip():
+            raise ProfileError(f"{where}: data.local_files maps a benchmark name to the path of a local JSONL file "
+                               f"(a string), got {k!r}: {_short(v)} (write data.local_files: {{math500: "
+                               "data/math500.jsonl}})")
+    bad = [s for s in p.expensive if not isinstance(s, str) or s not in PIPELINE]
+    if bad:
+        raise ProfileError(f"{where}: expensive names unknown stages {bad!r}; stages: {', '.join(PIPELINE)}")
     if p.toyworld.k_min > p.toyworld.k_max:
         raise ProfileError(f"{where}: toyworld.k_min ({p.toyworld.k_min}) exceeds toyworld.k_max ({p.toyworld.k_max})")
     if p.pretrain.hidden_size % p.pretrain.num_heads:
@@ -656,12 +690,74 @@ def figures_dir(profile: Profile) -> Path:
     return d
 
 
-def resolve_device(profile: Profile) -> str:
-    """The torch device string a profile asks for ('auto' picks CUDA when present)."""
-    if profile.device == "auto":
-        import torch
+# The GPU stack's torch and vLLM wheels are CUDA 13.0 builds: they need an NVIDIA driver of at least this version.
+MIN_NVIDIA_DRIVER = 580
+ALLOW_CPU_ENV = "TSQ_ALLOW_CPU"
+NVIDIA_VERSION_FILE = Path("/proc/driver/nvidia/version")
 
+
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver's version from nvidia-smi, else from /proc/driver/nvidia/version; None when neither has one."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", NVIDIA_VERSION_FILE.read_text())
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def no_gpu_message(what: str) -> str:
+    """Why torch sees no GPU, as far as can be told: its CUDA build, the NVIDIA driver found, torch's own reason."""
+    import torch
+
+    built = torch.version.cuda
+    driver = nvidia_driver_version()
+    reason = ""
+    if built:
+        try:
+            torch.cuda.init()
+        except Exception as e:  # noqa: BLE001 - its message is the diagnosis
+            reason = f" torch says: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}."
+    found = (f"torch {torch.__version__} is " + (f"a CUDA {built} build" if built else "a CPU-only build")
+             + "; NVIDIA driver " + (driver if driver else "not found (no nvidia-smi, no /proc/driver/nvidia/version)"))
+    hint = ""
+    if built and driver and driver.split(".")[0].isdigit() and int(driver.split(".")[0]) < MIN_NVIDIA_DRIVER:
+        hint = (f" The driver is too old for this build: the GPU extra's torch 2.14 and vLLM 0.33 are CUDA 13.0 builds"
+                f" and need driver >= {MIN_NVIDIA_DRIVER}; upgrade the driver or install torch for an older CUDA.")
+    elif built and not driver:
+        hint = " No NVIDIA driver was found: is this a GPU machine, and is the driver installed?"
+    return (f"{what} needs a CUDA GPU, but torch sees none ({found}).{reason}{hint} To run on the CPU anyway (slow, "
+            f"for smoke tests), set device: cpu with sampling.backend: transformers, or {ALLOW_CPU_ENV}=1.")
+
+
+def resolve_device(profile: Profile) -> str:
+    """The torch device string a profile asks for ('auto' picks CUDA when present).
+
+    'cuda' without a visible GPU is an error naming the torch CUDA build and the driver found (a GPU profile must not
+    quietly run a 7B model on the CPU), unless TSQ_ALLOW_CPU=1 asks for the CPU."""
+    import torch
+
+    if profile.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        if os.environ.get(ALLOW_CPU_ENV, "") not in ("", "0"):
+            import warnings
+
+            warnings.warn(f"profile {profile.name}: no CUDA GPU visible, running on the CPU ({ALLOW_CPU_ENV} is set)",
+                          stacklevel=2)
+            return "cpu"
+        raise RuntimeError(no_gpu_message(f"profile {profile.name} (device: cuda)"))
     return profile.device
 
 

@@ -23,14 +23,16 @@ from typing import Any
 # Read by every stage that loads or runs a model: the run seed (each stage's seed derives from it), torch's thread
 # count (float reductions can differ across thread counts), the device, and the model settings (dtype, source,
 # path, local_override: how the base model is loaded, which its weights' hash does not cover).
-RUNTIME = ("seed", "threads", "device", "model")
+RUNTIME = ("seed", "threads", "shards", "device", "model")
 
 # The base model that notebook 00 recorded: its pointer (base_model/base_model.json) and the weights it names
 # (base_model.base_inputs); stages that load the base model declare it with base=True.
 BASE_INPUTS = ("base_model", "base_weights")
 
-# Profile keys no stage reads: the profile's name is the run folder itself, its description is prose.
-NOT_READ = ("name", "description")
+# Profile keys no stage reads: the profile's name is the run folder itself, its description is prose, and `workers`
+# only decides how many of the fixed shards run at once (core/parallel.py), never a byte of the results; `expensive`
+# only decides whether a code change alone reruns a stage (core/stage.py).
+NOT_READ = ("name", "description", "workers", "expensive")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class StageSpec:
     optional_outputs: tuple[str, ...]  # written on some profiles or with some parameters
     reads: tuple[str, ...]  # profile sections or dotted keys
     skips: tuple[str, ...] = ()  # dotted keys inside a read section that the stage does not read
+    # tsq_utils modules the stage runs beyond what its notebook imports (transitively; core/stage.stage_modules),
+    # e.g. one started by name in a subprocess
+    code: tuple[str, ...] = ()
 
     def input_names(self) -> list[str]:
         """The names of the stage's inputs, upstream artifacts first, then the base model's."""
@@ -132,6 +137,34 @@ PIPELINE: dict[str, StageSpec] = {
         ),
     )
 }
+
+
+# The artifact tables' schemas, beside the stage table: (stage, file) -> {column: kind} of the columns later stages
+# read (a table may hold more). Kinds: "str", "int", "float" (an int column passes), "bool". Checked when a stage
+# finishes (on write), when a later stage requires the table (on read), and when the ablation cache verifies an
+# entry: a wrong or missing column is an error naming the file and the column (core/artifacts.check_table).
+_RESULTS = {"model": "str", "benchmark": "str", "problem_id": "str", "correct": "bool", "n_tokens": "int"}
+_PAIRS = {"problem_id": "str", "prompt": "str", "chosen": "str", "rejected": "str", "chosen_tokens": "int",
+          "rejected_tokens": "int"}
+SCHEMAS: dict[tuple[str, str], dict[str, str]] = {
+    ("sampling", "samples.parquet"): {"problem_id": "str", "k": "int", "sample_idx": "int", "prompt": "str",
+                                      "text": "str", "n_tokens": "int", "correct": "bool", "finish_reason": "str"},
+    ("selection", "pairs.parquet"): _PAIRS,
+    ("selection", "problem_stats.parquet"): {"problem_id": "str", "n": "int", "c": "int", "p": "float",
+                                             "n_pos": "int", "n_pairs": "int"},
+    ("refinement", "refined_pairs.parquet"): _PAIRS,
+    ("refinement", "step_log.parquet"): {"accepted": "bool", "orig_tokens": "int", "final_tokens": "int"},
+    ("evaluation", "results.parquet"): _RESULTS,
+    ("tldr", "results.parquet"): _RESULTS,
+}
+
+
+def schema(stage: str | None, file: str) -> dict[str, str] | None:
+    """The schema of a table by stage and file name (stage None: by file name alone, as a cache entry holds it)."""
+    if stage is not None:
+        return SCHEMAS.get((stage, file))
+    found = [v for (_, f), v in SCHEMAS.items() if f == file]
+    return found[0] if found else None
 
 
 def spec(stage: str) -> StageSpec:

@@ -19,8 +19,9 @@ CLI (used by run_all.sh):
   python -m tsq_utils.core.runner check PROFILE_YAML N NB_1 .. NB_N KEY_1 VALUE_1 ...
       prints one line per notebook: its file name, then the indices (0-based) of the -p pairs it gets;
       exit 2 with the reasons on stderr when a parameter is refused.
-  python -m tsq_utils.core.runner describe EXECUTED_NB [interrupted]
-      prints "cell N (In [k]): Error: message" for the failing cell (or the interrupted one).
+  python -m tsq_utils.core.runner describe EXECUTED_NB [interrupted] [died]
+      prints "cell N (In [k]): Error: message" for the failing cell (or the interrupted one, or with `died` the one
+      that ran when the kernel was killed).
 """
 
 from __future__ import annotations
@@ -52,6 +53,26 @@ SHARED_MEANING = {
 
 # Cells papermill adds to an executed notebook (not part of the source notebook's numbering).
 _PAPERMILL_CELLS = {"injected-parameters", "papermill-error-cell-tag"}
+
+
+# Parameters that no profile key backs and whose default (None) says nothing of their type: what each takes.
+# (A -p value is a bool, an int, a float or a string, as papermill reads it.)
+PARAM_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "rows": ((str,), "a row or group name of notebook 06 (e.g. -p rows table4/dpo, or -p rows alpha)"),
+    "trained_model": ((str,), "a local model folder (e.g. -p trained_model runs/toy/training/model)"),
+}
+
+# Profile keys a -p sets that some profiles never read: key -> (does this profile read it?, why not, when it
+# does). A -p that would change nothing is refused rather than silently ignored.
+def _reads_benchmarks(p) -> bool:
+    return any(b != "toy" for b in [p.data.train, *p.data.eval])
+
+
+UNREAD_UNLESS: dict[str, tuple[Any, str]] = {
+    "data.local_dir": (_reads_benchmarks, "its training and evaluation sets are the toy world, built from code"),
+    "data.local_files": (_reads_benchmarks, "its training and evaluation sets are the toy world, built from code"),
+    "model.local_override": (lambda p: p.model.source == "hub", "its model is not a hub model (model.source toy)"),
+}
 
 
 class ParameterError(ValueError):
@@ -233,6 +254,12 @@ def plan(profile: str, notebooks: list[str | Path], pairs: list[tuple[str, str]]
             errors.append(f"{shown}: {name} expects a {type(p.default).__name__} like its default {p.default!r}, "
                           f"got {type(value).__name__} {value!r}")
             continue
+        if p.key is None and p.default is None and name in PARAM_TYPES and value is not None:
+            types, what = PARAM_TYPES[name]
+            if not isinstance(value, types) or isinstance(value, bool) or not str(value).strip():
+                errors.append(f"{shown}: {name} takes {what}, got {type(value).__name__} {value!r}")
+                continue
+
         for nb in targets:
             gets[nb].append(i)
     # Values of profile keys: the real loader, once per notebook with everything that notebook gets.
@@ -254,15 +281,23 @@ def plan(profile: str, notebooks: list[str | Path], pairs: list[tuple[str, str]]
                     given.append(f"-p {raw_key} {raw_value} ({p.key})")
             if overrides:
                 try:
-                    load_profile(profile, overrides)
+                    prof = load_profile(profile, overrides)
                 except ProfileError as e:
                     errors.append(f"{', '.join(given)}: not valid for {nb}: {e}")
+                    continue
+                for key, (reads, why) in UNREAD_UNLESS.items():
+                    if key in overrides and not reads(prof):
+                        shown = next(g for g in given if g.endswith(f"({key})"))
+                        message = (f"{shown}: profile {prof.name} never reads {key} ({why}), so it would change "
+                                   "nothing: leave it out, or use it with a profile that reads it (r1-1.5b, r1-7b)")
+                        if message not in errors:
+                            errors.append(message)
     if errors:
         raise ParameterError("\n".join(errors))
     return gets
 
 
-def describe(executed: str | Path, interrupted: bool = False) -> str:
+def describe(executed: str | Path, interrupted: bool = False, died: bool = False) -> str:
     """The failing (or, if interrupted, the running) cell of an executed notebook: "cell N (In [k]): ..."; "" if none.
 
     N counts the source notebook's cells (markdown included), so it matches what the user sees in Jupyter.
@@ -273,6 +308,7 @@ def describe(executed: str | Path, interrupted: bool = False) -> str:
         return ""
     n = 0
     pending_at = None
+    last_started = None  # (cell number, execution count, first line) of the last cell that started
     for cell in nb.get("cells", []):
         meta = cell.get("metadata", {})
         if _PAPERMILL_CELLS & set(meta.get("tags", [])):
@@ -285,6 +321,8 @@ def describe(executed: str | Path, interrupted: bool = False) -> str:
         errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
         pm = meta.get("papermill", {})
         status = pm.get("status")
+        if pm.get("start_time"):
+            last_started = (n, cell.get("execution_count"), first)
         if errors or pm.get("exception") or status == "failed":
             if errors:
                 e = errors[0]
@@ -304,6 +342,13 @@ def describe(executed: str | Path, interrupted: bool = False) -> str:
             pending_at = (n, first)
     if interrupted and pending_at:
         return f"interrupted before cell {pending_at[0]}\n  cell starts: {pending_at[1][:100]}"
+    if died and last_started:
+        # a killed kernel (SIGKILL, the out-of-memory killer) leaves no error: papermill marks the cell it was
+        # running completed, and the cells after it unstarted
+        n_at, count, first = last_started
+        state = "interrupted at" if interrupted else "the kernel died in"
+        return (f"{state} cell {n_at} (In [{count or ' '}]) (killed, e.g. by the out-of-memory killer: see dmesg; "
+                f"more memory, or smaller sizes)\n  cell starts: {first[:100]}")
     return ""
 
 
@@ -328,7 +373,7 @@ def main(argv: list[str]) -> int:
             print(" ".join([nb, *map(str, idx)]))
         return 0
     if argv[:1] == ["describe"] and len(argv) >= 2:
-        print(describe(argv[1], interrupted=argv[2:3] == ["interrupted"]))
+        print(describe(argv[1], interrupted="interrupted" in argv[2:], died="died" in argv[2:]))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

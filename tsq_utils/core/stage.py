@@ -9,9 +9,12 @@ same stage name, and
 - the same notebook params of its own (a dotted param is a profile value, compared as one),
 - the same values of exactly the profile keys the stage reads (``pipeline.profile_reads``), so an edit to a
   section it does not read (the ``tldr:`` section, for 01) reruns nothing,
-- the same code: the hash of the tsq_utils source and of the stage notebook's code cells
-  (``fingerprint``; markdown cells, outputs and metadata do not count), so after an edit to the package
-  or the notebook's code the stage reruns, and the set-up summary says "code changed since the last run",
+- the same code: the normalized code (comments, docstrings and formatting do not count) of the tsq_utils
+  modules the stage uses (``stage_modules``: what its notebook imports, transitively) and of the notebook's
+  code cells (``fingerprint``), so after an edit to a module it uses the stage reruns, and the set-up summary
+  says "code changed since the last run: tsq_utils/method/refinement.py". A stage the profile marks
+  ``expensive`` keeps its outputs on a code change alone and says "kept: code changed since <commit>; pass
+  --rerun-on-code-change" (``rerun_on_code_change=True``, or TSQ_RERUN_ON_CODE_CHANGE=1),
 - the same input names with the same SHA-256 of their contents (a knob of stage X reruns X, and X's new
   outputs rerun what reads them: the downstream stages, ``pipeline.downstream``),
 - and every recorded output still exists with the SHA-256 the manifest recorded for it;
@@ -27,12 +30,18 @@ upstream artifact only when that stage's manifest is complete and the artifact s
 hash (and, for a table, at least one row). A stage that is reused (``is_done`` True) keeps its manifest
 as it is: ``finish`` does not rewrite its ``finished_at`` or ``wall_time_s``.
 
+Tables are checked against their schemas (``pipeline.SCHEMAS``) when a stage finishes and when a later stage
+requires them; 00's manifest records the base weights' hash, and weights that no longer match it are refused as
+overwritten (not taken as a new base). A killed run's temporary folders are removed when the stage is next set up.
+
 Locking: ``setup_stage`` takes an exclusive lock on ``<stage folder>/.lock`` (released by ``finish`` or
 when the process ends); a second process setting up the same stage of the same run folder fails at once
-with ``StageBusyError`` naming the holder, instead of the two interleaving their outputs.
+with ``StageBusyError`` naming the holder, instead of the two interleaving their outputs. A read-only run folder is
+read without a lock (an up-to-date stage, its figures and summaries); a stage that must rerun there says so.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -42,7 +51,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import config, fingerprint, pipeline
-from .artifacts import atomic_open, atomic_write_json, package_versions, path_hash, read_json, table_rows, to_json
+from .artifacts import (atomic_open, atomic_write_json, check_table, clean_leftovers, package_versions, path_hash,
+                        read_json, table_rows, to_json)
 
 try:
     import fcntl
@@ -60,8 +70,9 @@ LOCK = ".lock"
 _EMPTY_HINTS: dict[tuple[str, str], str] = {
     ("selection", "pairs.parquet"): (
         "no problem had a response to prefer over another (a correct response shorter than a rival): with greedy "
-        "sampling (sampling.temperature 0) every response to a problem is the same; sample with a temperature > 0, "
-        "more responses (sampling.n) or more problems, then rerun notebooks 01 and 02"),
+        "sampling (sampling.temperature 0) every response to a problem is the same, and with sampling.n 1 a problem "
+        "has no second response to pair with; sample with a temperature > 0, more responses (sampling.n >= 2) or "
+        "more problems, then rerun notebooks 01 and 02"),
     ("refinement", "refined_pairs.parquet"): "notebook 03 kept no pair; see its step log and summary",
     ("sampling", "samples.parquet"): "notebook 01 drew no responses; check data.n_train_problems and sampling.n",
 }
@@ -97,6 +108,8 @@ class StageBusyError(RuntimeError):
 
 # Locks this process holds: lock file -> open descriptor (a second setup_stage in the same process reuses it).
 _HELD_LOCKS: dict[Path, int] = {}
+# Stage folders found read-only (no lock could be created): read, never written
+_READ_ONLY: set[Path] = set()
 
 
 def _acquire_lock(stage_dir: Path, what: str) -> None:
@@ -104,7 +117,17 @@ def _acquire_lock(stage_dir: Path, what: str) -> None:
     path = (stage_dir / LOCK).absolute()
     if fcntl is None or path in _HELD_LOCKS:
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # A read-only run folder (a copy handed out, a mounted archive): it can be read, its figures, book and
+        # summaries rebuilt elsewhere, without a lock; nothing can write to it, so no second writer can either.
+        _READ_ONLY.add(stage_dir.absolute())
+        print(f"[{stage_dir.name}] {display_path(stage_dir)} is read-only: reading it without a lock (a stage that "
+              "must rerun cannot, until the folder is writable)")
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -200,10 +223,25 @@ def _check_relative(name: str, what: str) -> None:
         raise ValueError(f"{what} {name!r} must be a relative path inside the stage folder")
 
 
+def stage_modules(stage: str) -> list[str]:
+    """The tsq_utils modules a stage uses: what its notebook's code cells import, the set-up (core.stage), and the
+    stage table's `code`, with everything they import, transitively (fingerprint.module_closure)."""
+    roots = fingerprint.notebook_modules(notebook_path(stage)) | {__name__} | set(pipeline.spec(stage).code)
+    return fingerprint.module_closure(roots)
+
+
+def stage_code(stage: str) -> dict[str, Any]:
+    """A stage's code record: {"modules": {file: normalized hash} of stage_modules, "notebook": its code cells'
+    normalized hash, "package": the whole package's hash (what the ablation cache's adoption compares)}."""
+    return {"package": fingerprint.package_hash(), "notebook": fingerprint.notebook_hash(notebook_path(stage)),
+            "modules": fingerprint.modules_hashes(stage_modules(stage))}
+
+
 class Stage:
     """One notebook's stage: its profile, seed, folders, and manifest-based bookkeeping."""
 
-    def __init__(self, name: str, profile: config.Profile, params: dict, force: bool, seed: int, threads: int) -> None:
+    def __init__(self, name: str, profile: config.Profile, params: dict, force: bool, seed: int, threads: int,
+                 rerun_on_code_change: bool = False) -> None:
         """Build the stage record; use setup_stage() rather than calling this directly."""
         self.name = name
         self.profile = profile
@@ -217,9 +255,17 @@ class Stage:
         self.figures = config.figures_dir(profile)
         self.notebook = notebook_for(name)
         _acquire_lock(self.dir, f"stage {name} ({self.notebook}) of {display_path(self.run_dir)}")
+        for gone in clean_leftovers(self.dir):  # a killed run's temporary folders (this stage is ours now)
+            print(f"[{name}] removed {display_path(gone)}, left by a run that was killed")
         self._started = time.perf_counter()
-        # The code this session runs (package source, the notebook's code cells), compared with the manifest's.
-        self.code = {"package": fingerprint.package_hash(), "notebook": fingerprint.notebook_hash(notebook_path(name))}
+        # The code this session runs, compared with the manifest's: the normalized code of the modules the stage
+        # uses (stage_modules) and of its notebook's code cells; the whole package's hash is recorded for the
+        # ablation cache's adoption, not compared.
+        self.code = stage_code(name)
+        # rerun an expensive stage (profile.expensive) whose code alone changed (run_all.sh --rerun-on-code-change)
+        self.rerun_on_code_change = bool(rerun_on_code_change)
+        # "kept: code changed since ..." when settings_reason kept an expensive stage despite a code change
+        self.kept_note: str | None = None
         # Input hashes computed by is_done, reused by finish so the manifest records what the stage read.
         self._hash_cache: dict[Path, str] = {}
         # The manifest is_done found up to date in this session (finish then keeps it as it is).
@@ -266,6 +312,9 @@ class Stage:
             hint = _EMPTY_HINTS.get((upstream_stage, str(filename)), f"see the summary of {nb}")
             raise EmptyArtifactError(f"{display_path(path)} has no rows, so stage {self.name} has nothing to work on: "
                                      f"{hint}")
+        columns = pipeline.schema(upstream_stage, str(filename))
+        if columns and path.is_file():
+            check_table(path, columns)  # a table whose hash was patched to match is still refused by its columns
         return path
 
     @property
@@ -280,7 +329,44 @@ class Stage:
             from .pointer import base_inputs  # the base-model pointer names the weights to hash
 
             out.update(base_inputs(self.run_dir, self.profile))
+            if self.name != "base_model" and "base_weights" in out:
+                self._check_base_weights(out["base_weights"])
         return out
+
+    def _base_weights_record(self) -> dict | None:
+        """What notebook 00's complete manifest recorded for the base weights ({path, sha256}), else None."""
+        try:
+            m = read_json(self.run_dir / "base_model" / MANIFEST)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(m, dict) or m.get("complete") is not True or m.get("stage") != "base_model":
+            return None
+        rec = (m.get("inputs") or {}).get("base_weights")
+        return rec if isinstance(rec, dict) and isinstance(rec.get("sha256"), str) else None
+
+    def _tampered_weights(self, path: Path, recorded: Mapping) -> StaleArtifactError:
+        """The error for base weights that changed after notebook 00 recorded them."""
+        where = display_path(Path(path))
+        restore = (f"git checkout -- {where}" if where.startswith("checkpoints/")
+                   else "rerun notebooks/00_base_model.ipynb")
+        return StaleArtifactError(
+            f"the base model's weights {where} changed after notebooks/00_base_model.ipynb recorded them (sha256 "
+            f"{self._hash_cache.get(Path(path).absolute(), '?')[:12]}, recorded {str(recorded.get('sha256'))[:12]} in "
+            f"{display_path(self.run_dir / 'base_model' / MANIFEST)}): something wrote over them (a copy of trained "
+            f"weights?). Restore them ({restore}), or rerun notebook 00 with -p force True to adopt these weights "
+            "as the base")
+
+    def _check_base_weights(self, path: Path) -> None:
+        """StaleArtifactError when the base weights no longer hash as notebook 00 recorded them (tampering, not a new
+        base: a new base is notebook 00's to record)."""
+        rec = self._base_weights_record()
+        if rec is None:
+            return
+        key = Path(path).absolute()
+        if key not in self._hash_cache:
+            self._hash_cache[key] = path_hash(key)
+        if self._hash_cache[key] != rec["sha256"]:
+            raise self._tampered_weights(path, rec)
 
     def profile_reads(self) -> dict[str, Any]:
         """The profile values this stage reads ({dotted key: value}), as compared on resume."""
@@ -345,17 +431,39 @@ class Stage:
                          if old_reads.get(k, _MISSING) != new_reads.get(k, _MISSING))
         if changed:
             return f"profile values changed: {', '.join(changed)}"
-        parts = (("package", "the tsq_utils source"), ("notebook", f"the code cells of {self.notebook}"))
-        what = [w for key, w in parts if code.get(key) != self.code[key]]
-        if what:
-            return f"code changed since the last run: {' and '.join(what)}"
-        return None
+        what = self.code_changes(code)
+        if not what:
+            return None
+        if self.name in self.profile.expensive and not self.rerun_on_code_change:
+            commit = code.get("git_commit")
+            since = (f"commit {commit[:12]}" + (" + uncommitted changes" if code.get("git_dirty") else "")
+                     if isinstance(commit, str) and commit else m.get("finished_at") or "the last run")
+            self.kept_note = (f"kept: code changed since {since} ({', '.join(what)}); pass --rerun-on-code-change "
+                              f"to rerun it (stage {self.name} is marked expensive on profile {self.profile.name})")
+            return None
+        return f"code changed since the last run: {', '.join(what)}"
+
+    def code_changes(self, code: Mapping) -> list[str]:
+        """What differs between a manifest's code record and this session's: changed, added or removed module files,
+        and the notebook's code cells (empty when the code is the same)."""
+        old = code.get("modules")
+        if not isinstance(old, dict):
+            return ["the tsq_utils source (the manifest records no per-module hashes: written by an older version)"]
+        new = self.code["modules"]
+        what = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if code.get("notebook") != self.code["notebook"]:
+            what.append(f"the code cells of {self.notebook}")
+        return what
 
     def _stale_reason(self, m: dict, inputs: Mapping[str, str | os.PathLike]) -> str | None:
         """stale_reason's file comparisons (inputs, outputs) against a complete manifest of this stage."""
         old = {k: v.get("sha256") for k, v in (m.get("inputs") or {}).items()}
         new = {k: v["sha256"] for k, v in self._input_hashes(inputs).items()}
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if self.name == "base_model" and "base_weights" in changed and "base_model" not in changed \
+                and old.get("base_weights"):
+            # the same settings and the same pointer, yet other weights: written over, not a new base
+            raise self._tampered_weights(Path(inputs["base_weights"]), m["inputs"]["base_weights"])
         if changed:
             return f"inputs changed: {', '.join(changed)}"
         outputs = [str(o) for o in m.get("outputs") or []]
@@ -393,9 +501,17 @@ class Stage:
         if reason is None:
             self._reused = read_json(self.manifest_path)
             when = self._reused.get("finished_at", "?")
-            print(f"[{self.name}] up to date (finished {when}): reusing {display_path(self.dir)}; force=True reruns")
+            if self.kept_note:
+                print(f"[{self.name}] {self.kept_note} (finished {when}): reusing {display_path(self.dir)}")
+            else:
+                print(f"[{self.name}] up to date (finished {when}): reusing {display_path(self.dir)}; "
+                      "force=True reruns")
             return True
         self._reused = None
+        if self.dir.absolute() in _READ_ONLY:
+            raise PermissionError(f"stage {self.name} must rerun ({reason}), but {display_path(self.dir)} is "
+                                  "read-only: make the run folder writable (chmod -R u+w), or run into another "
+                                  "folder (TSQ_RUNS_DIR)")
         print(f"[{self.name}] running: {reason}")
         self._mark_incomplete(reason)
         return False
@@ -425,6 +541,10 @@ class Stage:
         if missing:
             raise FileNotFoundError(f"stage {self.name}: outputs not found in {display_path(self.dir)}: "
                                     f"{', '.join(missing)}")
+        for o in outputs:
+            columns = pipeline.schema(self.name, o)
+            if columns and (self.dir / o).is_file():
+                check_table(self.dir / o, columns)  # on write: a table with a wrong column is never marked complete
         input_hashes = self._input_hashes(inputs)
         if summary is not None and not isinstance(summary, Mapping):
             raise TypeError(f"summary must be a dict, got {type(summary).__name__}")
@@ -443,6 +563,7 @@ class Stage:
             "outputs": outputs,
             "output_hashes": output_hashes,
             "code": {**self.code, **fingerprint.git_state()},
+            "kept": self.kept_note,
             "summary": SUMMARY if summary is not None else None,
             "versions": package_versions(),
             "wall_time_s": round(time.perf_counter() - self._started, 3),
@@ -461,6 +582,17 @@ class Stage:
                 print(f"[{self.name}] up to date: {display_path(self.manifest_path)} kept "
                       f"(finished {manifest['finished_at']})")
                 return self._reused
+        elif not self.force and not summary_changed:
+            # A stage that never asked is_done (06: its rows are cached one by one) and found nothing to redo: the
+            # same outputs from the same inputs, settings and code. Keep when they were computed.
+            prev = self._previous_complete()
+            if prev is not None and all(_jsonable(manifest.get(k)) == prev.get(k) for k in _SAME_RUN_FIELDS) \
+                    and _code_part(prev.get("code")) == _code_part(_jsonable(manifest["code"])):
+                _release_lock(self.dir)
+                self._reused = prev
+                print(f"[{self.name}] nothing changed: {display_path(self.manifest_path)} kept "
+                      f"(finished {prev.get('finished_at')})")
+                return prev
         if summary_changed:
             atomic_write_json(self.dir / SUMMARY, summary)
         # Written last: a manifest marked complete means every output above is in place, with these hashes.
@@ -469,6 +601,14 @@ class Stage:
         self._reused = _jsonable(manifest)
         print(f"[{self.name}] finished in {manifest['wall_time_s'] or 0:.1f} s: {display_path(self.manifest_path)}")
         return manifest
+
+    def _previous_complete(self) -> dict | None:
+        """The stage's current manifest when it is complete and this stage's, else None."""
+        try:
+            m = read_json(self.manifest_path)
+        except (OSError, ValueError):
+            return None
+        return m if isinstance(m, dict) and m.get("complete") is True and m.get("stage") == self.name else None
 
     @staticmethod
     def _same_json(path: Path, obj: Any) -> bool:
@@ -502,6 +642,17 @@ class Stage:
         return png
 
 
+# What makes two finished runs of a stage the same run (finish keeps the earlier manifest, and its finished_at):
+# everything but the timestamps, the wall time, the versions and git's state.
+_SAME_RUN_FIELDS = ("profile", "profile_config", "profile_reads", "params", "seed", "threads", "inputs", "outputs",
+                    "output_hashes", "summary", "extra")
+
+
+def _code_part(code: Any) -> Any:
+    """A manifest's code record without git's state (not compared: see the module doc)."""
+    return {k: v for k, v in code.items() if k not in ("git_commit", "git_dirty")} if isinstance(code, dict) else code
+
+
 def _summary_lines(st: Stage) -> list[str]:
     """The set-up summary a notebook prints under its setup cell."""
     p = st.profile
@@ -523,6 +674,8 @@ def _summary_lines(st: Stage) -> list[str]:
                 why = "manifest.json is malformed"
             if why:
                 previous += f"; will rerun: {why}"
+            elif st.kept_note:
+                previous += f"; {st.kept_note}"
         else:
             previous = "unreadable manifest.json (the stage will rerun and rewrite it)"
     else:
@@ -541,7 +694,8 @@ def _summary_lines(st: Stage) -> list[str]:
     return lines
 
 
-def setup_stage(stage: str, profile: str, params: dict | None = None, force: bool = False) -> Stage:
+def setup_stage(stage: str, profile: str, params: dict | None = None, force: bool = False,
+                rerun_on_code_change: bool | None = None) -> Stage:
     """Load the profile (params with dotted names override it), seed, set threads, open the folders, print a summary.
 
     `params` are the notebook's knobs, recorded in the manifest and compared on resume. A key with a
@@ -565,6 +719,10 @@ def setup_stage(stage: str, profile: str, params: dict | None = None, force: boo
     seed = config.stage_seed(prof.seed, stage)
     threads = config.set_threads(prof.threads)
     config.seed_everything(seed)
-    st = Stage(stage, prof, params, force, seed, threads)
+    if rerun_on_code_change is None:  # run_all.sh --rerun-on-code-change sets it for every notebook
+        rerun_on_code_change = os.environ.get("TSQ_RERUN_ON_CODE_CHANGE", "") not in ("", "0")
+    if not isinstance(rerun_on_code_change, bool):
+        raise TypeError(f"rerun_on_code_change must be True or False, got {rerun_on_code_change!r}")
+    st = Stage(stage, prof, params, force, seed, threads, rerun_on_code_change)
     print("\n".join(_summary_lines(st)))
     return st

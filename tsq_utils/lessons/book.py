@@ -98,31 +98,87 @@ def _source_page(module: str) -> str:
     return _with_nav(body, nav)
 
 
+def _has_error(nb) -> bool:
+    """True when an executed notebook stopped on an error (an error output, or papermill's failed cell)."""
+    return any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               ) or any(c.get("metadata", {}).get("papermill", {}).get("exception") for c in nb.cells)
+
+
+def notebook_status(notebooks: Path) -> dict[str, tuple[str, Path | None]]:
+    """{notebook file name: (status, file to render)} for the pipeline's notebooks and any other NN_*.ipynb there:
+    "executed", "not executed" (no outputs), "failed" (its last run failed: run_all.sh's NN_x.failed.ipynb is newer
+    than the last good NN_x.ipynb, or the notebook holds an error; the page shows the newest copy) or "missing"."""
+    import nbformat
+
+    from ..core.pipeline import PIPELINE
+
+    notebooks = Path(notebooks)
+    names = {s.notebook for s in PIPELINE.values()} | {p.name for p in notebooks.glob("*.ipynb")
+                                                        if NOTEBOOK_RE.match(p.name)}
+    out: dict[str, tuple[str, Path | None]] = {}
+    for name in sorted(names):
+        good, failed = notebooks / name, notebooks / f"{name[:-6]}.failed.ipynb"
+        if failed.is_file() and (not good.is_file() or failed.stat().st_mtime >= good.stat().st_mtime):
+            out[name] = ("failed", good if good.is_file() else failed)
+        elif good.is_file():
+            nb = nbformat.read(good, as_version=4)
+            executed = any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+            out[name] = ("failed" if _has_error(nb) else "executed" if executed else "not executed", good)
+        else:
+            out[name] = ("missing", None)
+    return out
+
+
 def build(notebooks: Path, out: Path, method: Path | None = None) -> Path:
     """Render every NN_*.ipynb of `notebooks` (executed ones), docs/method.md and the linked package sources into
-    `out`; returns the index page. Raises on a broken internal link or figure."""
+    `out`; returns the index page. Raises on a broken internal link or figure. The index says which notebooks failed
+    or are missing (a missing one gets a page saying so, so the lessons' links to it still resolve)."""
     import nbformat
 
     notebooks, out = Path(notebooks), Path(out)
     method = Path(method) if method else REPO_ROOT / "docs" / "method.md"
-    paths = sorted(p for p in notebooks.glob("*.ipynb") if NOTEBOOK_RE.match(p.name))
-    if not paths:
+    status = notebook_status(notebooks) if notebooks.is_dir() else {}
+    if not any(st != "missing" for st, _ in status.values()):
         raise FileNotFoundError(f"{notebooks}: no NN_*.ipynb notebooks to build a book from (run ./run_all.sh first)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "src").mkdir(exist_ok=True)
     exp = _exporter()
-    nbs = [nbformat.read(p, as_version=4) for p in paths]
-    pages = [(p.stem, _title(nb)) for p, nb in zip(paths, nbs)]
+    names = sorted(status)
+    nbs = [nbformat.read(status[n][1], as_version=4) if status[n][1] else None for n in names]
+    pages = [(n[:-6], _title(nb) if nb is not None else n[:-6]) for n, nb in zip(names, nbs)]
     sources: set[str] = set()
-    for i, (nb, (stem, title)) in enumerate(zip(nbs, pages)):
+    for i, (name, nb, (stem, title)) in enumerate(zip(names, nbs, pages)):
+        st, path = status[name]
+        if nb is None:
+            body = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{stem}</title></head>"
+                    "<body style='font-family:sans-serif;max-width:820px;margin:2em auto'>"
+                    f"<h1>{stem}</h1><p><b>Not run:</b> {name} is missing from <code>"
+                    f"{html.escape(str(notebooks))}</code>. Run it with <code>./run_all.sh --only {stem[:2]}</code> "
+                    "(after the notebooks before it), then rebuild the book.</p></body></html>")
+            (out / f"{stem}.html").write_text(_with_nav(body, _nav(pages, i)))
+            continue
         body, _ = exp.from_notebook_node(nb, resources={"metadata": {"name": title}})
+        if st == "failed":
+            what = ("its last run failed; this page shows the last good run" if path.name == name
+                    else "its run failed; this page shows the failed run")
+            banner = (f"<div style='background:#fde2e1;border:1px solid #d9534f;padding:8px 16px;"
+                      f"font-family:sans-serif'><b>{html.escape(name)}: failed.</b> {what} (see "
+                      f"{html.escape(f'{stem}.failed.ipynb')} and its .log in {html.escape(str(notebooks))}).</div>")
+            body = _with_nav(body, banner)
         (out / f"{stem}.html").write_text(_with_nav(_rewrite_links(body, sources), _nav(pages, i)))
     # the method page: docs/method.md as a one-cell notebook, so that it renders (math included) like the lessons
     mnb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(method.read_text())])
     body, _ = exp.from_notebook_node(mnb, resources={"metadata": {"name": "The method, in our words"}})
     (out / "method.html").write_text(_with_nav(_rewrite_links(body, sources), _nav(pages, None)))
-    executed = sum(any(c.get("outputs") for c in nb.cells if c.cell_type == "code") for nb in nbs)
-    items = "".join(f'<li><a href="{s}.html">{html.escape(t)}</a></li>' for s, t in pages)
+    executed = sum(st == "executed" for st, _ in status.values())
+    failed = [n[:2] for n, (st, _) in status.items() if st == "failed"]
+    missing = [n[:2] for n, (st, _) in status.items() if st == "missing"]
+    note = {"failed": " <b>(failed)</b>", "missing": " <b>(missing: not run)</b>", "not executed": " (not executed)"}
+    items = "".join(f'<li><a href="{s}.html">{html.escape(t)}</a>{note.get(status[n][0], "")}</li>'
+                    for n, (s, t) in zip(names, pages))
+    problems = "".join([f"; failed: {', '.join(failed)}" if failed else "",
+                        f"; missing: {', '.join(missing)} (./run_all.sh --only {','.join(missing)})"
+                        if missing else ""])
     index = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tokensqueeze-companion</title></head>"
              f"<body style='font-family:sans-serif;max-width:820px;margin:2em auto'>{_nav(pages, None)}"
              "<h1>tokensqueeze-companion: the lessons</h1>"
@@ -131,7 +187,7 @@ def build(notebooks: Path, out: Path, method: Path | None = None) -> Path:
              "re-implement it, the run at scale, its figures beside the paper's numbers, what you should have seen, "
              "and exercises.</p>"
              f"<p>Built from <code>{html.escape(str(notebooks))}</code> "
-             f"({executed} of {len(nbs)} notebooks executed).</p>"
+             f"({executed} of {len(nbs)} notebooks executed{html.escape(problems)}).</p>"
              f"<ol start='0'>{items}</ol><p><a href='method.html'>The method, in our words</a> (formulas, our "
              "choices, the papers' numbers).</p></body></html>")
     (out / "index.html").write_text(index)
@@ -140,6 +196,8 @@ def build(notebooks: Path, out: Path, method: Path | None = None) -> Path:
     broken = check_links(out)
     if broken:
         raise ValueError(f"the book in {out} has {len(broken)} broken internal link(s) or figure(s): {broken[:10]}")
+    if failed or missing:
+        print(f"book: {executed} of {len(nbs)} notebooks executed{problems}")
     return out / "index.html"
 
 

@@ -23,6 +23,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -136,13 +137,131 @@ def split_forward(model, model_kwargs: dict[str, Any], labels: torch.Tensor, wid
 class DPOLTrainer(DPOTrainer):
     """DPOTrainer whose loss is η·L_DPO-L + (1 − η)·L_SFT; stops with NonFiniteLossError on a NaN/inf loss."""
 
-    def __init__(self, *args, **kwargs):
+    # compute_loss returns a per-micro-batch loss that the Trainer divides by the accumulation steps (the SFT term is
+    # pre-scaled so that the optimizer step's gradient is that of the token mean over the whole step)
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, ref_cache: str | None = None, **kwargs):
+        """ref_cache: a folder of reference log-probs reused across trainings (see reference_cache_key)."""
         training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         if not isinstance(training_args, DPOLConfig):
             raise TypeError(f"DPOLTrainer needs args=DPOLConfig(...), got {type(training_args).__name__}")
+        # read by _precompute_ref_logps, which DPOTrainer.__init__ calls
+        self._ref_cache = ref_cache
+        self.ref_cache_hit: bool | None = None
         super().__init__(*args, **kwargs)
         if self.aux_loss_enabled:
             raise ValueError("DPOLTrainer does not add the MoE router auxiliary loss; set router_aux_loss_coef=0.0")
+        # On-the-fly reference with a ref_cache (a run shorter than an epoch): each batch's reference log-probs are
+        # stored under its token ids, so another training that draws the very same batch (notebook 06's rows on the
+        # same pairs with the same seed: common random numbers) reads them, bit for bit what it would compute.
+        self.ref_batch_hits = 0
+        self._ref_hash = None
+        if ref_cache and not self.precompute_ref_logps and self.ref_model is not None:
+            from trl.trainer.utils import hash_module
+
+            self._ref_hash = hash_module(self.accelerator.unwrap_model(self.ref_model))
+
+    def _batch_cache_key(self, inputs: dict[str, torch.Tensor]) -> str | None:
+        """The batch cache's key of a [chosen; rejected] batch (None without a ref_cache)."""
+        if self._ref_hash is None:
+            return None
+        import hashlib
+
+        h = hashlib.sha256(f"{_REF_CACHE_VERSION}|{self._ref_hash}|{self.args.bf16}|"
+                           f"{inputs['input_ids'].device.type}".encode())
+        for name in ("input_ids", "attention_mask", "completion_mask"):
+            t = inputs[name].detach().cpu().contiguous()
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
+        """Chosen completion tokens of the whole optimizer step: every micro-batch, every process (the SFT term's
+        denominator, so that L_SFT is the same token mean whatever batch_size x grad_accum x processes)."""
+        if not batch_samples or "completion_mask" not in batch_samples[0]:
+            return None
+        n = sum(int(b["completion_mask"][: b["completion_mask"].size(0) // 2, 1:].sum()) for b in batch_samples)
+        total = torch.tensor([n], dtype=torch.long, device=device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return total.reshape(())
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """The reference log-probs of every pair, added as columns in memory on every process (TRL's version writes
+        an Arrow cache file into a per-process temporary folder that the other ranks cannot read). Scored once, in
+        batches of similar lengths split over the processes, or read from ref_cache when the same base weights
+        scored the same tokenized pairs before."""
+        key = self._ref_cache_key(dataset)
+        cached = load_cached_ref_logps(self._ref_cache, key, len(dataset)) if self._ref_cache else None
+        self.ref_cache_hit = cached is not None if self._ref_cache else None
+        if cached is None:
+            cached = self._score_reference(dataset, batch_size)
+            if self._ref_cache and self.accelerator.is_main_process:
+                save_cached_ref_logps(self._ref_cache, key, *cached)
+            self.accelerator.wait_for_everyone()
+        chosen, rejected = cached
+        return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
+            "ref_rejected_logps", rejected.tolist())
+
+    def _ref_cache_key(self, dataset: Dataset) -> str:
+        """reference_cache_key of the reference weights and this dataset's token ids, as rank 0 computes it."""
+        from accelerate.utils import broadcast_object_list
+
+        key = [None]
+        if self.accelerator.is_main_process:
+            key = [reference_cache_key(self._precompute_model_hash, dataset, self.args)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(key, from_process=0)
+        return key[0]
+
+    @torch.no_grad()
+    def _score_reference(self, dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence log-probs of every pair under the reference (the initial policy when there is no ref_model)."""
+        from trl.models import prepare_deepspeed
+        from trl.models.utils import disable_gradient_checkpointing
+
+        acc = self.accelerator
+        n = len(dataset)
+        ids = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ids["prompt_ids"], ids["chosen_ids"],
+                                                                     ids["rejected_ids"])]
+        # longest first, so that each batch pads little; batches dealt round-robin to the processes, and every
+        # process runs the same number of forwards (ZeRO-3 gathers the weights collectively)
+        order = sorted(range(n), key=lambda i: (-lengths[i], i))
+        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        world, rank = acc.num_processes, acc.process_index
+        per_rank = -(-len(batches) // world)
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, acc)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        was_training = model.training
+        model.eval()
+        chosen = torch.zeros(n, dtype=torch.float32, device=acc.device)
+        rejected = torch.zeros(n, dtype=torch.float32, device=acc.device)
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), acc.autocast():
+            for j in range(per_rank):
+                k = j * world + rank
+                rows = batches[min(k, len(batches) - 1)]
+                batch = self.data_collator([{c: ids[c][i] for c in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                                            for i in rows])
+                batch = {k2: v.to(acc.device) if torch.is_tensor(v) else v for k2, v in batch.items()}
+                shift_mask = batch["completion_mask"][:, 1:]
+                model_kwargs = {k2: v for k2, v in batch.items() if k2 not in _NON_MODEL_KEYS}
+                model_kwargs["use_cache"] = False
+                labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+                out = split_forward(model, model_kwargs, labels, shift_mask.size(1))
+                c, r = (out.log_probs * shift_mask).sum(dim=1).float().chunk(2, dim=0)
+                if k < len(batches):  # a process without a batch of its own repeats the last one, unused
+                    idx = torch.tensor(rows, device=acc.device)
+                    chosen[idx], rejected[idx] = c, r
+        model.train(was_training)
+        if world > 1:  # each pair was scored on exactly one process, the others hold 0: a sum gathers them exactly
+            chosen, rejected = acc.reduce(chosen, reduction="sum"), acc.reduce(rejected, reduction="sum")
+        return chosen.cpu(), rejected.cpu()
 
     def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference sequence log-probs of the chosen and rejected halves: precomputed, or from the reference."""
@@ -150,13 +269,23 @@ class DPOLTrainer(DPOTrainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         if self.ref_model is not None:
             # a separate frozen reference: the same two-half forward as the policy's, without gradients
+            key = self._batch_cache_key(inputs)
+            if key is not None:
+                hit = load_cached_ref_logps(Path(self._ref_cache) / "batches", key, inputs["input_ids"].size(0) // 2)
+                if hit is not None:
+                    self.ref_batch_hits += 1
+                    return hit[0].to(inputs["input_ids"].device), hit[1].to(inputs["input_ids"].device)
             shift_mask = inputs["completion_mask"][:, 1:]
             model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
             model_kwargs["use_cache"] = False
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
             with torch.no_grad():
                 out = split_forward(self.ref_model, model_kwargs, labels, shift_mask.size(1))
-            return (out.log_probs * shift_mask).sum(dim=1).chunk(2, dim=0)
+            chosen, rejected = (out.log_probs * shift_mask).sum(dim=1).chunk(2, dim=0)
+            if key is not None:
+                save_cached_ref_logps(Path(self._ref_cache) / "batches", key, chosen.detach().cpu(),
+                                      rejected.detach().cpu())
+            return chosen, rejected
         # TRL's public per-batch helper: no_grad, adapter switching for PEFT, gradient checkpointing off
         return self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
 
@@ -179,10 +308,18 @@ class DPOLTrainer(DPOTrainer):
         margin = length_margin(chosen_len, rejected_len, args.length_lambda, args.length_margin_sign)
         dpo_l = dpo_l_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, margin,
                                   self.beta).mean()
-        # Same normalisation as TRL's "sft" loss type: the mean NLL over all chosen completion tokens of the
-        # micro-batch (token-weighted, not a mean of per-sequence means)
+        # L_SFT is the mean NLL over every chosen completion token of the optimizer step (token-weighted, not a mean
+        # of per-sequence or per-micro-batch means), whatever batch_size x grad_accum x processes: in training the
+        # micro-batch's NLL sum is divided by the step's token count (num_items_in_batch, all micro-batches and
+        # processes) and multiplied by the micro-batches x processes that the Trainer's division by the
+        # accumulation steps and the processes' gradient averaging then divide out. Evaluation: the batch's mean.
         chosen_mask = shift_mask.chunk(2, dim=0)[0].bool()
-        sft = -per_token_logps.chunk(2, dim=0)[0][chosen_mask].mean()
+        chosen_nll = -per_token_logps.chunk(2, dim=0)[0][chosen_mask]
+        if num_items_in_batch is not None and mode == "train":
+            scale = self.current_gradient_accumulation_steps * self.accelerator.num_processes
+            sft = chosen_nll.sum() * scale / num_items_in_batch.to(chosen_nll.device).clamp(min=1)
+        else:
+            sft = chosen_nll.mean()
         # A term with weight 0 is left out so that η = 1 (or 0) matches TRL exactly even where the other is inf
         loss = 0.0
         if args.sft_eta > 0:
@@ -264,6 +401,73 @@ class DPOLTrainer(DPOTrainer):
         metrics["sft_loss"].append(acc.gather(sft.detach().reshape(1)).mean().item())
 
 
+# Bump when the reference scoring changes what it computes: cached log-probs of older code are then not reused
+_REF_CACHE_VERSION = "1"
+
+
+def reference_cache_key(model_hash: str, dataset: Dataset, args: DPOConfig) -> str:
+    """What reference log-probs depend on: the reference weights (TRL's hash_module: every tensor's dtype and bytes),
+    the tokenized pairs (prompt, chosen and rejected token ids, in order), the truncation (max_length and mode), the
+    compute precision and device type, and the scoring code's version. Two trainings with equal keys (notebook 06's
+    rows on the same pairs with other seeds or objectives, a rerun of notebook 04) share one scoring pass."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([_REF_CACHE_VERSION, model_hash, args.max_length, args.truncation_mode,
+                                   bool(args.bf16), str(args.device.type)]).encode())
+    cols = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    for batch in cols.iter(batch_size=1024):
+        for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]):
+            h.update(json.dumps([p, c, r], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def load_cached_ref_logps(cache_dir, key: str, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (chosen, rejected) reference log-probs under key, or None when absent or of another size."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    t = load_file(str(path))
+    if t["chosen"].numel() != n or t["rejected"].numel() != n:
+        return None
+    return t["chosen"], t["rejected"]
+
+
+def save_cached_ref_logps(cache_dir, key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    """Write the reference log-probs under key atomically (a temporary file renamed into place)."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
+    save_file({"chosen": chosen.float().contiguous(), "rejected": rejected.float().contiguous()}, str(tmp))
+    os.replace(tmp, cache_dir / f"{key}.safetensors")
+
+
+def reference_log_probs(model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, cache_dir, *,
+                        device: str = "auto") -> pd.DataFrame:
+    """Score the reference (the untrained base model) on a pairs table once and store the result in cache_dir;
+    every later training of at least an epoch of this base model on these pairs with ref_cache=cache_dir
+    (train_and_save, make_dpo_l_trainer) reads it instead of scoring again (shorter trainings use the batch cache,
+    see training_args). Returns ref_chosen_logps, ref_rejected_logps per pair (the table's order, minus any pair
+    TRL drops because its prompt alone fills max_length). Call it on the freshly loaded base model."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_dpo_l_trainer(model, None, tokenizer, pairs, cfg, tmp, seed=0, device=device,
+                                     ref_cache=str(cache_dir), disable_tqdm=True)
+        ds = trainer.train_dataset
+        out = pd.DataFrame({"ref_chosen_logps": ds["ref_chosen_logps"], "ref_rejected_logps": ds["ref_rejected_logps"]})
+    return out
+
+
 def _special_tokens_added(tokenizer) -> tuple[bool, bool]:
     """Whether encoding with the default add_special_tokens=True prepends BOS / appends EOS."""
     probe = "a"
@@ -321,12 +525,15 @@ def _check_prepared(dataset: Dataset, tokenizer, max_length: int, name: str) -> 
 
 
 def master_weights_fp32(model: torch.nn.Module) -> torch.nn.Module:
-    """Cast a model's low-precision floating weights to float32 in place, for bf16 mixed-precision training.
+    """Cast a model's low-precision floating weights to float32 in place, for bf16 mixed-precision training without
+    DeepSpeed (one process, DDP, FSDP2).
 
     bf16 weights cannot hold an AdamW update at the paper's rate: at lr 5e-6 a step is ~2^-17 of a weight and bf16
     keeps 8 mantissa bits, so most updates round away (tests/test_dpo_l.py: after 4 such steps under half of the
     bf16 weights had moved, and over 95% of the fp32 ones).
-    The trainer's bf16 flag then runs forward and backward under bf16 autocast over these fp32 master weights.
+    The trainer's bf16 flag then runs forward and backward under bf16 autocast over these fp32 weights, and the
+    model is saved in fp32. Under DeepSpeed (zero2/zero3) it is not used: DeepSpeed's bf16 section holds the model in
+    bf16 and keeps the fp32 master weights in its optimizer (gradients accumulate in fp32 per ds_zero*.json).
     """
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model.to(torch.float32)
@@ -362,15 +569,36 @@ def last_checkpoint(output_dir) -> str | None:
 
 
 def _shorter_than_an_epoch(cfg: TrainingConfig, max_steps: int | None, n_pairs: int) -> bool:
-    """True when max_steps optimizer steps visit fewer pairs than the dataset holds."""
-    return bool(max_steps) and max_steps > 0 and max_steps * cfg.batch_size * cfg.grad_accum < n_pairs
+    """True when max_steps optimizer steps visit fewer pairs than the dataset holds (global batch: all processes)."""
+    return bool(max_steps) and max_steps > 0 and max_steps * global_batch(cfg) < n_pairs
 
 
-def make_dpo_l_trainer(model, ref_model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, output_dir: str,
-                       seed: int, max_steps: int | None = None, *, eval_pairs: pd.DataFrame | None = None,
-                       device: str = "auto", precompute_ref_log_probs: bool | None = None,
-                       callbacks: list | None = None, **config_overrides: Any) -> DPOLTrainer:
-    """A DPOLTrainer set up from a pairs table and the profile's TrainingConfig (reference = initial model if None)."""
+def deepspeed_enabled() -> bool:
+    """True in a process that `accelerate launch` started with a DeepSpeed config (configs/accelerate/zero*.yaml)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def training_args(cfg: TrainingConfig, output_dir: str, seed: int, max_steps: int | None = None, *,
+                  n_pairs: int | None = None, has_ref_model: bool = False, device: str = "auto",
+                  precompute_ref_log_probs: bool | None = None, ref_cache: str | None = None,
+                  **config_overrides: Any) -> DPOLConfig:
+    """The DPOLConfig of a training, built before the model is loaded.
+
+    Under DeepSpeed (accelerate launch with configs/accelerate/zero*.yaml) building it registers DeepSpeed's config
+    with transformers, so that a from_pretrained called afterwards builds the model under ZeRO-3's zero.Init:
+    each rank then holds only its shard of the weights instead of a whole fp32 copy in host RAM
+    (tsq_utils.method.train_entry loads the model after calling this).
+
+    Reference strategy (precompute_ref_log_probs None): without a reference model the reference is the initial
+    policy, and its log-probs are precomputed once over the dataset (no second model in memory) when the run visits
+    every pair at least once (max_steps x batch_size x grad_accum x num_processes >= n_pairs); a run shorter than an
+    epoch scores the batches it visits on the fly with a frozen copy. With a ref_cache folder either result is stored
+    and reused by later trainings of the same base weights: the whole dataset's log-probs (keyed by the weights and
+    the tokenized pairs), or each batch's (keyed by the weights and the batch's token ids). The decision per profile
+    and its memory arithmetic: benchmarks/bench_memory.py part 3.
+    """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -379,23 +607,17 @@ def make_dpo_l_trainer(model, ref_model, tokenizer, pairs: pd.DataFrame, cfg: Tr
         # transformers 5 has no warmup_ratio: warmup_steps < 1 is a ratio and >= 1 a step count
         raise ValueError(f"warmup_ratio must lie in [0, 1), got {cfg.warmup_ratio}")
     if precompute_ref_log_probs is None:
-        # Without a reference model, the reference is the initial policy. Scoring the whole dataset once before
-        # training saves a second copy of the model, and costs less than a reference forward per step as soon as
-        # the run visits every pair at least once; a run shorter than an epoch (an ablation row's max_steps)
-        # scores only the pairs it visits, on the fly, with a frozen copy of the initial model.
-        precompute_ref_log_probs = ref_model is None and not _shorter_than_an_epoch(cfg, max_steps, len(pairs))
-        if ref_model is None and not precompute_ref_log_probs:
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    if ref_model is None and not precompute_ref_log_probs:
-        raise ValueError("with ref_model=None the reference log-probs must be precomputed "
-                         "(precompute_ref_log_probs=True); pass a reference model otherwise")
+        precompute_ref_log_probs = not has_ref_model and (
+            n_pairs is None or not _shorter_than_an_epoch(cfg, max_steps, n_pairs))
     settings: dict[str, Any] = dict(
         output_dir=str(output_dir),
         beta=cfg.beta, length_lambda=cfg.lam, sft_eta=cfg.eta, length_margin_sign=cfg.length_margin_sign,
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=-1 if max_steps is None else max_steps,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, warmup_steps=cfg.warmup_ratio, max_length=cfg.max_length,
-        # bf16 is mixed precision: autocast over fp32 master weights (master_weights_fp32 below)
+        # bf16 mixed precision. Without DeepSpeed: bf16 autocast over fp32 weights (master_weights_fp32). Under
+        # DeepSpeed: its bf16 section holds the model in bf16, keeps fp32 master weights in the optimizer and (our
+        # configs/accelerate/ds_zero*.json) accumulates gradients in fp32.
         bf16=cfg.bf16, **compat.checkpointing_kwargs(cfg.gradient_checkpointing, DPOLConfig),
         seed=seed, data_seed=seed, precompute_ref_log_probs=precompute_ref_log_probs,
         report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=1,
@@ -403,14 +625,36 @@ def make_dpo_l_trainer(model, ref_model, tokenizer, pairs: pd.DataFrame, cfg: Tr
         dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=device == "cpu",
     )
     settings.update(config_overrides)
-    args = DPOLConfig(**settings)
-    if args.bf16:
+    return DPOLConfig(**settings)
+
+
+def make_dpo_l_trainer(model, ref_model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, output_dir: str,
+                       seed: int, max_steps: int | None = None, *, eval_pairs: pd.DataFrame | None = None,
+                       device: str = "auto", precompute_ref_log_probs: bool | None = None,
+                       callbacks: list | None = None, args: DPOLConfig | None = None, ref_cache: str | None = None,
+                       **config_overrides: Any) -> DPOLTrainer:
+    """A DPOLTrainer set up from a pairs table and the profile's TrainingConfig (reference = initial model if None).
+
+    args: a DPOLConfig from training_args (built before the model was loaded); otherwise built here. ref_cache: a
+    folder of reference log-probs shared by trainings of the same base model (see training_args): a training that
+    finds its dataset's, or its batches', reference log-probs there does not compute them again."""
+    if args is None:
+        args = training_args(cfg, output_dir, seed, max_steps, n_pairs=len(pairs), has_ref_model=ref_model is not None,
+                             device=device, precompute_ref_log_probs=precompute_ref_log_probs, ref_cache=ref_cache,
+                             **config_overrides)
+    if ref_model is None and not args.precompute_ref_log_probs:
+        if precompute_ref_log_probs is False:
+            raise ValueError("with ref_model=None the reference log-probs must be precomputed "
+                             "(precompute_ref_log_probs=True); pass a reference model otherwise")
+        # a run shorter than an epoch: a frozen copy of the initial model scores the pairs it visits
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.bf16 and not deepspeed_enabled():
         master_weights_fp32(model)
     trainer = DPOLTrainer(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
         train_dataset=pairs_to_dataset(pairs, tokenizer),
         eval_dataset=None if eval_pairs is None else pairs_to_dataset(eval_pairs, tokenizer),
-        callbacks=callbacks,
+        callbacks=callbacks, ref_cache=ref_cache,
     )
     _check_prepared(trainer.train_dataset, tokenizer, cfg.max_length, "train")
     if trainer.eval_dataset is not None:
@@ -426,8 +670,12 @@ def training_log(trainer: DPOTrainer) -> pd.DataFrame:
 
 def train_and_save(model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, stage_dir, seed: int,
                    device: str = "cpu", max_steps: int | None = None, model_subdir: str = "model",
-                   progress: bool = True) -> pd.DataFrame:
+                   progress: bool = True, ref_cache: str | None = None) -> pd.DataFrame:
     """Train DPO-L + SFT on a pairs table, save the model (safetensors) atomically, and return the per-step log.
+
+    The model is saved in the precision it trained in: fp32 (bf16 training keeps fp32 weights; casting them back to
+    bf16 would drop every update smaller than bf16's rounding step). ref_cache: see make_dpo_l_trainer (in-process
+    training only).
 
     With training.num_processes > 1 the training runs in that many processes under `accelerate launch` (see
     launch_training); otherwise here. With training.save_steps the trainer checkpoints under stage_dir/.trainer, and
@@ -439,7 +687,8 @@ def train_and_save(model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, s
     if num_processes(cfg) > 1:
         return launch_training(model, tokenizer, pairs, cfg, stage_dir, seed, device=device, max_steps=max_steps,
                                model_subdir=model_subdir)
-    return _train_here(model, tokenizer, pairs, cfg, stage_dir, seed, device, max_steps, model_subdir, progress)
+    return _train_here(model, tokenizer, pairs, cfg, stage_dir, seed, device, max_steps, model_subdir, progress,
+                       ref_cache)
 
 
 def _run_fingerprint(pairs: pd.DataFrame, cfg: TrainingConfig, seed: int, max_steps: int | None, n_proc: int) -> str:
@@ -470,24 +719,21 @@ def _resume_point(scratch, fingerprint: str, is_main: bool = True) -> str | None
 
 
 def _train_here(model, tokenizer, pairs, cfg, stage_dir, seed, device, max_steps, model_subdir,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, ref_cache: str | None = None) -> pd.DataFrame:
     """train_and_save in this process."""
     import shutil
 
     from transformers import PrinterCallback
 
     scratch = stage_dir / ".trainer"
-    load_dtype = next(model.parameters()).dtype
     resume = _resume_point(scratch, _run_fingerprint(pairs, cfg, seed, max_steps, 1))
     trainer = make_dpo_l_trainer(model, None, tokenizer, pairs, cfg, output_dir=str(scratch), seed=seed,
-                                 max_steps=max_steps, device=device,
+                                 max_steps=max_steps, device=device, ref_cache=ref_cache,
                                  **checkpoint_settings(cfg), **({} if progress else {"disable_tqdm": True}))
     if not progress:
         trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the bar for a printer of every log line
     trainer.train(resume_from_checkpoint=resume)
     log = training_log(trainer)
-    if load_dtype != torch.float32:
-        trainer.model.to(load_dtype)  # saved in the dtype it was loaded in (the fp32 copy was for the optimizer)
     save_trained(trainer, tokenizer, stage_dir / model_subdir)
     shutil.rmtree(scratch, ignore_errors=True)
     return log
@@ -508,7 +754,14 @@ def save_trained(trainer, tokenizer, dest) -> None:
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    trainer.save_model(str(tmp))
+    if trainer.is_deepspeed_enabled:
+        # DeepSpeed's bf16 section holds the model in bf16 (ZeRO-3 saves its gathered 16-bit weights): save the
+        # optimizer's fp32 master weights instead, gathered on every process, written by the main one
+        state = _deepspeed_fp32_state_dict(trainer)
+        if acc.is_main_process:
+            acc.unwrap_model(trainer.model).save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    else:
+        trainer.save_model(str(tmp))
     if acc.is_main_process:
         tokenizer.save_pretrained(tmp)
         for junk in ("training_args.bin",):  # a pickle: never shipped beside the safetensors
@@ -522,7 +775,27 @@ def save_trained(trainer, tokenizer, dest) -> None:
     acc.wait_for_everyone()
 
 
+def _deepspeed_fp32_state_dict(trainer) -> dict[str, torch.Tensor]:
+    """The full fp32 master weights of a DeepSpeed-trained model (ZeRO 1-3) on the main process's CPU (an empty dict
+    on the others); a collective: every process calls it, one parameter at a time, so that no process but the main
+    one ever holds more than one full parameter."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    main = trainer.accelerator.is_main_process
+    state = {}
+    for name, param in model.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:  # a parameter the optimizer does not hold (frozen): its own values
+            full = param.detach().float()
+        if main:
+            state[name] = full.detach().cpu().float()
+        del full
+    return state
+
+
 ACCELERATE_CONFIGS = ("ddp", "zero2", "zero3", "fsdp2")
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 
 
 def accelerate_config_file(name: str):
@@ -532,6 +805,12 @@ def accelerate_config_file(name: str):
     if name not in ACCELERATE_CONFIGS:
         raise ValueError(f"unknown accelerate config {name!r}: use one of {list(ACCELERATE_CONFIGS)}")
     return REPO_ROOT / "configs" / "accelerate" / f"{name}.yaml"
+
+
+def deepspeed_config_file(name: str):
+    """configs/accelerate/ds_<name>.json, the DeepSpeed config a zero2/zero3 accelerate config names (bf16 with fp32
+    gradient accumulation); None for ddp and fsdp2."""
+    return REPO_CONFIGS / f"ds_{name}.json" if name.startswith("zero") else None
 
 
 def launch_command(job_file, cfg: TrainingConfig, device: str) -> list[str]:
@@ -546,7 +825,10 @@ def launch_command(job_file, cfg: TrainingConfig, device: str) -> list[str]:
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--num_cpu_threads_per_process", "1"]
     else:
-        cmd += ["--config_file", str(accelerate_config_file(getattr(cfg, "accelerate_config", "ddp") or "ddp"))]
+        name = getattr(cfg, "accelerate_config", "ddp") or "ddp"
+        cmd += ["--config_file", str(accelerate_config_file(name))]
+        if deepspeed_config_file(name) is not None:  # the yaml's path is relative to the repository root
+            cmd += ["--deepspeed_config_file", str(deepspeed_config_file(name))]
     cmd += ["--num_processes", str(n), "--main_process_port", str(_free_port()),
             "-m", "tsq_utils.method.train_entry", "--job", str(job_file)]
     return cmd

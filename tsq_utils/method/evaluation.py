@@ -208,8 +208,12 @@ def eval_problems(profile, tokenizer) -> dict[str, pd.DataFrame]:
 
 def evaluate_model(name: str, model, tokenizer, problems: dict[str, pd.DataFrame], n: int, temperature: float,
                    top_p: float, max_new_tokens: int, seed: int, batch_size: int = 64,
-                   backend: str = "transformers", progress: bool = True) -> pd.DataFrame:
-    """Per-response results of one model on every benchmark (n samples per problem), graded."""
+                   backend: str = "transformers", progress: bool = True, shards: int = 1,
+                   workers: int = 1) -> pd.DataFrame:
+    """Per-response results of one model on every benchmark (n samples per problem), graded.
+
+    shards / workers: as sampling.sample_and_grade (fixed pieces of each benchmark, run by up to `workers` processes).
+    """
     from ..task.registry import get_task
     from .sampling import sample_and_grade
 
@@ -217,7 +221,8 @@ def evaluate_model(name: str, model, tokenizer, problems: dict[str, pd.DataFrame
     for bench, probs in problems.items():
         df = sample_and_grade(model, tokenizer, probs, n=n, temperature=temperature, top_p=top_p,
                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                              grader=get_task(bench).grader, backend=backend, progress=progress)
+                              grader=get_task(bench).grader, backend=backend, progress=progress, shards=shards,
+                              workers=workers)
         frames.append(df.assign(model=name, benchmark=bench))
     return pd.concat(frames, ignore_index=True)
 

@@ -93,8 +93,9 @@ import torch.nn.functional as F
 
 from ..model import compat
 from ..core.config import RefinementConfig, stage_seed
+from ..core.parallel import map_shards, n_workers
 from ..core.fingerprint import package_hash
-from ..model.generation import count_tokens, sample
+from ..model.generation import count_tokens, sample, vllm_finish_reason
 from ..task.format import (STEP_SEP_RE, STEP_STOP_STRINGS, THINK_CLOSE, clean_candidate,  # noqa: F401
                            count_steps, join_steps, split_steps, step_bodies, step_parts)
 from ..task.step_spans import encode_with_starts, step_spans
@@ -663,7 +664,8 @@ def _vllm_candidates(llm, tokenizer, plans: list["_Plan"], n: int, temperature: 
     for (plan, i), o in zip(where, outs):
         comps = sorted(o.outputs, key=lambda c: c.index)
         texts = [c.text for c in comps]
-        reasons = ["stop" if c.finish_reason == "stop" else "length" for c in comps]
+        # an aborted or failed request raises (generation.vllm_finish_reason); "repetition" is unfinished, as "length"
+        reasons = ["stop" if vllm_finish_reason(c.finish_reason) == "stop" else "length" for c in comps]
         # the sampled ids are the model's own count (a stop string's tokens are cut from the text, not the ids)
         n_toks = [count_tokens(tokenizer, t) for t in texts]
         _fill_job(plan.jobs[i], texts, n_toks, reasons, n)
@@ -734,13 +736,17 @@ def _assemble(tokenizer, plan: _Plan, chosen: dict[int, str], grade_fn: Callable
     return result
 
 
-def _sampling_groups(plans: list[_Plan]) -> list[list[_Plan]]:
+def _sampling_groups(plans: list[_Plan], min_groups: int = 1) -> list[list[_Plan]]:
     """Consecutive responses grouped so that one sampler call holds at most MAX_STEPS_PER_CALL steps (at least
-    one response each): bounds the memory of the prefix texts and samples held at once."""
+    one response each): bounds the memory of the prefix texts and samples held at once. With min_groups > 1 a group
+    also holds at most an even share of the steps, so that there are about min_groups groups for processes to share
+    (the profile's `shards`: the grouping, and so every result, never depends on how many processes run)."""
+    total = sum(len(p.jobs) for p in plans)
+    cap = min(MAX_STEPS_PER_CALL, max(1, -(-total // max(1, min_groups))))
     groups: list[list[_Plan]] = [[]]
     n_steps = 0
     for plan in plans:
-        if groups[-1] and n_steps + len(plan.jobs) > MAX_STEPS_PER_CALL:
+        if groups[-1] and n_steps + len(plan.jobs) > cap:
             groups.append([])
             n_steps = 0
         groups[-1].append(plan)
@@ -753,7 +759,7 @@ def _refine_many(model, tokenizer, items: Sequence[tuple[str, str, str, Callable
                  max_step_tokens: int, seed: int, batch_size: int, sample_batch_size: int, cap_to_original: bool,
                  progress: bool, scoring: str = "full", candidates: str = "sampler",
                  steps_mode: str = "segments", shard_dir: str | Path | None = None,
-                 shard: tuple[int, int] = (0, 1), llm: Any = None) -> list[RefineResult | None]:
+                 shard: tuple[int, int] = (0, 1), llm: Any = None, min_groups: int = 1) -> list[RefineResult | None]:
     """Refine (prompt, text, response_id, grade_fn) items: plan all, then per group of responses draw every
     step's candidates in one sampler call (or per response from its own cache), score them and reassemble.
 
@@ -779,6 +785,7 @@ def _refine_many(model, tokenizer, items: Sequence[tuple[str, str, str, Callable
                     temperature=temperature, max_step_tokens=max_step_tokens, seed=seed, batch_size=batch_size,
                     sample_batch_size=sample_batch_size, cap_to_original=cap_to_original, scoring=scoring,
                     candidates=candidates, steps=steps_mode, max_steps_per_call=MAX_STEPS_PER_CALL,
+                    min_groups=min_groups,
                     model=_model_fingerprint(model) if shard_dir is not None else None,
                     # a code edit must not reuse groups that the old code refined
                     code=package_hash() if shard_dir is not None else None)
@@ -786,7 +793,7 @@ def _refine_many(model, tokenizer, items: Sequence[tuple[str, str, str, Callable
     bar = tqdm(total=len(plans), desc="refining responses", disable=not progress)
     device = _model_device(model)
     first = 0
-    for g, group in enumerate(_sampling_groups(plans)):
+    for g, group in enumerate(_sampling_groups(plans, min_groups)):
         at, first = first, first + len(group)
         path = fingerprint = None
         if shard_dir is not None:
@@ -881,14 +888,22 @@ def _load_group(path: Path, fingerprint: str) -> list[RefineResult]:
     """A group written by _save_group, checked against the fingerprint of the group it should hold."""
     import json
 
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("fingerprint") != fingerprint:
-        raise StaleShardError(f"{path} holds another refinement run (other settings, responses, model or code)")
-    out = []
-    for r in data["results"]:
-        r = dict(r)
-        r["steps"] = [StepRecord(**rec) for rec in r["steps"]]
-        out.append(RefineResult(**r))
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+            raise StaleShardError(f"{path} holds another refinement run (other settings, responses, model or code)")
+        out = []
+        for r in data["results"]:
+            r = dict(r)
+            r["steps"] = [StepRecord(**rec) for rec in r["steps"]]
+            out.append(RefineResult(**r))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, StaleShardError):
+            raise
+        # a truncated or damaged shard (a run killed mid-write before writes were atomic, a full disk): redone
+        print(f"refinement: shard {path} is unreadable ({type(e).__name__}: {e}): its group is redone and the file "
+              "replaced")
+        raise StaleShardError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -970,7 +985,8 @@ def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, s
                  grade_fn_factory: Callable[[pd.Series], Callable[[str], bool] | None] | None = None,
                  progress: bool = True, sample_batch_size: int | None = None, scoring: str | None = None,
                  candidates: str | None = None, steps: str | None = None, shard_dir: str | Path | None = None,
-                 shard: tuple[int, int] = (0, 1), llm: Any = None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+                 shard: tuple[int, int] = (0, 1), llm: Any = None, shards: int = 1,
+                 workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """Refine each distinct chosen response once; return the refined pairs table and the per-step log.
 
     Resumable and shardable: with shard_dir, each group of responses (one sampler call, MAX_STEPS_PER_CALL steps at
@@ -987,6 +1003,10 @@ def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, s
     steps: "segments" (each segment tokenized alone, as before) or "spans" (token spans of the whole response's
     tokenization: the ids the model produces; step and candidate token counts then include the boundary token).
     None: the config's field of that name if it has one, else "full", "sampler" and "segments".
+
+    shards / workers (the profile's): the responses form at least `shards` groups, which up to `workers` one-thread
+    processes share (core/parallel.py); a group's result depends on its responses and seed only, so the tables are
+    the same whatever `workers` is. Processes are for the transformers candidate sources (not vLLM's engine).
     """
     keys, keys_to_refine, rows = _targets(pairs, cfg)
     if sample_batch_size is None:  # a config that carries the knob wins over the module default
@@ -996,13 +1016,27 @@ def refine_pairs(model, tokenizer, pairs: pd.DataFrame, cfg: RefinementConfig, s
     steps = steps if steps is not None else getattr(cfg, "steps", "segments")
     items = [(key[0], key[1], _response_id(row), grade_fn_factory(row) if grade_fn_factory is not None else None)
              for key, row in zip(keys_to_refine, rows)]
-    refined = _refine_many(model, tokenizer, items, cfg.n_candidates, cfg.window, cfg.epsilon, cfg.kl_reduction,
-                           cfg.temperature, cfg.max_step_tokens, seed, cfg.batch_size, sample_batch_size,
-                           cap_to_original=True, progress=progress, scoring=scoring, candidates=candidates,
-                           steps_mode=steps, shard_dir=shard_dir, shard=shard, llm=llm)
+    args = dict(model=model, tokenizer=tokenizer, items=items, n_candidates=cfg.n_candidates, window=cfg.window,
+                epsilon=cfg.epsilon, reduction=cfg.kl_reduction, temperature=cfg.temperature,
+                max_step_tokens=cfg.max_step_tokens, seed=seed, batch_size=cfg.batch_size,
+                sample_batch_size=sample_batch_size, cap_to_original=True, progress=progress, scoring=scoring,
+                candidates=candidates, steps_mode=steps, shard_dir=shard_dir, llm=llm, min_groups=shards)
+    n_proc = 1 if (candidates == "vllm" or shard != (0, 1)) else min(n_workers(workers), max(1, shards))
+    if n_proc <= 1:
+        refined = _refine_many(**args, shard=shard)
+    else:
+        # process i computes groups g with g % n_proc == i; each group's result is the same in any process
+        parts = map_shards(_refine_part, [(i, n_proc) for i in range(n_proc)], workers=workers,
+                           shared={**args, "progress": False}, progress=progress, desc="refinement processes")
+        refined = [next((part[j] for part in parts if part[j] is not None), None) for j in range(len(items))]
     if any(r is None for r in refined):
         return None
     return _tables(tokenizer, pairs, keys, keys_to_refine, rows, refined)
+
+
+def _refine_part(args: dict, shard: tuple[int, int]) -> list[RefineResult | None]:
+    """One process's share of _refine_many's groups (module-level: map_shards sends it by name)."""
+    return _refine_many(**args, shard=shard)
 
 
 def rethreshold(tokenizer, pairs: pd.DataFrame, step_log: pd.DataFrame, cfg: RefinementConfig,

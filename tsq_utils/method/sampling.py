@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..core.parallel import map_shards, n_workers, shard_bounds
 from ..model.generation import sample
 from ..task.registry import training_task
 from ..task.grading import grade
@@ -16,15 +17,40 @@ SAMPLE_COLUMNS = [
 
 def sample_and_grade(model, tokenizer, problems: pd.DataFrame, n: int, temperature: float, top_p: float,
                      max_new_tokens: int, seed: int, batch_size: int = 64, grader: str = "toy",
-                     backend: str = "transformers", progress: bool = True) -> pd.DataFrame:
-    """Sample n completions for every problem and grade them; one row per response (the samples table)."""
+                     backend: str = "transformers", progress: bool = True, shards: int = 1,
+                     workers: int = 1) -> pd.DataFrame:
+    """Sample n completions for every problem and grade them; one row per response (the samples table).
+
+    The problems are cut into `shards` contiguous pieces, each sampled (its own batches, rows seeded by their global
+    index) and graded on its own, by up to `workers` one-thread processes (core/parallel.py): the table is the same
+    whatever `workers` is. The vLLM backend takes every problem in one call (the engine batches and spreads them).
+    """
     for col in ("problem_id", "k", "prompt", "gold"):
         if col not in problems.columns:
             raise ValueError(f"problems table lacks the column {col!r}")
     if len(problems) == 0:
         raise ValueError("the problems table is empty")
-    res = sample(model, tokenizer, list(problems["prompt"]), n=n, temperature=temperature, top_p=top_p,
-                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, backend=backend, progress=progress)
+    problems = problems.reset_index(drop=True)
+    args = dict(model=model, tokenizer=tokenizer, problems=problems, n=n, temperature=temperature, top_p=top_p,
+                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, grader=grader, backend=backend)
+    if backend != "transformers":
+        return _sample_shard(args, (0, len(problems), progress))
+    bounds = [b for b in shard_bounds(len(problems), min(shards, len(problems))) if b[1] > b[0]]
+    # one bar over the shards when they run in processes (a child's bar would interleave); the batches' bar otherwise
+    many = len(bounds) > 1 and n_workers(workers) > 1
+    parts = map_shards(_sample_shard, [(lo, hi, progress and not many) for lo, hi in bounds], workers=workers,
+                       shared=args, progress=progress and many, desc="sampling shards")
+    return pd.concat(parts, ignore_index=True)
+
+
+def _sample_shard(args: dict, task: tuple[int, int, bool]) -> pd.DataFrame:
+    """The graded samples table of problems[lo:hi] (a module-level function: map_shards sends it by name)."""
+    lo, hi, progress = task
+    problems = args["problems"].iloc[lo:hi]
+    n, tokenizer = args["n"], args["tokenizer"]
+    res = sample(args["model"], tokenizer, list(problems["prompt"]), n=n, temperature=args["temperature"],
+                 top_p=args["top_p"], max_new_tokens=args["max_new_tokens"], seed=args["seed"],
+                 batch_size=args["batch_size"], backend=args["backend"], progress=progress, first_index=lo)
     rows = []
     for (_, p), texts, ntok, nthink, reasons in zip(problems.iterrows(), res.texts, res.n_tokens, res.n_think_tokens,
                                                     res.finish_reasons):
@@ -33,10 +59,10 @@ def sample_and_grade(model, tokenizer, problems: pd.DataFrame, n: int, temperatu
                              n_tokens=int(ntok[j]), n_think_tokens=int(nthink[j]), finish_reason=reasons[j],
                              gold=str(p["gold"])))
     df = pd.DataFrame(rows, columns=[c for c in SAMPLE_COLUMNS if c not in ("correct", "status")])
-    df["status"] = grade(list(df["text"]), list(df["gold"]), grader)
+    df["status"] = grade(list(df["text"]), list(df["gold"]), args["grader"])
     # an unfinished response (cut at max_new_tokens) never counts as correct
-    df.loc[df["finish_reason"] == "length", "status"] = df.loc[df["finish_reason"] == "length", "status"].where(
-        df.loc[df["finish_reason"] == "length", "status"] != "correct", "no_answer")
+    unfinished = df["finish_reason"] != "stop"
+    df.loc[unfinished & (df["status"] == "correct"), "status"] = "no_answer"
     df["correct"] = df["status"] == "correct"
     return df[SAMPLE_COLUMNS]
 
@@ -74,7 +100,7 @@ def summary_by_k(samples: pd.DataFrame) -> pd.DataFrame:
     stats = per_problem_stats(samples)
     by = samples.groupby("k").agg(responses=("correct", "size"), accuracy=("correct", "mean"),
                                   mean_tokens=("n_tokens", "mean"),
-                                  unfinished=("finish_reason", lambda s: (s == "length").mean()))
+                                  unfinished=("finish_reason", lambda s: (s != "stop").mean()))
     by["mean_cv_tokens"] = stats.groupby("k")["cv_tokens"].mean()
     return by
 
@@ -91,7 +117,7 @@ def sampling_summary(samples: pd.DataFrame) -> dict:
         "accuracy": float(samples["correct"].mean()),
         "mean_tokens": float(samples["n_tokens"].mean()),
         "mean_think_tokens": float(samples["n_think_tokens"].mean()),
-        "unfinished": int((samples["finish_reason"] == "length").sum()),
+        "unfinished": int((samples["finish_reason"] != "stop").sum()),
         "mean_within_problem_cv": float(stats["cv_tokens"].mean()),
         "problems_all_correct": int((stats["p"] == 1).sum()),
         "problems_none_correct": int((stats["p"] == 0).sum()),

