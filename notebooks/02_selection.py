@@ -65,7 +65,7 @@ P, C = stage.profile, stage.profile.selection
 #
 # $$k \ge 2 \text{ for some problem} \iff \alpha > \min_{0<c<N} \frac{1}{(1-c/N)\,c} \;\ge\; \frac{4}{N}.$$
 #
-# At the paper's $\alpha = 0.2$ that means $N \ge 21$ (the toy profile samples $N = 24$); at $N = 8$ it means $\alpha > 0.5$; below
+# At the paper's $\alpha = 0.2$ that means $N \ge 21$ (this run's $N$ is the dashed line of the map below); at $N = 8$ it means $\alpha > 0.5$; below
 # that Q-DYN selects exactly what Shortest selects. And $k = 3$ needs $\alpha N p(1-p) > 2$, so $N \ge 41$ at $\alpha = 0.2$: below that,
 # Q-DYN's positives are Shortest's plus at most the second-shortest correct response. The map of $k$ over $(p, N)$ further down shows it for this run's $\alpha$, with a warning when this run is
 # below the line.

@@ -86,8 +86,8 @@ P, A = stage.profile, stage.profile.ablations
 # evaluation settings). Rows that share a prefix share its work: Table 3's "none" *is* Table 2's Q-DYN and Fig. 4's α = 0.2, and
 # α = 0 *is* Shortest ($q = 0$ gives $k = 1$). The default row reuses notebooks 02–04's pairs, refined pairs and model when their
 # inputs match, and a rerun of this notebook is instant. **Seeds.** Selection, refinement and evaluation use the pipeline's stage
-# seeds for every row; the headline rows are trained with several training seeds (± = SD over them, the evaluation seed fixed), the
-# others once.
+# seeds for every row; the rows named in the profile's `ablations.headline` are trained with `ablations.seeds` training seeds
+# (± = SD over them, the evaluation seed fixed), the others once, and a finding compares two rows over the seeds they share.
 
 # %%
 ctx = ablations.make_context(P, stage.run_dir)
@@ -294,7 +294,7 @@ display(Markdown(ablations.findings_markdown(found)))
 # - `epsilons=[0.0005, 0.05, 0.5]`: where does refinement start to hurt? `alphas=[0.05, 0.15, 0.25]`: zoom in on the optimum.
 # - `max_steps=20`: a shorter training budget per row (a cheaper, weaker ablation: the effects shrink with it).
 # - `max_steps=0, batch_size=0, lr=0`: every row trained exactly as notebook 04 (on toy about 4 minutes a training, so
-#   hours for every row; with `rows=["table2/shortest", "table2/q_dyn"]` about half an hour: the README records that run).
+#   hours for every row; with `rows=["table2/shortest", "table2/q_dyn"]` about half an hour).
 
 # %%
 save_table(summary, stage.dir / "summary.parquet")
