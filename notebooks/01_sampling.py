@@ -82,8 +82,10 @@ problems.head(3)
 # %% [markdown]
 # ## At scale
 #
-# All training problems, $N$ samples each, batched (one `generate` call per batch of rows, seeded per batch). The samples table is
-# saved as Parquet; a rerun with the same inputs and parameters reuses it.
+# All training problems, $N$ samples each. The problems are cut into the profile's fixed `shards`, which the machine's cores
+# share (`workers`, one torch thread each); every (problem, sample) row draws from its own seeded stream, and the decoder
+# refills a finished row's slot with the next waiting row, so the table is the same on any number of cores. It is saved as
+# Parquet; a rerun with the same inputs and parameters reuses it.
 
 # %%
 inputs = base_model.base_inputs(stage.run_dir, P)

@@ -394,6 +394,20 @@ def test_grading_worker_that_died_idle_is_replaced():
 # ----------------------------------------------------------------------------- run_all.sh: Ctrl-C, failed runs
 
 
+def _wait_for_running_cell(running: Path, marker: str, timeout: float = 120) -> None:
+    """Wait until papermill's in-progress notebook shows the cell containing `marker` as running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            cells = json.loads(running.read_text())["cells"]
+        except (OSError, ValueError, KeyError):
+            cells = []
+        if any(marker in "".join(c["source"]) and c["metadata"].get("papermill", {}).get("status") == "running"
+               for c in cells):
+            return
+        time.sleep(0.2)
+
+
 def test_run_all_interrupt_names_the_cell_and_a_failed_run_keeps_the_last_good_notebook(tmp_path):
     nbdir, runs = tmp_path / "nb", tmp_path / "runs"
     nbdir.mkdir()
@@ -418,16 +432,7 @@ def test_run_all_interrupt_names_the_cell_and_a_failed_run_keeps_the_last_good_n
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     running = out / f".00_nap.running.{proc.pid}.ipynb"  # this run's own temporary name
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            cells = json.loads(running.read_text())["cells"]
-        except (OSError, ValueError, KeyError):
-            cells = []
-        if any("napping" in "".join(c["source"]) and c["metadata"].get("papermill", {}).get("status") == "running"
-               for c in cells):
-            break
-        time.sleep(0.3)
+    _wait_for_running_cell(running, "napping")
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -715,16 +720,7 @@ def test_run_all_ctrl_c_after_the_last_cell_keeps_the_completed_notebook(tmp_pat
                             start_new_session=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = runs / "ci" / "notebooks"
     running = out / f".00_last.running.{proc.pid}.ipynb"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            cells = json.loads(running.read_text())["cells"]
-        except (OSError, ValueError, KeyError):
-            cells = []
-        if any("the last cell" in "".join(c["source"]) and c["metadata"].get("papermill", {}).get("status") == "running"
-               for c in cells):
-            break
-        time.sleep(0.2)
+    _wait_for_running_cell(running, "the last cell")
     # only run_all.sh's own process gets it: papermill completes the notebook and exits 0
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
