@@ -241,6 +241,20 @@ trap 'interrupted=1' INT
 rel() { local p="$1"; echo "${p#"$REPO"/}"; }
 
 now() { date +%s.%N 2>/dev/null || date +%s; }
+
+# Drops the kernel's "running over TCP without encryption" warning (a kernel papermill starts on localhost for one
+# notebook: nothing to act on) and passes everything else on as it comes, progress bars included. One warning is
+# one write of the kernel's log, so it never straddles two reads. Ignores Ctrl-C, like tee -i, to keep the tail.
+quiet_kernel() {
+    "$TSQ_PY" -c '
+import os, re, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+tcp = re.compile(rb"\[IPKernelApp\] WARNING \| Kernel is running over TCP without encryption\.[^\r\n]*\n?")
+while chunk := os.read(0, 1 << 16):
+    os.write(1, tcp.sub(b"", chunk))
+'
+}
+
 declare -a timings=()
 total_start="$(now)"
 i=0
@@ -260,7 +274,8 @@ for nb in "${notebooks[@]}"; do
     start="$(now)"
     set +e
     # tee -i: a Ctrl-C must not cut the log short
-    "$TSQ_PY" -m papermill "$nb" "$run_out" -k "$KERNEL" -l python --cwd "$NB_DIR" "${args[@]}" 2>&1 | tee -i "$run_log"
+    "$TSQ_PY" -m papermill "$nb" "$run_out" -k "$KERNEL" -l python --cwd "$NB_DIR" "${args[@]}" 2>&1 | quiet_kernel \
+        | tee -i "$run_log"
     rc=${PIPESTATUS[0]}
     set -e
     secs="$(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"

@@ -95,8 +95,8 @@ def measure_toy(rows: int, tokens: int, chunk_tokens: int) -> float:
     gc.collect()
     start = _rss_peak_reset()
     try:
-        generation._decode(model, ids, mask, max_new_tokens=4, temperature=1.0, top_p=1.0, eos=-1, stop_hit=None,
-                           gen=torch.Generator().manual_seed(1))
+        generation._decode(model, {"input_ids": ids, "attention_mask": mask}, generation.Decoding(max_new_tokens=4),
+                           eos=-1, stop_hit=None, gen=torch.Generator().manual_seed(1))
     finally:
         generation.PREFILL_CHUNK_TOKENS = old
     return _status("VmHWM") - start

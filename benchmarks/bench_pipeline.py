@@ -49,7 +49,10 @@ def times(profile: str, runs: Path) -> int:
 def workers(profile: str, n_problems: int, n: int | None) -> int:
     """Sample the same problems with 1 and 2 workers; print tokens/s, the speed-up and whether the bytes agree."""
     from tsq_utils.core.config import load_profile, set_threads
-    from tsq_utils.method.sampling import sample_and_grade, training_problems
+    from dataclasses import replace
+
+    from tsq_utils.method.sampling import SampleRun, sample_and_grade, sampling_decoding, training_problems
+    from tsq_utils.task.registry import training_task
     from tsq_utils.model.toy_reasoner import load_reasoner
 
     P = load_profile(profile)
@@ -61,9 +64,8 @@ def workers(profile: str, n_problems: int, n: int | None) -> int:
     out, secs = {}, {}
     for w in (1, 2):
         t0 = time.perf_counter()
-        out[w] = sample_and_grade(model, tok, problems, n=n, temperature=S.temperature, top_p=S.top_p,
-                                  max_new_tokens=S.max_new_tokens, seed=1, batch_size=S.batch_size,
-                                  progress=False, shards=P.shards, workers=w)
+        out[w] = sample_and_grade(model, tok, problems, training_task(P), replace(sampling_decoding(P, 1), n=n),
+                                  SampleRun(shards=P.shards, workers=w, progress=False))
         secs[w] = time.perf_counter() - t0
     same = out[1].equals(out[2])
     tokens = int(out[1]["n_tokens"].sum())

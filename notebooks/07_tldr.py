@@ -27,6 +27,8 @@
 # *Follows:* TLDR (arXiv 2506.02678), dynamic re-weighting of short and long CoT data. *The method in our words:* [docs/method.md](../docs/method.md). *Package functions used here:* [`tldr.update_weights`](../tsq_utils/method/tldr.py), [`tldr.benefits`](../tsq_utils/method/tldr.py), [`tldr.train_mixture`](../tsq_utils/method/tldr.py); figures: [`plotting`](../tsq_utils/lessons/plotting.py), summaries and exercises: [`lessons`](../tsq_utils/lessons/__init__.py).
 #
 # This notebook reads 00's base model, 01's samples and 05's evaluation results.
+#
+# **What it runs.** Three SFT trainings from the base model (the short reference model, the [TLDR](../docs/glossary.md#tldr) run and the static mix, `tldr.max_steps` steps each, with a dev evaluation every `tldr.update_every` steps), then notebook 05's evaluation of the two mixtures. The settings and the time this stage last took are printed under the set-up cell; each training cell shows one progress bar.
 
 # %% tags=["parameters"]
 import os
@@ -48,9 +50,9 @@ import math
 import pandas as pd
 from tsq_utils.model import base_model
 from tsq_utils.core import config
-from tsq_utils.method import evaluation, tldr
+from tsq_utils.method import evaluation, sampling, tldr
 from IPython.display import Markdown, display
-from tsq_utils.lessons import claims, plotting
+from tsq_utils.lessons import claims, orientation, plotting, quiet
 from tsq_utils.core.artifacts import atomic_write_json, atomic_write_text, load_table, read_json, save_table
 from tsq_utils.core.stage import setup_stage
 from tsq_utils.task.registry import training_task
@@ -62,6 +64,10 @@ stage = setup_stage("tldr", profile, {
 P, C, E = stage.profile, stage.profile.tldr, stage.profile.evaluation
 task = training_task(P)  # the toy world: its oracle makes the System-1 pool, its dev split the reference points
 device = config.resolve_device(P)
+quiet.quiet_libraries()  # library progress bars and warnings: nothing that changes a result
+display(orientation.lesson_top(stage, ["tldr.max_steps", "tldr.batch_size", "tldr.update_every", "tldr.eta",
+                                       "tldr.smoothing", "tldr.acc_floor", "tldr.lr", "tldr.n_dev_problems",
+                                       "tldr.dev_temperature"]))
 
 # %% [markdown]
 # ## The idea
@@ -79,12 +85,14 @@ device = config.resolve_device(P)
 # $$b_{\text{short}} = \max\!\Big(\frac{T_{\text{cur}} - T_S}{|T_L - T_S|},\,0\Big)\quad\text{(still too long: more short data)},\qquad
 # b_{\text{long}} = \max\!\Big(\frac{A_L - A_{\text{cur}}}{|A_L - A_S|},\,0\Big)\quad\text{(accuracy lost: more long data)},$$
 #
-# $$w \leftarrow \operatorname{softmax}\big(\log w + \eta\, b\big),\qquad w \leftarrow (1-c)\,w + \tfrac{c}{2},\qquad \eta = 4,\; c = 10^{-4}.$$
+# $$w \leftarrow \operatorname{softmax}\big(\log w + \gamma\, b\big),\qquad w \leftarrow (1-c)\,w + \tfrac{c}{2},$$
 #
-# Training keeps the checkpoint with the fewest dev tokens among those whose dev accuracy stays above $0.7\,A_L$. The static mix is
-# the same recipe with $E = \infty$: the weights never move. (Our choices, all parameters: the dev set is decoded greedily; a gap
-# between the reference points below the dev set's resolution, 1 token or one dev problem, is floored there so the benefits stay
-# finite; `tsq_utils.method.tldr` holds the rule, the pools and the training loop.)
+# with step size $\gamma$ (the paper calls it $\eta$; here [η](../docs/glossary.md#eta) is kept for the DPO-L weight of notebook 04; profile key
+# `tldr.eta`) and smoothing $c$ (`tldr.smoothing`). Training keeps the checkpoint with the fewest dev tokens among those whose dev
+# accuracy stays above `tldr.acc_floor` $\cdot A_L$. The static mix is the same recipe with $E = \infty$: the weights never move.
+# (Our choices, all parameters: the dev set is decoded at `tldr.dev_temperature`; a gap between the reference points below the dev
+# set's resolution, 1 token or one dev problem, is floored there so the benefits stay finite; `tsq_utils.method.tldr` holds the
+# rule, the pools and the training loop.) This run's values are printed with the reference points below.
 
 # %% [markdown]
 # ## The two pools, from this project's own model and data
@@ -107,7 +115,7 @@ inputs = {"samples": samples_path, "evaluation_results": results05_path, **base_
 done = stage.is_done(inputs)
 
 k_easy = tldr.easy_max_k(P)
-short_answers = tldr.oracle_answers(task.problems(P, tok, "train"), tok)
+short_answers = tldr.oracle_answers(task.problems(P, tok, "train"), tok, task)
 pools = tldr.build_pools(short_answers, load_table(samples_path), k_easy)
 print(f"easy: k <= {k_easy}; System-1 {(pools['pool'] == 'short').sum()} problems, "
       f"System-2 {(pools['pool'] == 'long').sum()} problems")
@@ -122,7 +130,7 @@ for name in ("short", "long"):
 # ## The reference points
 #
 # Both are measured once, on a **dev set** of `tldr.n_dev_problems` held-out problems (their own split, spread over $k$, never used for
-# training or for the final evaluation), one greedy answer each:
+# training or for the final evaluation), one answer each at `tldr.dev_temperature` (printed below with the numbers):
 #
 # - the **long model** $(T_L, A_L)$ is the base model itself;
 # - the **short model** $(T_S, A_S)$ is the base model fine-tuned on System-1 data alone, i.e. the mixture with its weights fixed at
@@ -134,25 +142,25 @@ for name in ("short", "long"):
 # %%
 dev = tldr.dev_problems(P, tok)
 def evaluate(m):
-    return tldr.dev_eval(m, tok, dev, C.dev_temperature, E.max_new_tokens, seed=stage.seed,
-                         batch_size=P.sampling.batch_size, grader=task.grader)
+    return tldr.dev_eval(m, tok, dev, task, tldr.dev_decoding(P, stage.seed))
 
 
 def fresh_base():
     return base_model.load_base(stage.run_dir, P)[0]  # every run starts from the base model
 
 
-train_kw = dict(output_dir=stage.dir / ".trainer", seed=stage.seed, max_length=P.training.max_length, device=device,
-                bf16=P.training.bf16, activation_checkpointing=P.training.gradient_checkpointing)
+train_kw = dict(output_dir=stage.dir / ".trainer", seed=stage.seed, device=device)  # P.training: length, bf16
 if not done:
     long_ref = evaluate(base)
-    short_run = tldr.train_mixture(fresh_base(), tok, pools, C, evaluate, weights=(1.0, 0.0), eval_every=C.max_steps,
-                                   name="short", **train_kw)
+    short_job = tldr.MixtureJob(weights=(1.0, 0.0), eval_every=C.max_steps, name="short", **train_kw)
+    short_run = tldr.train_mixture(fresh_base(), tok, pools, C, evaluate, short_job, P.training)
     refs = tldr.reference_points(long_ref, short_run.records.iloc[-1], n_dev=len(dev), floor_gaps=C.floor_gaps)
     refs["short_model_wall_time_s"] = short_run.wall_time_s
     atomic_write_json(stage.dir / "references.json", refs)
 refs = read_json(stage.dir / "references.json")
-print(f"dev set: {len(dev)} problems, T = {C.dev_temperature:g}")
+decoding = "the most likely token at every step" if C.dev_temperature == 0 else "sampled: dev numbers carry noise"
+print(f"dev set: {len(dev)} problems, one answer each at T = {C.dev_temperature:g} ({decoding}); "
+      f"step size γ = {C.eta:g}, smoothing c = {C.smoothing:g}, acc floor {C.acc_floor:g} x A_L")
 print(f"long model  (base)            T_L = {refs['t_l']:.1f} tokens, A_L = {refs['a_l']:.3f}")
 print(f"short model (SFT on System-1) T_S = {refs['t_s']:.1f} tokens, A_S = {refs['a_s']:.3f}")
 print(f"gap floors {refs['min_gap']}: token gap floored: {refs['token_gap_floored']}, "
@@ -196,8 +204,8 @@ if not done:
         print(f"== {name} ==")
         sched = tldr.MixtureSchedule.from_config(C, refs["t_s"], refs["a_s"], refs["t_l"], refs["a_l"], seed=stage.seed,
                                                  static=static, min_gap=refs["min_gap"])
-        run = tldr.train_mixture(fresh_base(), tok, pools, C, evaluate, weights=sched, eval_every=C.update_every,
-                                 name=name, **train_kw)
+        job = tldr.MixtureJob(weights=sched, eval_every=C.update_every, name=name, **train_kw)
+        run = tldr.train_mixture(fresh_base(), tok, pools, C, evaluate, job, P.training)
         if run.chosen is None:
             print(f"!! {name}: no checkpoint kept dev accuracy above {C.acc_floor} x A_L; "
                   "its final weights are saved instead")
@@ -219,13 +227,13 @@ traj.round(4)
 #
 # Left: the weight of the short pool (steps) and the share of System-1 rows actually drawn per batch (faint, a rolling mean); the
 # static mix stays at one half. Middle and right: dev length and accuracy from the base model (step 0) on, with the reference points,
-# the accuracy floor, and the kept checkpoint (star). Whether this run's weights moved, and why, is printed under the figure from its
-# numbers.
+# the accuracy floor, and the kept checkpoint (star). Whether this run's weights moved (and how far they swung on the way), and why,
+# is printed above the figure from its numbers.
 
 # %%
 fig = plotting.tldr_trajectory_figure(traj, refs, batches, runs_info["chosen_step"], C.acc_floor)
-stage.save_fig(fig, "07_tldr_trajectory")
-print(claims.tldr_weights(traj, refs))
+png = stage.save_fig(fig, "07_tldr_trajectory")
+print(claims.tldr_weights(traj, refs))  # printed now; the figure is drawn when the cell ends, below these lines
 for name, step in runs_info["chosen_step"].items():
     print(f"{name}: chosen checkpoint "
           f"{'step ' + str(step) if step is not None else 'none above the floor (final weights kept)'}")
@@ -243,55 +251,69 @@ if first is not None:
 
 
 # %% [markdown] tsq_lesson="core-md"
-# ### The update in code
+# ### The loop in code
 #
-# $w \leftarrow \operatorname{softmax}(\log w + \eta b)$, then $w \leftarrow (1-c)w + c/2$, by hand, replayed over every re-weighting of the run from its dev numbers (the benefits $b$ from `tldr.benefits`), checked against the run's weights and `tldr.update_weights`.
+# TLDR's whole loop over the run's dev evaluations, by hand: on every update step ($E$ apart) the benefits $b$ from the dev numbers and the reference points (gaps floored), $w \leftarrow \operatorname{softmax}(\log w + \gamma b)$, then $w \leftarrow (1-c)w + c/2$; at every evaluation the checkpoint rule (fewest dev tokens among those above the accuracy floor). Checked against the run's weights after each update and the checkpoint it kept.
 
 # %% tsq_lesson="core"
-def tldr_update(w, b, eta, c):
-    z = [math.log(wi) + eta * bi for wi, bi in zip(w, b)]
-    e = [math.exp(zi - max(z)) for zi in z]  # softmax, shifted for stability
-    return [(1 - c) * ei / sum(e) + c / 2 for ei in e]
+def tldr_loop(dev_evals, refs, gamma, c, update_every, acc_floor):
+    """TLDR's loop over its dev evaluations: re-weight on update steps, keep the shortest checkpoint above the floor."""
+    floor_t, floor_a = refs["min_gap"] or (0.0, 0.0)  # gaps below the dev set's resolution are floored
+    dt, da = max(abs(refs["t_l"] - refs["t_s"]), floor_t), max(abs(refs["a_l"] - refs["a_s"]), floor_a)
+    w, kept, weights = [0.5, 0.5], None, []
+    for step, t_cur, a_cur in dev_evals:
+        if step % update_every == 0:
+            b = [max((t_cur - refs["t_s"]) / dt, 0.0), max((refs["a_l"] - a_cur) / da, 0.0)]  # too long, acc lost
+            z = [math.log(wi) + gamma * bi for wi, bi in zip(w, b)]
+            e = [math.exp(zi - max(z)) for zi in z]  # softmax, shifted for stability
+            w = [(1 - c) * ei / sum(e) + c / 2 for ei in e]
+        above_floor = round(a_cur - acc_floor * refs["a_l"], 9) > 0  # rounded: float noise must not decide it
+        if above_floor and (kept is None or (t_cur, -a_cur) < kept[1:]):  # fewer tokens, then higher accuracy
+            kept = (step, t_cur, -a_cur)
+        weights.append(w[0])
+    return weights, (kept[0] if kept else None)
 
-w = [0.5, 0.5]
-for _, r in traj[(traj["run"] == "tldr") & traj["updated"]].sort_values("step").iterrows():
-    b = tldr.benefits(r["dev_tokens"], r["dev_acc"], refs["t_s"], refs["a_s"], refs["t_l"], refs["a_l"],
-                      min_gap=refs["min_gap"])
-    w_new = tldr_update(w, b, C.eta, C.smoothing)
-    assert math.isclose(w_new[0], r["w_short"], rel_tol=1e-9)
-    assert math.isclose(w_new[0], tldr.update_weights(w, b, C.eta, C.smoothing)[0], rel_tol=1e-12)
-    w = w_new
-print(f"replayed {int(traj.loc[traj['run'] == 'tldr', 'updated'].sum())} updates; final w_short {w[0]:.4f}")
+
+run_traj = traj[traj["run"] == "tldr"].sort_values("step")
+w_by_hand, kept_by_hand = tldr_loop(run_traj[["step", "dev_tokens", "dev_acc"]].itertuples(index=False), refs,
+                                    C.eta, C.smoothing, C.update_every, C.acc_floor)
+assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(w_by_hand, run_traj["w_short"]))
+assert kept_by_hand == runs_info["chosen_step"]["tldr"], (kept_by_hand, runs_info["chosen_step"])
+print(f"replayed {len(w_by_hand)} dev evaluations ({int(run_traj['updated'].sum())} updates): w_short by hand "
+      + ", ".join(f"{x:.4f}" for x in w_by_hand) + f"; kept checkpoint: step {kept_by_hand}, as in the run")
 
 # %% [markdown] tsq_lesson="live-md"
-# ### Live: η and c
+# ### Live: γ and c
 #
-# One update from $w = (\tfrac12, \tfrac12)$, for every (dev tokens, dev accuracy) between the two reference points: blue means the short pool gains, red the long pool. Move η (the step size) and $c$ (the smoothing); headless the map shows the run's own values.
+# One update from $w = (\tfrac12, \tfrac12)$, for every (dev tokens, dev accuracy) between the two reference points: blue means the short pool gains, red the long pool. Move γ (the step size) and $c$ (the smoothing); headless the map shows the run's own values.
 
 # %% tsq_lesson="live"
-from tsq_utils import lessons
+from tsq_utils.lessons import widgets
 
-lessons.live(lambda eta, c: plotting.tldr_update_figure(refs, eta, c),
-             eta=lessons.slider(float(C.eta), 0.0, 16.0, 0.5, "η"),
-             c=lessons.slider(float(C.smoothing), 0.0, 0.5, 0.01, "c"))
+controls = widgets.live(lambda eta, c: plotting.tldr_update_figure(refs, eta, c),
+                        eta=widgets.slider(float(C.eta), 0.0, 16.0, 0.5, "γ"),
+                        c=widgets.slider(float(C.smoothing), 0.0, 0.5, 0.01, "c"))
 
 # %% [markdown]
 # ## The comparison: five models on the problems of notebook 05
 #
 # TLDR's and the static mix's kept checkpoints answer the evaluation problems of notebook 05 with its settings (samples per problem,
-# temperature, budget and sampling seed); the base, TokenSqueeze and oracle rows are 05's own results. **A.C.R.** is TLDR's average
-# compression ratio, the mean over benchmarks of $\max(0,\,1 - L/L_{\text{orig}})$ with $L$ the mean tokens of all responses (Len-A) and
+# temperature, budget and sampling seed); the base, TokenSqueeze and oracle rows are 05's own results. **[A.C.R.](../docs/glossary.md#acr)** is TLDR's average
+# compression ratio, the mean over benchmarks of $\max(0,\,1 - L/L_{\text{orig}})$ with $L$ the mean tokens of all responses ([Len-A](../docs/glossary.md#len-a)) and
 # the base model as $L_{\text{orig}}$.
 
 # %%
 problems = evaluation.eval_problems(P, tok)
 kind = base_model.read_pointer(stage.run_dir, P.name)["kind"]
-if not done:
+if not done:  # TLDR's kept checkpoint here, the static mix's in the next cell: one progress bar each
     models = base_model.Samplers(P, {name: (str(stage.dir / d), kind) for name, d in MODEL_DIRS.items()})
-    kw = dict(n=E.n_samples, temperature=E.temperature, top_p=E.top_p, max_new_tokens=E.max_new_tokens,
-              batch_size=P.sampling.batch_size, backend=P.sampling.backend, shards=P.shards, workers=P.workers,
-              seed=config.stage_seed(P.seed, "evaluation"))  # 05's sampling seed
-    parts = [evaluation.evaluate_model(name, models[name], tok, problems, **kw) for name in MODEL_DIRS]
+    spec = evaluation.eval_decoding(P, config.stage_seed(P.seed, "evaluation"))  # 05's sampling seed
+    parts = [evaluation.evaluate_model("tldr", models["tldr"], tok, problems, spec, sampling.SampleRun.of(P))]
+
+# %%
+if not done:
+    parts.append(evaluation.evaluate_model("static_mix", models["static_mix"], tok, problems, spec,
+                                           sampling.SampleRun.of(P)))
     models.close()
     save_table(pd.concat(parts, ignore_index=True), stage.dir / "results.parquet")
 ORDER = ["base", "tokensqueeze", "tldr", "static_mix", "oracle"]
@@ -319,8 +341,8 @@ if "k" in results and results["k"].nunique() > 1:
 # ## Try this
 #
 # - `update_every=8`: the weights react faster (and the dev set is evaluated four times as often, the main cost of the run).
-# - `eta=0`: the update is the identity up to smoothing, so TLDR becomes the static mix; a large `eta` swings the weights to the pool
-#   bounds at each update.
+# - `eta=0` (the step size γ): the update is the identity up to smoothing, so TLDR becomes the static mix; a large `eta` swings the
+#   weights to the pool bounds at each update.
 # - `acc_floor=0.9`: a stricter checkpoint rule keeps an earlier, longer and more accurate checkpoint.
 # - `easy_max_k`: move the easy/hard split; with everything "easy", System-2 is empty and the method has nothing to keep accuracy with.
 # - `dev_temperature` set to the evaluation temperature: dev numbers in the evaluation's conditions, but noisier re-weighting.
@@ -357,31 +379,56 @@ if not done:
 manifest = stage.finish(inputs, outputs=outputs, summary=summary)
 
 # %% tsq_lesson="seen"
-display(lessons.seen(claims.seen_tldr(traj, comparison, refs, results)))
+display(widgets.seen(claims.seen_tldr(traj, comparison, refs, results)))
 
 # %% [markdown] tsq_lesson="ex"
 # ## Exercises
 #
 # Try each before opening its answer (the answers below are computed from this run where they depend on it).
-# 1. *(warm-up)* From $w = (0.5, 0.5)$ with $b = (1, 0)$, $\eta = 4$, $c = 0$: what is the new $w_{\text{short}}$?
-# 2. *(core)* What is $c$ for, and what does $\eta = 0$ turn TLDR into?
+# 1. *(warm-up)* Say $w = (0.5, 0.5)$, $b = (1, 0)$, $\gamma = 4$ and $c = 0$: what is the new $w_{\text{short}}$?
+# 2. *(core)* What is $c$ for, and what does a step size $\gamma$ of zero turn TLDR into?
 # 3. *(core)* How far did this run's weights move, and why does that explain the comparison table?
 # 4. *(stretch)* TLDR's System-1 pool here is the toy world's oracle traces. Why does that make the comparison with TokenSqueeze unfair, and to whom?
 
 # %% tsq_lesson="ans"
-from tsq_utils import lessons
+from tsq_utils.lessons import widgets
 
-display(lessons.answer(f"$e^4/(e^4 + 1)$ = {math.exp(4) / (math.exp(4) + 1):.4f}; "
-                       f"`tldr.update_weights((0.5, 0.5), (1, 0), 4, 0)` gives "
+display(widgets.answer(f"$e^4/(e^4 + 1)$ = {math.exp(4) / (math.exp(4) + 1):.4f}; "
+                       f"<code>tldr.update_weights((0.5, 0.5), (1, 0), 4, 0)</code> gives "
                        f"{tldr.update_weights((0.5, 0.5), (1, 0), 4.0, 0.0)[0]:.4f}.", title="Answer 1"))
-display(lessons.answer("$c$ keeps both weights at least $c/2$ above 0, so $\\log w$ stays finite and a pool can always "
-                       "come back. With $\\eta = 0$ the update is the identity (up to smoothing): the static mix.",
+display(widgets.answer("$c$ keeps both weights at least $c/2$ above 0, so $\\log w$ stays finite and a pool can always "
+                       "come back. With $\\gamma = 0$ the update is the identity (up to smoothing): the static mix.",
                        title="Answer 2"))
-display(lessons.answer(" ".join(claims.seen_tldr(traj, comparison, refs, results)[:2]),
+display(widgets.answer(" ".join(claims.seen_tldr(traj, comparison, refs, results)[:2]),
                        title="Answer 3"))
-display(lessons.answer("It favours TLDR: its short pool is the concise oracle trace of each easy problem, outside help "
+display(widgets.answer("It favours TLDR: its short pool is the concise oracle trace of each easy problem, outside help "
                        "that is always correct and minimal, while TokenSqueeze learns only from what the base model "
                        "itself sampled.", title="Answer 4"))
+
+# %% [markdown] tsq_lesson="code-ex"
+# ### Your turn: one update, in code
+#
+# Write `one_update(w_short, b_short, b_long, gamma, c)`: the new $w_{\text{short}}$ after one TLDR update. It must stay finite for large $\gamma b$ (shift before exponentiating) and keep both weights at least $c/2$. A solution is filled in; replace its body with your own and run the check, which compares it with `tldr.update_weights` on this run's own benefits and on extreme ones.
+
+# %% tsq_lesson="code-ex"
+def one_update(w_short, b_short, b_long, gamma, c):
+    """w_short after softmax(log w + γ·b) and (1 − c)·w + c/2."""
+    z_short, z_long = math.log(w_short) + gamma * b_short, math.log(1 - w_short) + gamma * b_long
+    top = max(z_short, z_long)
+    e_short, e_long = math.exp(z_short - top), math.exp(z_long - top)
+    return (1 - c) * e_short / (e_short + e_long) + c / 2
+
+
+# %% tsq_lesson="code-check"
+# the check: this run's own (w, b) at every update, then made-up extremes (large γ·b, c = 0, a weight near 0)
+cases = [(w_prev, r["b_short"], r["b_long"], C.eta, C.smoothing)
+         for w_prev, (_, r) in zip([0.5] + w_by_hand, run_traj.iterrows()) if r["updated"]]
+cases += [(0.5, 1.0, 0.0, 4.0, 0.0), (0.5, 300.0, 0.0, 16.0, 1e-4), (1e-4, 0.0, 50.0, 8.0, 0.5),
+          (0.9, 0.2, 0.7, 0.0, 0.1)]
+for w0, bs, bl, gamma, c in cases:
+    want = tldr.update_weights((w0, 1 - w0), (bs, bl), gamma, c)[0]
+    assert math.isclose(one_update(w0, bs, bl, gamma, c), want, rel_tol=1e-9, abs_tol=1e-12), (w0, bs, bl, gamma, c)
+print(f"one_update agrees with tldr.update_weights on {len(cases)} cases")
 
 # %%
 # sanity checks (nbval runs these on the ci profile)

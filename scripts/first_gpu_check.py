@@ -31,6 +31,7 @@ engines through vllm_shards (the same process, pipe and sharding code as the vLL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -67,14 +68,15 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model, use_safetensors=True).eval()
 
     def generate(self, inputs, params):
-        from tsq_utils.model.generation import sample
+        from tsq_utils.model.generation import Decoding, sample
 
         outs = []
         for inp, p in zip(inputs, params):
             p = p if isinstance(p, dict) else vars(p)
             prompt = self.tok.decode(inp["prompt_token_ids"])
-            res = sample(self.model, self.tok, [prompt], n=p["n"], temperature=p["temperature"], top_p=p["top_p"],
-                         max_new_tokens=p["max_tokens"], seed=p["seed"], backend="transformers")
+            spec = Decoding(n=p["n"], temperature=p["temperature"], top_p=p["top_p"], max_new_tokens=p["max_tokens"],
+                            seed=p["seed"])
+            res = sample(self.model, self.tok, [prompt], spec, backend="transformers")
             outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=t, index=j, finish_reason=r) for j, (t, r) in
                                                  enumerate(zip(res.texts[0], res.finish_reasons[0]))]))
         return outs
@@ -204,6 +206,8 @@ def check_tokenizer(ctx: dict) -> str:
 def check_sampling(ctx: dict) -> str:
     from tsq_utils.core.config import load_profile
     from tsq_utils.method import sampling
+    from tsq_utils.model.generation import Decoding
+    from tsq_utils.task.registry import get_task
     from tsq_utils.model import base_model
     from tsq_utils.task import data
 
@@ -221,9 +225,10 @@ def check_sampling(ctx: dict) -> str:
     memory = _gpu_used()
     try:
         t0 = time.perf_counter()
-        samples = sampling.sample_and_grade(engine, tok, problems, n=ctx["n_samples"], temperature=s.temperature,
-                                            top_p=s.top_p, max_new_tokens=max_new, seed=0, grader="math",
-                                            backend=s.backend, progress=False, batch_size=s.batch_size)
+        spec = Decoding(n=ctx["n_samples"], temperature=s.temperature, top_p=s.top_p, max_new_tokens=max_new, seed=0,
+                        batch_size=s.batch_size)
+        samples = sampling.sample_and_grade(engine, tok, problems, get_task("math500"), spec,
+                                            sampling.SampleRun(backend=s.backend, progress=False))
         dt = time.perf_counter() - t0
     finally:
         base_model.release_sampler(engine)
@@ -255,11 +260,8 @@ def check_refinement(ctx: dict) -> str:
     model = _transformers_model(ctx)
     _peak_reset()
     t0 = time.perf_counter()
-    res = refinement.refine_response(model, tok, prompt, text, n_candidates=ctx["k"] or r.n_candidates,
-                                     window=ctx["window"] or r.window, epsilon=r.epsilon, reduction=r.kl_reduction,
-                                     temperature=r.temperature, max_step_tokens=r.max_step_tokens, seed=0,
-                                     batch_size=r.batch_size, scoring=r.scoring, candidates=r.candidates,
-                                     steps=r.steps)
+    cfg = dataclasses.replace(r, n_candidates=ctx["k"] or r.n_candidates, window=ctx["window"] or r.window)
+    res = refinement.refine_response(model, tok, refinement.Response(prompt, text), cfg, seed=0)
     dt = time.perf_counter() - t0
     peak = _peak()
     del model
@@ -301,8 +303,8 @@ def check_training(ctx: dict) -> str:
     model = _transformers_model(ctx, "float32" if cfg.bf16 else None)  # notebook 04: fp32 master weights
     _peak_reset()
     t0 = time.perf_counter()
-    log = dpo_l.train_and_save(model, ctx["tok"], pairs, cfg, ctx["out"] / "train-1", seed=0, max_steps=4,
-                               device="cuda" if _cuda() else "cpu", progress=False)
+    run = dpo_l.TrainRun(seed=0, device="cuda" if _cuda() else "cpu", max_steps=4, progress=False)
+    log = dpo_l.train_and_save(model, ctx["tok"], pairs, cfg, ctx["out"] / "train-1", run)
     dt = time.perf_counter() - t0
     peak = _peak()
     del model
@@ -329,8 +331,8 @@ def check_train_2proc(ctx: dict) -> str:
     model = _transformers_model(ctx)
     device = "cpu" if ctx["cpu"] else "cuda"
     t0 = time.perf_counter()
-    log = dpo_l.train_and_save(model, ctx["tok"], pairs, cfg, ctx["out"] / "train-2", seed=0, max_steps=None,
-                               device=device, progress=False)
+    log = dpo_l.train_and_save(model, ctx["tok"], pairs, cfg, ctx["out"] / "train-2",
+                               dpo_l.TrainRun(seed=0, device=device, progress=False))
     dt = time.perf_counter() - t0
     del model
     saved = ctx["out"] / "train-2" / "model"
@@ -366,7 +368,8 @@ def check_sample_2dp(ctx: dict) -> str:
     try:
         if len(engines) != 2 or len(set(map(tuple, engines.devices))) != 2:
             raise RuntimeError(f"expected 2 engines on their own devices, got {engines.devices}")
-        inputs, params = generation.vllm_requests(tok, prompts, 2, s.temperature, s.top_p, max_new, 0)
+        spec = generation.Decoding(n=2, temperature=s.temperature, top_p=s.top_p, max_new_tokens=max_new, seed=0)
+        inputs, params = generation.vllm_requests(tok, prompts, spec)
         if not ctx["cpu"]:
             from vllm import SamplingParams
 

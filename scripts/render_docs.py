@@ -4,7 +4,7 @@
     python scripts/render_docs.py --check    # exit 1 naming what is out of date (tests/test_docs.py runs this check)
     python scripts/render_docs.py --counts   # print the package tree with line counts (for release notes)
 
-Generated: docs/profiles.md (every profile key, from tsq_utils/core/config.py), and in docs/architecture.md the
+Generated: docs/profiles.md (every profile key, from tsq_utils/core/profile_schema.py), and in docs/architecture.md the
 module tree (each module's docstring's first paragraph) and the stage table (tsq_utils/core/pipeline.py), each
 between a pair of `<!-- generated: NAME -->` / `<!-- end generated: NAME -->` lines; the prose around them is
 written by hand.
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tsq_utils.core import config, pipeline  # noqa: E402
+from tsq_utils.core import pipeline, profile_doc  # noqa: E402
 
 PACKAGE = REPO / "tsq_utils"
 ARCHITECTURE = REPO / "docs" / "architecture.md"
@@ -83,9 +83,9 @@ def render_architecture(text: str) -> str:
 def outdated() -> dict[Path, str]:
     """Each generated file whose content differs from its rendering: path -> the rendered content."""
     out = {}
-    want = config.profile_reference()
-    if not config.PROFILES_DOC.exists() or config.PROFILES_DOC.read_text(encoding="utf-8") != want:
-        out[config.PROFILES_DOC] = want
+    want = profile_doc.profile_reference()
+    if not profile_doc.PROFILES_DOC.exists() or profile_doc.PROFILES_DOC.read_text(encoding="utf-8") != want:
+        out[profile_doc.PROFILES_DOC] = want
     have = ARCHITECTURE.read_text(encoding="utf-8")
     want = render_architecture(have)
     if want != have:

@@ -104,8 +104,8 @@ class Fakes:
         out["chosen"] = out["chosen"] + f" at {cfg.epsilon:g}"  # the kept candidates depend on ε
         return out, step_log
 
-    def train_and_save(self, model, tokenizer, pairs, cfg, stage_dir, seed, device="cpu", max_steps=None,
-                       model_subdir="model", progress=True, ref_cache=None):
+    def train_and_save(self, model, tokenizer, pairs, cfg, stage_dir, run, model_subdir="model"):
+        seed, device, max_steps, progress = run.seed, run.device, run.max_steps, run.progress
         if self.fail_train:
             raise RuntimeError("training blew up")
         self.train.append({"cfg": cfg, "seed": seed, "pairs": len(pairs), "chosen": list(pairs["chosen"]),
@@ -124,11 +124,10 @@ class Fakes:
                 for i, (p, k) in enumerate(zip(probs["problem_id"], probs["k"])) for j in range(n)]
         return pd.DataFrame(rows)
 
-    def evaluate_model(self, name, model, tokenizer, problems, n, temperature, top_p, max_new_tokens, seed,
-                       batch_size=64, backend="transformers", progress=True, shards=1, workers=1):
-        assert not progress and workers == 1  # 06 runs rows side by side, each evaluation in one process
+    def evaluate_model(self, name, model, tokenizer, problems, spec, run):
+        assert not run.progress and run.workers == 1  # 06 runs rows side by side, each evaluation in one process
         self.eval.append(model)
-        return self.results(problems, n, name)
+        return self.results(problems, spec.n, name)
 
 
 # --------------------------------------------------------------------------- rows
@@ -191,6 +190,14 @@ def test_headline_rows_get_every_seed_and_selection_by_name_or_group(prof):
 def test_make_row_rejects_bad_values(prof, kw, msg):
     with pytest.raises(ValueError, match=msg):
         A.make_row(prof, "x/y", "x", **kw)
+
+
+def test_make_row_takes_the_fields_of_row_change_only(prof):
+    """make_row's changes are RowChange's fields: a misspelt one is refused, not silently dropped."""
+    with pytest.raises(TypeError, match="alpah"):
+        A.make_row(prof, "x/y", "x", alpah=0.3)
+    r = A.make_row(prof, "alpha/0.3", "a", **dataclasses.asdict(A.RowChange(variant="q_dyn", alpha=0.3, x=0.3)))
+    assert (r.selection.variant, r.selection.alpha, r.x, r.seed, r.refine) == ("q_dyn", 0.3, 0.3, 0, "kl")
 
 
 def test_profile_ablations_section_is_validated():
@@ -282,7 +289,7 @@ def test_every_key_covers_the_code(ctx, monkeypatch):
     k = A.row_keys(ctx, row(ctx))
     base = A.make_row(ctx.profile, "base", "b", refine="off", objective="none")
     kb = A.row_keys(ctx, base)
-    monkeypatch.setattr(A.cache, "package_hash", lambda: "edited" * 10)
+    monkeypatch.setattr(A.cache_keys, "package_hash", lambda: "edited" * 10)
     k2, kb2 = A.row_keys(ctx, row(ctx)), A.row_keys(ctx, base)
     assert set(k2) == set(k) and all(k2[s] != k[s] for s in k) and kb2["results"] != kb["results"]
 

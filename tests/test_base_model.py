@@ -10,7 +10,7 @@ from tsq_utils.task import toy as tw
 from tsq_utils.model import toy_reasoner as tr
 from tsq_utils.core.config import REPO_ROOT, ToyWorldConfig, load_profile
 from tsq_utils.method.sampling import SAMPLE_COLUMNS, reasoner_checks
-from tsq_utils.task.registry import training_task
+from tsq_utils.task.registry import get_task, training_task
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,21 @@ def test_toy_model_dir(tmp_path):
     assert tr.toy_model_dir(toy, tmp_path) == REPO_ROOT / "checkpoints" / "toy-reasoner"
     ci = load_profile("ci")
     assert ci.pretrain.retrain and tr.toy_model_dir(ci, tmp_path) == tmp_path / "base_model" / "model"
+
+
+def test_model_sources_say_what_to_load_and_in_which_dtype(tmp_path):
+    """The training entry point asks the registry (no source-name compare): the toy reasoner always trains from
+    float32 weights as recorded; a hub model in model.dtype, its recorded hub id following model.local_override."""
+    hub = load_profile("r1-1.5b", {"model.dtype": "bfloat16"})
+    toy, src = load_profile("toy"), bm.model_source("hub")
+    assert set(bm.MODEL_SOURCES) == {"toy", "hub"}
+    assert bm.model_source("toy").dtype(toy) == "float32" and src.dtype(hub) == "bfloat16"
+    assert bm.model_source("toy").resolve("runs/x/base_model/model", toy) == "runs/x/base_model/model"
+    over = load_profile("r1-1.5b", {"model.local_override": str(tmp_path)})
+    assert src.resolve(over.model.path, over) == str(tmp_path)  # the recorded hub id follows the override
+    assert src.resolve("some/folder", over) == "some/folder"  # a recorded folder stays itself
+    with pytest.raises(ValueError, match="unknown model kind 'gguf'"):
+        bm.model_source("gguf")
 
 
 def test_hub_model_ref(tmp_path):
@@ -123,7 +138,7 @@ def test_reasoner_checks_hand_built(tok):
                          for j, (n, c) in enumerate(zip(lens, oks))]
     sampled = samples_table(sampled_rows)
 
-    out = reasoner_checks(greedy, sampled, held, tok)
+    out = reasoner_checks(greedy, sampled, held, tok, get_task("toy"))
     o = [oracle[i] for i in ids]
     g = [m * x for m, x in zip(mult, o)]
     assert out["heldout_problems"] == 4

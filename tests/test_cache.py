@@ -182,11 +182,12 @@ def test_cache_keys_cover_the_code_the_rows_run_and_nothing_else(tmp_path, monke
         return fingerprint.code_of("tsq_utils.ablations")
 
     before = key()
-    for rel in ("method/refinement.py", "lessons/plotting.py", "core/stage.py"):
+    for rel in ("method/refinement/refine.py", "lessons/plotting.py", "core/stage.py"):
         (pkg / rel).write_text("# a comment\n" + (pkg / rel).read_text())
     (pkg / "method" / "tldr.py").write_text((pkg / "method" / "tldr.py").read_text() + "\n_EDITED = 1\n")
     (pkg / "lessons" / "plotting.py").write_text((pkg / "lessons" / "plotting.py").read_text() + "\n_EDITED = 1\n")
     assert key() == before  # comments anywhere; code the rows never run
-    (pkg / "method" / "refinement.py").write_text((pkg / "method" / "refinement.py").read_text() + "\n_EDITED = 1\n")
+    ref = pkg / "method" / "refinement" / "refine.py"
+    ref.write_text(ref.read_text() + "\n_EDITED = 1\n")
     assert key() != before
     fingerprint._CODE_OF.clear()

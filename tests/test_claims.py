@@ -49,10 +49,10 @@ def _row(acc=0.986, len_t=55.3, n_pairs=300, acc_hard=0.975, acc_hard_se=0.013):
 
 def test_shortest_vs_q_dyn_branches():
     same = claims.shortest_vs_q_dyn(_row(), _row(), n=8, alpha=0.2)  # the toy run: one model
-    assert same.startswith("Shortest and Q-DYN gave the same numbers") and "N = 8 and α = 0.2 k = 1" in same
+    assert same.startswith("Shortest and Q-DYN gave the same numbers") and "N = 8 and α = 0.2 n₊ = 1" in same
     assert "cut corners" not in same
     alike = claims.shortest_vs_q_dyn(_row(), _row(), n=32, alpha=0.2)  # k >= 2 possible: the models merely agree
-    assert "answer alike" in alike and "k = 1" not in alike
+    assert "answer alike" in alike and "n₊ = 1" not in alike
     worse = claims.shortest_vs_q_dyn(_row(acc=0.95, acc_hard=0.90), _row(), n=24, alpha=0.2)
     assert "-7.5 ±" in worse and worse.endswith("as in the paper.")
     assert "within two standard errors" in claims.shortest_vs_q_dyn(_row(acc=0.98, acc_hard=0.97), _row(), 24, 0.2)

@@ -115,7 +115,7 @@ def test_bad_inputs(tmp_path):
         load_benchmark("gsm8k", tmp_path / "nope.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{not json\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
+    with pytest.raises(ValueError, match="bad.jsonl, line 2"):
         load_benchmark("gsm8k", bad)
     no_answer = tmp_path / "no_answer.jsonl"
     no_answer.write_text('{"question": "What is 1+1?", "solution": "2"}\n')

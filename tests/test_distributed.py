@@ -41,8 +41,8 @@ def _train(toy, out: Path, n_proc: int, per_device: int, eta: float, max_steps: 
     cfg = TrainingConfig(batch_size=per_device, lr=1e-3, epochs=1.0, warmup_ratio=0.0, max_length=256, eta=eta)
     cfg.num_processes = n_proc  # training.num_processes
     assert dpo_l.global_batch(cfg) == 8
-    log = dpo_l.train_and_save(LlamaForCausalLM.from_pretrained(base), tok, pairs, cfg, out, seed=3, device="cpu",
-                               max_steps=max_steps)
+    log = dpo_l.train_and_save(LlamaForCausalLM.from_pretrained(base), tok, pairs, cfg, out,
+                               dpo_l.TrainRun(seed=3, device="cpu", max_steps=max_steps))
     return log, LlamaForCausalLM.from_pretrained(out / "model")
 
 
@@ -55,7 +55,7 @@ def test_two_gloo_processes_train_like_one(toy, tmp_path):
     _, _, pairs = toy
     cfg = TrainingConfig(batch_size=4)
     cfg.num_processes = 2
-    assert not dpo_l._shorter_than_an_epoch(cfg, None, len(pairs))  # the precompute path
+    assert not dpo_l.build._shorter_than_an_epoch(cfg, None, len(pairs))  # the precompute path
     log1, m1 = _train(toy, tmp_path / "one", 1, 8, eta=0.5)
     log2, m2 = _train(toy, tmp_path / "two", 2, 4, eta=0.5)
     assert list(log2.index) == [1, 2]

@@ -1,5 +1,6 @@
 """Tests for tsq_utils.method.dpo_l: DPO-L + SFT against closed forms and TRL's own losses, on a tiny random Llama."""
 
+import dataclasses
 import math
 import string
 from pathlib import Path
@@ -15,10 +16,13 @@ from trl import DPOConfig, DPOTrainer
 
 from tsq_utils.model.compat import checkpointing_kwargs
 from tsq_utils.core.config import TrainingConfig
+from tsq_utils.method import dpo_l
 from tsq_utils.method.dpo_l import (
     DPOLConfig,
     DPOLTrainer,
     NonFiniteLossError,
+    TrainerOptions,
+    TrainRun,
     checkpoint_settings,
     global_batch,
     make_dpo_l_trainer,
@@ -28,6 +32,19 @@ from tsq_utils.method.dpo_l import (
 )
 
 datasets.disable_progress_bars()
+
+
+def _trainer(model, ref_model, tok, pairs, cfg, out, seed=0, max_steps=None, device="auto", ref_cache=None, **opts):
+    """make_dpo_l_trainer with its TrainRun and TrainerOptions from keywords (other keywords: DPOConfig overrides)."""
+    run = TrainRun(seed=seed, device=device, max_steps=max_steps, ref_cache=ref_cache)
+    named = {k: opts.pop(k) for k in ("eval_pairs", "callbacks", "args", "precompute_ref_log_probs") if k in opts}
+    return make_dpo_l_trainer(model, ref_model, tok, pairs, cfg, out, run, TrainerOptions(**named, overrides=opts))
+
+
+def _train_and_save(model, tok, pairs, cfg, stage_dir, seed=0, max_steps=None, device="cpu", progress=True):
+    """dpo_l.train_and_save with its TrainRun from keywords."""
+    run = TrainRun(seed=seed, device=device, max_steps=max_steps, progress=progress)
+    return dpo_l.train_and_save(model, tok, pairs, cfg, stage_dir, run)
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<think>", "</think>"]
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
@@ -214,7 +231,7 @@ def _cfg(**kw) -> TrainingConfig:
 def test_training_changes_parameters_and_logs_closed_form(tok, tmp_path):
     model = _model(tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = make_dpo_l_trainer(model, None, tok, PAIRS, _cfg(), tmp_path, seed=3, max_steps=3)
+    trainer = _trainer(model, None, tok, PAIRS, _cfg(), tmp_path, seed=3, max_steps=3)
     trainer.train()
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert len(changed) == len(before)
@@ -234,7 +251,7 @@ def test_training_changes_parameters_and_logs_closed_form(tok, tmp_path):
 
 def test_nan_loss_raises_naming_the_step(tok, tmp_path):
     model = _model(tok)
-    trainer = make_dpo_l_trainer(model, _model(tok), tok, PAIRS, _cfg(), tmp_path, seed=0, max_steps=2)
+    trainer = _trainer(model, _model(tok), tok, PAIRS, _cfg(), tmp_path, seed=0, max_steps=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: out * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"train step 1 ") as err:
@@ -270,7 +287,7 @@ def test_a_run_shorter_than_an_epoch_scores_the_reference_on_the_fly(tok, tmp_pa
     cfg = _cfg(batch_size=1)
     logs = []
     for pre in (None, True):
-        trainer = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / str(pre), seed=5, max_steps=2,
+        trainer = _trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / str(pre), seed=5, max_steps=2,
                                      precompute_ref_log_probs=pre)
         if pre is None:
             assert trainer.args.precompute_ref_log_probs is False and trainer.ref_model is not None
@@ -280,7 +297,7 @@ def test_a_run_shorter_than_an_epoch_scores_the_reference_on_the_fly(tok, tmp_pa
     for col in ("loss", "dpo_l_loss", "sft_loss", "rewards/margins"):
         assert logs[0][col].tolist() == pytest.approx(logs[1][col].tolist(), rel=1e-5, abs=1e-6)
     # a run of at least one epoch precomputes (no second model kept)
-    full = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "full", seed=5, max_steps=4)
+    full = _trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "full", seed=5, max_steps=4)
     assert full.args.precompute_ref_log_probs is True and full.ref_model is None
 
 
@@ -291,7 +308,7 @@ def test_make_trainer_wires_config_and_tokenizes_plain_text(tmp_path):
     pairs = PAIRS.assign(prompt="<bos>" + PAIRS["prompt"])
     cfg = _cfg(lr=3e-4, epochs=2.0, grad_accum=2, warmup_ratio=0.25, beta=0.2, lam=0.5, eta=0.8,
                length_margin_sign=1)
-    trainer = make_dpo_l_trainer(_model(tok), _model(tok), tok, pairs, cfg, tmp_path, seed=11)
+    trainer = _trainer(_model(tok), _model(tok), tok, pairs, cfg, tmp_path, seed=11)
     a = trainer.args
     assert (a.learning_rate, a.num_train_epochs, a.gradient_accumulation_steps, a.warmup_steps) == (3e-4, 2.0, 2, 0.25)
     assert (a.beta, a.length_lambda, a.sft_eta, a.length_margin_sign) == (0.2, 0.5, 0.8, 1)
@@ -309,7 +326,7 @@ def test_make_trainer_wires_config_and_tokenizes_plain_text(tmp_path):
 
 
 def test_evaluate_logs_dpo_l_metrics(tok, tmp_path):
-    trainer = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, _cfg(), tmp_path, seed=0, eval_pairs=PAIRS)
+    trainer = _trainer(_model(tok), None, tok, PAIRS, _cfg(), tmp_path, seed=0, eval_pairs=PAIRS)
     metrics = trainer.evaluate()
     lw, ll = _lengths(tok)
     assert metrics["eval_dpo_l_loss"] == pytest.approx(torch.log((lw + ll) / lw).mean().item(), rel=1e-5)
@@ -318,7 +335,7 @@ def test_evaluate_logs_dpo_l_metrics(tok, tmp_path):
 
 def test_truncation_warns(tok, tmp_path):
     with pytest.warns(UserWarning, match="exceed max_length=40"):
-        make_dpo_l_trainer(_model(tok), _model(tok), tok, PAIRS, _cfg(max_length=40), tmp_path, seed=0)
+        _trainer(_model(tok), _model(tok), tok, PAIRS, _cfg(max_length=40), tmp_path, seed=0)
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -344,9 +361,9 @@ def test_bad_inputs_raise(tok, tmp_path):
     with pytest.raises(ValueError, match="'chosen' must hold non-empty strings"):
         pairs_to_dataset(PAIRS.assign(chosen=[None, "x", "y", "z"]), tok)
     with pytest.raises(ValueError, match="precompute"):
-        make_dpo_l_trainer(_model(tok), None, tok, PAIRS, _cfg(), tmp_path, seed=0, precompute_ref_log_probs=False)
+        _trainer(_model(tok), None, tok, PAIRS, _cfg(), tmp_path, seed=0, precompute_ref_log_probs=False)
     with pytest.raises(ValueError, match="warmup_ratio"):
-        make_dpo_l_trainer(_model(tok), None, tok, PAIRS, _cfg(warmup_ratio=1.0), tmp_path, seed=0)
+        _trainer(_model(tok), None, tok, PAIRS, _cfg(warmup_ratio=1.0), tmp_path, seed=0)
     with pytest.raises(TypeError, match="DPOLConfig"):
         DPOLTrainer(_model(tok), _model(tok), args=DPOConfig(**_common_args(tmp_path)),
                     train_dataset=pairs_to_dataset(PAIRS, tok), processing_class=tok)
@@ -356,7 +373,7 @@ def _share_moved(tok, tmp_path, model) -> float:
     """Train 4 steps with the GPU settings; the share of the transformer layers' weights that changed."""
     before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     cfg = _cfg(lr=5e-6, bf16=True, gradient_checkpointing=True, batch_size=2)
-    trainer = make_dpo_l_trainer(model, None, tok, PAIRS, cfg, tmp_path, seed=0, max_steps=4, device="cpu")
+    trainer = _trainer(model, None, tok, PAIRS, cfg, tmp_path, seed=0, max_steps=4, device="cpu")
     assert trainer.args.bf16
     trainer.train()
     assert trainer.model.is_gradient_checkpointing  # the trainer turns it on when training starts
@@ -375,7 +392,7 @@ def test_bf16_training_keeps_fp32_master_weights_that_move(tok, tmp_path, monkey
     share = _share_moved(tok, tmp_path / "fp32", model)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert share > 0.95, share
-    monkeypatch.setattr(dpo_l, "master_weights_fp32", lambda m: m)  # the old behaviour: bf16 weights
+    monkeypatch.setattr(dpo_l.build, "master_weights_fp32", lambda m: m)  # the old behaviour: bf16 weights
     bf16_share = _share_moved(tok, tmp_path / "bf16", _model(tok, noise=0.05).to(torch.bfloat16))
     assert bf16_share < 0.5, bf16_share
 
@@ -411,23 +428,24 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tok, tmp_path,
     cfg = _cfg(batch_size=2, lr=1e-2)
     cfg.save_steps = 1
     straight = _model(tok)
-    log_straight = dpo_l.train_and_save(straight, tok, PAIRS, cfg, tmp_path / "straight", seed=4, max_steps=4)
+    log_straight = _train_and_save(straight, tok, PAIRS, cfg, tmp_path / "straight", seed=4, max_steps=4)
 
     class CrashAfterSave(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             if state.global_step == 2:
                 raise _Crash("killed after checkpoint 2")
 
-    real = dpo_l.make_dpo_l_trainer
-    monkeypatch.setattr(dpo_l, "make_dpo_l_trainer", lambda *a, **k: real(*a, callbacks=[CrashAfterSave()], **k))
+    real = dpo_l.make_dpo_l_trainer  # train_and_save's own trainer, with a callback that crashes after a checkpoint
+    monkeypatch.setattr(dpo_l.train, "make_dpo_l_trainer",
+                        lambda *a: real(*a[:-1], dataclasses.replace(a[-1], callbacks=[CrashAfterSave()])))
     with pytest.raises(_Crash):
-        dpo_l.train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "resumed", seed=4, max_steps=4)
+        _train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "resumed", seed=4, max_steps=4)
     scratch = tmp_path / "resumed" / ".trainer"
     assert dpo_l.last_checkpoint(scratch).endswith("checkpoint-2")
     assert not (tmp_path / "resumed" / "model").exists()
-    monkeypatch.setattr(dpo_l, "make_dpo_l_trainer", real)
+    monkeypatch.setattr(dpo_l.train, "make_dpo_l_trainer", real)
     resumed = _model(tok)
-    log_resumed = dpo_l.train_and_save(resumed, tok, PAIRS, cfg, tmp_path / "resumed", seed=4, max_steps=4)
+    log_resumed = _train_and_save(resumed, tok, PAIRS, cfg, tmp_path / "resumed", seed=4, max_steps=4)
     assert list(log_resumed.index) == [1, 2, 3, 4]
     assert log_resumed["loss"].tolist() == pytest.approx(log_straight["loss"].tolist(), rel=1e-5)
     for a, b in zip(straight.parameters(), resumed.parameters()):
@@ -445,13 +463,12 @@ def test_quiet_training_is_the_same_training(tok, tmp_path, capsys):
     and the very same log and weights as the notebook's training with its progress bar."""
     from safetensors.torch import load_file
 
-    from tsq_utils.method import dpo_l
 
     cfg = _cfg(batch_size=2, lr=1e-2)
     capsys.readouterr()
-    loud = dpo_l.train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "loud", seed=4, max_steps=3)
+    loud = _train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "loud", seed=4, max_steps=3)
     shown = capsys.readouterr()
-    quiet = dpo_l.train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "quiet", seed=4, max_steps=3, progress=False)
+    quiet = _train_and_save(_model(tok), tok, PAIRS, cfg, tmp_path / "quiet", seed=4, max_steps=3, progress=False)
     out = capsys.readouterr()
     assert "| 3/3 [" in shown.err  # the trainer's bar over 3 optimizer steps (other libraries' bars are not its)
     assert "| 3/3 [" not in out.err and "'loss'" not in out.out + out.err  # neither the bar nor a printed log line
@@ -470,7 +487,7 @@ PAIRS8 = pd.concat([PAIRS, PAIRS.assign(chosen=PAIRS["chosen"] + "\n", rejected=
 def _step_gradient(tok, tmp_path, batch_size: int, grad_accum: int, eta: float) -> tuple[dict, float]:
     """One optimizer step's accumulated gradient over all 8 pairs, as the Trainer's loop computes it."""
     cfg = _cfg(batch_size=batch_size, grad_accum=grad_accum, eta=eta)
-    trainer = make_dpo_l_trainer(_model(tok, noise=0.3), _model(tok), tok, PAIRS8, cfg, tmp_path, seed=0, max_steps=1)
+    trainer = _trainer(_model(tok, noise=0.3), _model(tok), tok, PAIRS8, cfg, tmp_path, seed=0, max_steps=1)
     model = trainer.model
     model.train()
     batches, n_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), grad_accum, trainer.args.device)
@@ -522,12 +539,11 @@ def test_saved_model_keeps_the_precision_it_trained_in(tok, tmp_path):
     under half of them)."""
     from safetensors.torch import load_file
 
-    from tsq_utils.method import dpo_l
 
     base = _model(tok, noise=0.05).to(torch.bfloat16)
     before = {n: p.detach().float().clone() for n, p in base.named_parameters()}
     cfg = _cfg(lr=5e-6, bf16=True, batch_size=2)
-    dpo_l.train_and_save(base, tok, PAIRS, cfg, tmp_path, seed=0, max_steps=4, device="cpu", progress=False)
+    _train_and_save(base, tok, PAIRS, cfg, tmp_path, seed=0, max_steps=4, device="cpu", progress=False)
     saved = load_file(tmp_path / "model" / "model.safetensors")
     layers = [n for n in saved if ".layers." in n]
     assert {saved[n].dtype for n in saved} == {torch.float32}
@@ -610,19 +626,19 @@ def test_reference_cache_is_reused_across_trainings(tok, tmp_path):
     cfg = _cfg(batch_size=2)
     ref = dpo_l.reference_log_probs(_model(tok), tok, PAIRS, cfg, cache, device="cpu")
     assert len(ref) == len(PAIRS) and len(list(cache.glob("*.safetensors"))) == 1
-    plain = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "a", seed=1)
+    plain = _trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "a", seed=1)
     assert plain.args.precompute_ref_log_probs and plain.ref_cache_hit is None
     torch.testing.assert_close(torch.tensor(plain.train_dataset["ref_chosen_logps"]),
                                torch.tensor(ref["ref_chosen_logps"].tolist()), rtol=1e-5, atol=1e-5)
-    cached = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "b", seed=1, ref_cache=str(cache))
+    cached = _trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / "b", seed=1, ref_cache=str(cache))
     assert cached.ref_cache_hit is True and cached.ref_model is None
     plain.train()
     cached.train()
     assert training_log(cached)["loss"].tolist() == training_log(plain)["loss"].tolist()
-    other = make_dpo_l_trainer(_model(tok), None, tok, PAIRS.iloc[:3], cfg, tmp_path / "c", seed=1,
+    other = _trainer(_model(tok), None, tok, PAIRS.iloc[:3], cfg, tmp_path / "c", seed=1,
                                ref_cache=str(cache))
     assert other.ref_cache_hit is False and len(list(cache.glob("*.safetensors"))) == 2
-    moved = make_dpo_l_trainer(_model(tok, noise=0.1), None, tok, PAIRS, cfg, tmp_path / "d", seed=1,
+    moved = _trainer(_model(tok, noise=0.1), None, tok, PAIRS, cfg, tmp_path / "d", seed=1,
                                ref_cache=str(cache))
     assert moved.ref_cache_hit is False  # other weights: another key
 
@@ -636,7 +652,7 @@ def test_short_runs_share_reference_batches(tok, tmp_path):
     for name, eta, seed, rc in [("plain", 0.5, 1, None), ("cold", 0.5, 1, cache), ("warm", 0.8, 1, cache),
                                 ("warm_plain", 0.8, 1, None), ("seed2", 0.5, 2, cache)]:
         cfg = _cfg(batch_size=1, eta=eta)
-        trainer = make_dpo_l_trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / name, seed=seed, max_steps=2,
+        trainer = _trainer(_model(tok), None, tok, PAIRS, cfg, tmp_path / name, seed=seed, max_steps=2,
                                      ref_cache=None if rc is None else str(rc))
         assert trainer.ref_model is not None and not trainer.args.precompute_ref_log_probs
         trainer.train()
@@ -654,7 +670,7 @@ def test_short_runs_share_reference_batches(tok, tmp_path):
 
 
 def test_precompute_decision_counts_every_process():
-    from tsq_utils.method.dpo_l import _shorter_than_an_epoch
+    from tsq_utils.method.dpo_l.build import _shorter_than_an_epoch
 
     cfg = _cfg(batch_size=4)
     assert _shorter_than_an_epoch(cfg, 2, 16)
@@ -673,7 +689,7 @@ def test_deepspeed_save_writes_the_fp32_master_weights(tok, tmp_path, monkeypatc
     from tsq_utils.method import dpo_l
 
     masters = _model(tok, noise=0.05)
-    trainer = make_dpo_l_trainer(_model(tok, noise=0.05).to(torch.bfloat16), _model(tok), tok, PAIRS, _cfg(),
+    trainer = _trainer(_model(tok, noise=0.05).to(torch.bfloat16), _model(tok), tok, PAIRS, _cfg(),
                                  tmp_path / "t", seed=0)
     trainer.model.to(torch.bfloat16)  # DeepSpeed's bf16 section: the module in bf16
     by_id = {id(p): m.detach() for p, m in zip(trainer.model.parameters(), masters.parameters())}

@@ -7,16 +7,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tsq_utils.core.config import load_profile
+from tsq_utils.method import evaluation
+from tsq_utils.model.generation import SampleResult
+from tsq_utils.task.base import NoOracleError
+from tsq_utils.task.registry import get_task
 from tsq_utils.method.evaluation import (
     acc_curve,
     accuracy,
     acr,
     auc,
+    eval_decoding,
     len_a,
     len_t,
     metrics_json,
     metrics_table,
     mean_se,
+    oracle_results,
     std_error,
 )
 
@@ -186,3 +193,38 @@ def test_acr_known_values():
         acr({"a": 1}, {"a": 0})
     with pytest.raises(ValueError, match="no benchmarks"):
         acr({}, {})
+
+
+# --------------------------------------------------------------------------- running the models, through the task
+
+
+def test_eval_decoding_is_the_evaluation_settings():
+    p = load_profile("ci")
+    spec, E = eval_decoding(p, 3), p.evaluation
+    assert (spec.n, spec.temperature, spec.top_p, spec.max_new_tokens, spec.batch_size, spec.seed) == (
+        E.n_samples, E.temperature, E.top_p, E.max_new_tokens, p.sampling.batch_size, 3)
+    assert eval_decoding(p, 3, n=7).n == 7
+
+
+def test_oracle_results_come_from_the_task(tiny_toy_tokenizer):
+    toy = get_task("toy")
+    problems = toy.problems(load_profile("ci"), tiny_toy_tokenizer, "test", n=3)
+    res = oracle_results(problems, tiny_toy_tokenizer, toy)
+    assert list(res["text"]) == [toy.oracle_text(q) for q in problems["problem"]]
+    assert set(res["benchmark"]) == {"toy"} and res["correct"].all() and (res["n_think_tokens"] < res["n_tokens"]).all()
+    with pytest.raises(NoOracleError):
+        oracle_results(problems, tiny_toy_tokenizer, get_task("math500"))
+
+
+def test_budget_forced_answers_are_graded_by_the_benchmarks_task(monkeypatch, tiny_toy_tokenizer):
+    """Over budget, the thinking is cut and '</think>' forced; the forced answer is graded by the task of its
+    benchmark (here the toy world's exact match)."""
+    answers = iter([["The answer is \\boxed{5}."], ["The answer is \\boxed{6}."]])
+    monkeypatch.setattr(evaluation, "sample", lambda model, tok, prompts, spec, backend="transformers":
+                        SampleResult([next(answers) for _ in prompts], [[1]] * len(prompts), [["stop"]] * len(prompts)))
+    results = pd.DataFrame({"model": "m", "benchmark": "toy", "prompt": ["p", "p"], "gold": ["5", "5"],
+                            "text": ["a b c d e f\n</think>\n\\boxed{5}", "a\n</think>\n\\boxed{4}"],
+                            "n_think_tokens": [6, 1], "correct": [True, False]})
+    out = evaluation.budget_forced_curve({"m": None}, tiny_toy_tokenizer, results, [3])
+    # the first response is over budget and forced (answer 5: correct); the second fits and keeps its grade (wrong)
+    assert out.to_dict("records") == [{"model": "m", "benchmark": "toy", "budget": 3, "acc": 0.5, "n": 2}]

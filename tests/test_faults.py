@@ -488,7 +488,7 @@ def test_a_changed_teacher_rebuilds_a_retrained_reasoner(tmp_path, tiny_toy_toke
 
 def test_a_truncated_refinement_shard_is_named_and_redone(tmp_path, capsys):
     """Was: a bare JSONDecodeError naming no file, and force did not clear it."""
-    from tsq_utils.method import refinement
+    from tsq_utils.method.refinement import shards as refinement
 
     path = tmp_path / "group-00000.json"
     refinement._save_group(path, "fp", [])
@@ -628,7 +628,7 @@ def test_a_killed_runs_temporary_folders_are_cleaned_on_the_next_run(repo, capsy
     mine.mkdir()
     from tsq_utils.core import stage as stage_mod
 
-    stage_mod._release_lock(st.dir)
+    stage_mod.release_lock(st.dir)
     capsys.readouterr()
     setup_stage("sampling", "ci")
     assert not left.exists() and mine.exists()

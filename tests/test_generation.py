@@ -11,6 +11,7 @@ import torch
 
 from tsq_utils.task import toy as tw
 from tsq_utils.model.generation import (
+    Decoding,
     SampleResult,
     count_tokens,
     sample,
@@ -62,7 +63,7 @@ def with_eos_bias(model, tok, bias: float):
 
 
 def test_result_shape_and_counts(model, tok, prompts):
-    res = sample(model, tok, prompts, n=3, temperature=1.0, max_new_tokens=12, seed=0, batch_size=4)
+    res = sample(model, tok, prompts, Decoding(n=3, temperature=1.0, max_new_tokens=12, seed=0, batch_size=4))
     assert isinstance(res, SampleResult)
     for field in (res.texts, res.n_tokens, res.finish_reasons, res.n_think_tokens):
         assert len(field) == len(prompts) and all(len(row) == 3 for row in field)
@@ -75,12 +76,23 @@ def test_result_shape_and_counts(model, tok, prompts):
             assert n <= 2 * 12
 
 
+def test_decoding_is_a_hashable_value(model, tok, prompts):
+    """Stop strings as a list or a tuple make the same (hashable) spec and the same samples; no spec is Decoding()."""
+    a = Decoding(n=2, max_new_tokens=10, seed=1, stop=["e"])
+    b = Decoding(n=2, max_new_tokens=10, seed=1, stop=("e",))
+    assert a == b and hash(a) == hash(b) and a.stop == ("e",)
+    assert sample(model, tok, prompts, a) == sample(model, tok, prompts, b)
+    assert sample(model, tok, prompts) == sample(model, tok, prompts, Decoding())
+    with pytest.raises(AttributeError):
+        a.n = 3  # frozen: a stage's spec cannot change under it
+
+
 def test_same_seed_same_samples(model, tok, prompts):
     kw = dict(n=4, temperature=1.0, max_new_tokens=16, batch_size=5)
-    a = sample(model, tok, prompts, seed=7, **kw)
-    b = sample(model, tok, prompts, seed=7, **kw)
+    a = sample(model, tok, prompts, Decoding(seed=7, **kw))
+    b = sample(model, tok, prompts, Decoding(seed=7, **kw))
     assert a == b
-    c = sample(model, tok, prompts, seed=8, **kw)
+    c = sample(model, tok, prompts, Decoding(seed=8, **kw))
     assert c.texts != a.texts
     # the n samples of one prompt are not copies of each other
     assert all(len(set(row)) > 1 for row in a.texts)
@@ -88,40 +100,40 @@ def test_same_seed_same_samples(model, tok, prompts):
 
 def test_greedy_is_batch_invariant(model, tok, prompts):
     """Left padding must not change greedy output: batched equals one prompt at a time."""
-    batched = sample(model, tok, prompts, n=2, temperature=0, max_new_tokens=24, batch_size=6)
+    batched = sample(model, tok, prompts, Decoding(n=2, temperature=0, max_new_tokens=24, batch_size=6))
     for i, p in enumerate(prompts):
-        alone = sample(model, tok, [p], n=1, temperature=0, max_new_tokens=24, batch_size=1)
+        alone = sample(model, tok, [p], Decoding(n=1, temperature=0, max_new_tokens=24, batch_size=1))
         assert batched.texts[i] == alone.texts[0] * 2
         assert batched.finish_reasons[i] == alone.finish_reasons[0] * 2
     # and the prompts' completions differ (the model is not emitting one constant string)
     assert len({row[0] for row in batched.texts}) == len(prompts)
     # a different batch size or seed changes nothing for greedy
-    again = sample(model, tok, prompts, n=2, temperature=0, max_new_tokens=24, batch_size=2, seed=3)
+    again = sample(model, tok, prompts, Decoding(n=2, temperature=0, max_new_tokens=24, batch_size=2, seed=3))
     assert again == batched
 
 
 def test_tiny_top_p_is_greedy(model, tok, prompts):
     """top_p reaches the sampler: keeping only the top token is greedy decoding."""
-    greedy = sample(model, tok, prompts, n=1, temperature=0, max_new_tokens=16)
-    nucleus = sample(model, tok, prompts, n=2, temperature=1.0, top_p=1e-9, max_new_tokens=16, seed=5)
+    greedy = sample(model, tok, prompts, Decoding(n=1, temperature=0, max_new_tokens=16))
+    nucleus = sample(model, tok, prompts, Decoding(n=2, temperature=1.0, top_p=1e-9, max_new_tokens=16, seed=5))
     assert nucleus.texts == [row * 2 for row in greedy.texts]
 
 
 def test_max_new_tokens_gives_length(model, tok, prompts):
     never = with_eos_bias(model, tok, -1e4)  # no EOS, so every sample runs to the limit
-    res = sample(never, tok, prompts, n=2, temperature=1.0, max_new_tokens=5, seed=1)
+    res = sample(never, tok, prompts, Decoding(n=2, temperature=1.0, max_new_tokens=5, seed=1))
     assert all(r == "length" for row in res.finish_reasons for r in row)
     assert all(1 <= n <= 5 for row in res.n_tokens for n in row)
 
 
 def test_eos_gives_stop_and_is_not_in_text(model, tok, prompts):
     always = with_eos_bias(model, tok, 1e4)
-    res = sample(always, tok, prompts, n=2, temperature=1.0, max_new_tokens=8, seed=0)
+    res = sample(always, tok, prompts, Decoding(n=2, temperature=1.0, max_new_tokens=8, seed=0))
     assert res.texts == [["", ""]] * 3 and res.n_tokens == [[0, 0]] * 3
     assert res.finish_reasons == [["stop", "stop"]] * 3
     # a moderate bias: some samples end early on EOS ("stop"), others run to the limit ("length")
     some = with_eos_bias(model, tok, 4.0)
-    res = sample(some, tok, prompts, n=8, temperature=1.0, max_new_tokens=20, seed=0)
+    res = sample(some, tok, prompts, Decoding(n=8, temperature=1.0, max_new_tokens=20, seed=0))
     reasons = [r for row in res.finish_reasons for r in row]
     assert "stop" in reasons and "length" in reasons
     for row_t, row_r in zip(res.texts, res.finish_reasons):
@@ -132,12 +144,12 @@ def test_eos_gives_stop_and_is_not_in_text(model, tok, prompts):
 
 
 def test_stop_string_cuts_text(model, tok, prompts):
-    full = sample(model, tok, prompts, n=1, temperature=0, max_new_tokens=30)
+    full = sample(model, tok, prompts, Decoding(n=1, temperature=0, max_new_tokens=30))
     text = full.texts[0][0]
     assert len(text) >= 12, text  # room for a stop string well inside it (the random model may end early: EOS)
     # a stop string whose first occurrence is well inside the greedy completion
     stop = next(text[i:i + 3] for i in range(5, len(text) - 3) if text.find(text[i:i + 3]) == i)
-    cut = sample(model, tok, prompts[:1], n=1, temperature=0, max_new_tokens=30, stop=[stop, "\x00never"])
+    cut = sample(model, tok, prompts[:1], Decoding(n=1, temperature=0, max_new_tokens=30, stop=[stop, "\x00never"]))
     assert cut.texts[0][0] == text[: text.find(stop)]
     assert stop not in cut.texts[0][0]
     assert cut.finish_reasons[0] == ["stop"]
@@ -145,7 +157,7 @@ def test_stop_string_cuts_text(model, tok, prompts):
 
 
 def test_stop_strings_in_sampling(model, tok, prompts):
-    res = sample(model, tok, prompts, n=4, temperature=1.0, max_new_tokens=30, seed=2, stop=["e", "t"])
+    res = sample(model, tok, prompts, Decoding(n=4, temperature=1.0, max_new_tokens=30, seed=2, stop=["e", "t"]))
     for row_t, row_r in zip(res.texts, res.finish_reasons):
         for t, r in zip(row_t, row_r):
             assert "e" not in t and "t" not in t
@@ -156,7 +168,7 @@ def test_state_restored(model, tok, prompts):
     tok.padding_side = "right"
     model.train()
     try:
-        sample(model, tok, prompts, n=1, temperature=0, max_new_tokens=4)
+        sample(model, tok, prompts, Decoding(n=1, temperature=0, max_new_tokens=4))
         assert tok.padding_side == "right" and model.training
     finally:
         tok.padding_side = "left"
@@ -182,7 +194,7 @@ def test_think_tokens(tok):
 ])
 def test_bad_arguments(model, tok, prompts, kw, phrase):
     with pytest.raises(ValueError, match=phrase):
-        sample(model, tok, prompts, **kw)
+        sample(model, tok, prompts, Decoding(**kw))
 
 
 @pytest.mark.parametrize("bad", ["one prompt as a string", [1, 2], [None]])
@@ -214,17 +226,19 @@ def test_vllm_sampling_params():
 
 def test_vllm_requests(tok, prompts):
     """Token-id prompts as the transformers backend encodes them, and a distinct seed per (prompt, sample) stream."""
-    inputs, params = vllm_requests(tok, prompts, n=3, temperature=1.0, top_p=1.0, max_new_tokens=50, seed=4,
-                                   stop=["</think>"])
+    inputs, params = vllm_requests(tok, prompts, Decoding(n=3, temperature=1.0, max_new_tokens=50, seed=4,
+                                                          stop=["</think>"]))
     assert [x["prompt_token_ids"] for x in inputs] == [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     assert all(kw["max_tokens"] == 50 and kw["n"] == 3 and kw["stop"] == ["</think>"] for kw in params)
     # vLLM seeds sample j of a request with seed + j: the streams of different prompts never overlap
     streams = [kw["seed"] + j for kw in params for j in range(3)]
     assert len(set(streams)) == len(streams)
-    assert vllm_requests(tok, prompts, 3, 1.0, 1.0, 50, seed=4)[1][0]["seed"] == params[0]["seed"]
-    assert vllm_requests(tok, prompts, 3, 1.0, 1.0, 50, seed=5)[1][0]["seed"] != params[0]["seed"]
+    assert vllm_requests(tok, prompts, Decoding(3, 1.0, 1.0, 50, seed=4))[1][0]["seed"] == params[0]["seed"]
+    assert vllm_requests(tok, prompts, Decoding(3, 1.0, 1.0, 50, seed=5))[1][0]["seed"] != params[0]["seed"]
+    # seed_per_request=False: no request carries a seed (vLLM's fast path)
+    assert all("seed" not in kw for kw in vllm_requests(tok, prompts, Decoding(3, seed_per_request=False))[1])
     with pytest.raises(ValueError, match="max_new_tokens"):
-        vllm_requests(tok, prompts, 3, 1.0, 1.0, 0, seed=4)
+        vllm_requests(tok, prompts, Decoding(3, 1.0, 1.0, 0, seed=4))
 
 
 def test_prefill_keeps_only_the_last_positions_logits(model, tok, prompts, monkeypatch):
@@ -237,7 +251,7 @@ def test_prefill_keeps_only_the_last_positions_logits(model, tok, prompts, monke
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda _m, _inp, out: seen.append(tuple(out.shape)))
     try:
-        res = sample(model, tok, prompts, n=2, temperature=1.0, max_new_tokens=5, seed=0, batch_size=4)
+        res = sample(model, tok, prompts, Decoding(n=2, temperature=1.0, max_new_tokens=5, seed=0, batch_size=4))
     finally:
         handle.remove()
     assert res.texts and len(seen) >= 2

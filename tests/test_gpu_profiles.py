@@ -2,7 +2,6 @@
 request building and engine set-up without vLLM, the datasets from ../shared/data, math grading, and notebooks
 00, 01 and 05 end to end on r1-1.5b with a locally saved stand-in model."""
 
-import inspect
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from tsq_utils.task import data
 from tsq_utils.method import evaluation, sampling
 from tsq_utils.core.config import ProfileError, load_profile
 from tsq_utils.core.stage import setup_stage
+from tsq_utils.task.registry import benchmark_list, get_task
 
 REPO = Path(__file__).resolve().parent.parent
 R1 = {"r1-1.5b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "r1-7b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"}
@@ -199,10 +199,10 @@ def test_vllm_request_building(standin_tok):
                                                                             max_tokens=16384, seed=7)
     assert generation.vllm_sampling_params(1, 0, 1, 64, 0, stop=["\n\n"])["stop"] == ["\n\n"]
     # vLLM's own max_tokens default is 16: every request sets it, and sample's default is far from 16
-    assert inspect.signature(generation.sample).parameters["max_new_tokens"].default == 256
+    assert generation.Decoding().max_new_tokens == 256
     prompts = [data.r1_prompt(q, standin_tok) for q in ("What is 2+2?", "Find $x$ if $x^2=4$.", "Compute 3!")]
-    inputs, params = generation.vllm_requests(standin_tok, prompts, n=4, temperature=0.6, top_p=0.95,
-                                              max_new_tokens=32768, seed=11, stop=None)
+    spec = generation.Decoding(n=4, temperature=0.6, top_p=0.95, max_new_tokens=32768, seed=11, stop=None)
+    inputs, params = generation.vllm_requests(standin_tok, prompts, spec)
     for prompt, inp, kw in zip(prompts, inputs, params):
         # the token ids the transformers backend feeds, with the template's single BOS (no second one added)
         assert inp == {"prompt_token_ids": standin_tok(prompt, add_special_tokens=False)["input_ids"]}
@@ -213,10 +213,10 @@ def test_vllm_request_building(standin_tok):
     # vLLM seeds sample j of a request seed + j: every (prompt, sample) row gets its own stream
     rows = [kw["seed"] + j for kw in params for j in range(4)]
     assert len(set(rows)) == len(rows) == 12
-    again = generation.vllm_requests(standin_tok, prompts, 4, 0.6, 0.95, 32768, 11)[1]
+    again = generation.vllm_requests(standin_tok, prompts, spec)[1]
     assert [kw["seed"] for kw in again] == [kw["seed"] for kw in params]  # seeded: the same requests again
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generation.vllm_requests(standin_tok, prompts, 4, 0.6, 0.95, 0, 11)
+        generation.vllm_requests(standin_tok, prompts, generation.Decoding(4, 0.6, 0.95, 0, 11))
 
 
 def test_vllm_backend_without_vllm_is_a_clear_import_error(standin, standin_tok, monkeypatch):
@@ -281,8 +281,9 @@ def test_vllm_engine_and_sampling_with_a_fake_engine(fake_vllm, standin, standin
     ]
     problems = pd.DataFrame({"problem_id": ["a", "b"], "k": [1, 2], "gold": ["4", "\\frac{8}{2}"],
                              "prompt": [data.r1_prompt(q, tok) for q in ("What is 2+2?", "What is 8/2?")]})
-    df = sampling.sample_and_grade(engine, tok, problems, n=4, temperature=0.9, top_p=0.95, max_new_tokens=16384,
-                                   seed=3, grader="math", backend="vllm", progress=False)
+    spec = generation.Decoding(n=4, temperature=0.9, top_p=0.95, max_new_tokens=16384, seed=3)
+    df = sampling.sample_and_grade(engine, tok, problems, get_task("math500"), spec,
+                                   sampling.SampleRun(backend="vllm", progress=False))
     assert list(df["status"]) == ["correct", "wrong", "no_answer", "no_answer"] * 2  # \frac{8}{2} = 4 by math-verify
     assert list(df["finish_reason"]) == ["stop", "stop", "stop", "length"] * 2
     assert list(df["sample_idx"]) == [0, 1, 2, 3] * 2  # put back in sample order
@@ -465,12 +466,12 @@ def test_math_train_local_file_gold_levels_and_seeded_subset(tmp_path, standin_t
 
 
 def test_benchmark_list():
-    assert data.benchmark_list("math500, aime24") == ["math500", "aime24"]
-    assert data.benchmark_list(["toy"]) == ["toy"] and data.benchmark_list(None) is None
+    assert benchmark_list("math500, aime24") == ["math500", "aime24"]
+    assert benchmark_list(["toy"]) == ["toy"] and benchmark_list(None) is None
     with pytest.raises(ValueError, match="unknown math5000"):
-        data.benchmark_list("math500,math5000")
+        benchmark_list("math500,math5000")
     with pytest.raises(ValueError, match="none given"):
-        data.benchmark_list(" , ")
+        benchmark_list(" , ")
 
 
 # ----------------------------------------------------------------------------- grading and metrics
@@ -485,7 +486,7 @@ def test_math_grading_and_metrics_on_r1_style_responses():
         "Done.\n</think>\n\nEvelyn has the greatest speed, so the answer is $\\boxed{\\text{Evelyn}}$.",
     ]
     golds = ["\\frac{14}{3}", "\\frac{14}{3}", "\\left( 3, \\frac{\\pi}{2} \\right)", "9", "\\text{Evelyn}"]
-    status = sampling.grade(texts, golds, "math")
+    status = get_task("math500").grade(texts, golds)
     assert status == ["correct", "wrong", "correct", "no_answer", "correct"]
     results = pd.DataFrame({"model": "base", "benchmark": "math500", "problem_id": ["p0", "p1", "p2", "p3", "p4"],
                             "correct": [s == "correct" for s in status], "n_tokens": [1000, 2000, 3000, 4000, 5000]})

@@ -4,17 +4,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pandas as pd
 import pytest
 
+from tsq_utils.method import sampling
+from tsq_utils.model.generation import Decoding, SampleResult
 from tsq_utils.task.data import load_benchmark, load_r1_traces
-from tsq_utils.task.grading import (
-    extract_boxed,
-    grade_many,
-    grade_math,
-    grade_toy,
-    shutdown_workers,
-    split_thinking,
-)
+from tsq_utils.task.format import answer_part, thinking_closed, thinking_part
+from tsq_utils.task.grading import GRADERS, extract_boxed, grade_many, grade_math, grade_toy, shutdown_workers
+from tsq_utils.task.registry import get_task
 
 TOY = "a5: start at 5\n\nb+6: 5+6=11\n\nc-3: 11-3=8\n</think>\n\nThe answer is \\boxed{8}."
 # sympy tries to evaluate the power tower exactly and never returns
@@ -28,11 +26,40 @@ def boxed(ans: str) -> str:
 # ----------------------------------------------------------------------------- extraction
 
 
-def test_split_thinking():
-    thinking, answer = split_thinking(TOY)
-    assert thinking == "a5: start at 5\n\nb+6: 5+6=11\n\nc-3: 11-3=8\n"
-    assert answer == "\n\nThe answer is \\boxed{8}."
-    assert split_thinking("unfinished \\boxed{3}") == ("unfinished \\boxed{3}", "")
+def test_thinking_and_answer_parts():
+    assert thinking_part(TOY) == "a5: start at 5\n\nb+6: 5+6=11\n\nc-3: 11-3=8\n"
+    assert answer_part(TOY) == "\n\nThe answer is \\boxed{8}." and thinking_closed(TOY)
+    # the one rule for an unclosed </think> (docs/method.md): all thinking, and its answer is read from all of it
+    assert thinking_part("unfinished \\boxed{3}") == answer_part("unfinished \\boxed{3}") == "unfinished \\boxed{3}"
+    assert not thinking_closed("unfinished \\boxed{3}")
+    assert answer_part("a</think>b</think>c") == "b</think>c"  # the first </think> closes the thinking
+
+
+# The issue's example: a response cut off in its thinking, after a guess in a box.
+CUT_OFF = "<think>I guess \\boxed{5}, but let me check: 2+3"
+
+
+def test_an_unclosed_think_is_graded_on_its_last_box_anywhere():
+    """The harnesses' rule (DeepSeek-R1's and Qwen2.5-Math's evaluation, lm-eval's minerva_math, math-verify): the last
+    complete box of the whole output; the same for every grader, through Task.grade."""
+    assert extract_boxed(CUT_OFF) == "5"
+    assert grade_toy(CUT_OFF, "5") == "correct" and grade_toy(CUT_OFF, "6") == "wrong"
+    assert get_task("toy").grade([CUT_OFF, CUT_OFF + " \\boxed{6"], ["5", "5"]) == ["correct", "correct"]
+    assert grade_toy("<think>no box yet, 2+3", "5") == "no_answer"
+    # once </think> is written, only the answer part counts: a box in the thinking is a guess, not the answer
+    assert grade_toy(CUT_OFF + "=5\n</think>\n\nThe answer is 5.", "5") == "no_answer"
+
+
+def test_a_cut_off_response_is_never_correct_in_the_samples_table(monkeypatch):
+    """Stage 01 adds the finish_reason rule on top: cut at max_new_tokens, a response never counts as correct."""
+    def fake_sample(model, tokenizer, prompts, spec, backend="transformers", progress=False):
+        return SampleResult([[CUT_OFF, CUT_OFF]], [[12, 12]], [["length", "stop"]], [[12, 12]])
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    problems = pd.DataFrame({"problem_id": ["p"], "k": [2], "prompt": ["Q:a2,b+3\n<think>\n"], "gold": ["5"]})
+    run = sampling.SampleRun(progress=False)
+    df = sampling.sample_and_grade(None, None, problems, get_task("toy"), Decoding(n=2), run)
+    assert list(df["status"]) == ["no_answer", "correct"] and list(df["correct"]) == [False, True]
 
 
 @pytest.mark.parametrize(
@@ -72,11 +99,12 @@ def test_grade_toy():
 
 
 def test_grade_many_toy_and_errors():
-    assert grade_many([TOY, TOY, "x"], ["8", "7", "8"]) == ["correct", "wrong", "no_answer"]
+    assert grade_many([TOY, TOY, "x"], ["8", "7", "8"], "toy") == ["correct", "wrong", "no_answer"]
     with pytest.raises(ValueError, match="length"):
-        grade_many([TOY], ["8", "8"])
-    with pytest.raises(ValueError, match="kind"):
+        grade_many([TOY], ["8", "8"], "toy")
+    with pytest.raises(ValueError, match="unknown grader 'code'"):
         grade_many([TOY], ["8"], kind="code")
+    assert set(GRADERS) == {"toy", "math"}
 
 
 # ----------------------------------------------------------------------------- math

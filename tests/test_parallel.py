@@ -13,7 +13,9 @@ from conftest import tiny_toy_model
 from tsq_utils.core import parallel
 from tsq_utils.core.config import RefinementConfig
 from tsq_utils.method import evaluation, refinement
-from tsq_utils.method.sampling import sample_and_grade
+from tsq_utils.method.sampling import SampleRun, sample_and_grade
+from tsq_utils.model.generation import Decoding
+from tsq_utils.task.registry import get_task
 from tsq_utils.task import toy as tw
 
 
@@ -89,18 +91,20 @@ def problems(tok):
 def test_sampling_is_the_same_with_one_and_two_workers(model, tok, problems):
     """The profile fixes the shards; the machine's worker count changes no byte of the samples table."""
     torch.set_num_threads(1)
-    kw = dict(n=3, temperature=1.3, top_p=1.0, max_new_tokens=24, seed=5, batch_size=4, progress=False, shards=3)
-    one = sample_and_grade(model, tok, problems, workers=1, **kw)
-    two = sample_and_grade(model, tok, problems, workers=2, **kw)
+    spec = Decoding(n=3, temperature=1.3, top_p=1.0, max_new_tokens=24, seed=5, batch_size=4)
+    one = sample_and_grade(model, tok, problems, get_task("toy"), spec, SampleRun(shards=3, workers=1, progress=False))
+    two = sample_and_grade(model, tok, problems, get_task("toy"), spec, SampleRun(shards=3, workers=2, progress=False))
     pd.testing.assert_frame_equal(one, two)
     assert len(one) == 21 and one["text"].str.len().gt(0).any()
 
 
 def test_evaluation_is_the_same_with_one_and_two_workers(model, tok, problems):
     torch.set_num_threads(1)
-    kw = dict(n=2, temperature=0.6, top_p=1.0, max_new_tokens=16, seed=9, batch_size=8, progress=False, shards=2)
-    one = evaluation.evaluate_model("m", model, tok, {"toy": problems}, workers=1, **kw)
-    two = evaluation.evaluate_model("m", model, tok, {"toy": problems}, workers=2, **kw)
+    spec = Decoding(n=2, temperature=0.6, top_p=1.0, max_new_tokens=16, seed=9, batch_size=8)
+    one = evaluation.evaluate_model("m", model, tok, {"toy": problems}, spec, SampleRun(shards=2, workers=1,
+                                                                                        progress=False))
+    two = evaluation.evaluate_model("m", model, tok, {"toy": problems}, spec, SampleRun(shards=2, workers=2,
+                                                                                        progress=False))
     pd.testing.assert_frame_equal(one, two)
 
 
@@ -120,8 +124,10 @@ def test_refinement_is_the_same_with_one_and_two_workers(model, tok):
         "p": [0.5] * 4, "chosen_sample_idx": [0] * 4, "rejected_sample_idx": [1] * 4, "kind": ["pair"] * 4,
     })
     cfg = RefinementConfig(n_candidates=2, window=8, epsilon=1e9, batch_size=4, max_step_tokens=12)
-    one = refinement.refine_pairs(model, tok, pairs, cfg, seed=3, progress=False, shards=3, workers=1)
-    two = refinement.refine_pairs(model, tok, pairs, cfg, seed=3, progress=False, shards=3, workers=2)
+    one = refinement.refine_pairs(model, tok, pairs, cfg, seed=3, progress=False,
+                                  options=refinement.RefineOptions(shards=3, workers=1))
+    two = refinement.refine_pairs(model, tok, pairs, cfg, seed=3, progress=False,
+                                  options=refinement.RefineOptions(shards=3, workers=2))
     assert len(one[1]) > 0  # steps were scored
     for a, b in zip(one, two):
         pd.testing.assert_frame_equal(a, b)

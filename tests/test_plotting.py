@@ -161,3 +161,37 @@ def test_k_over_p_n_has_k2_exactly_above_four_over_alpha():
     ax = fig.axes[0]
     assert any(line.get_ydata()[0] == 8 for line in ax.get_lines())  # the run's N is marked
     assert "N > 4/α = 20" in ax.get_title()
+
+
+def test_sweep_with_equal_seed_counts_says_them_once_beside_no_point():
+    t = _sweep([0.9, 0.8, 0.7], [3, 3, 3], sds=[0.01, 0.02, 0.01])
+    fig = plotting.ablation_sweep_figure(t, "α", "Fig. 4")
+    assert not [tx for ax in fig.axes for tx in ax.texts if tx.get_text().startswith("n=")]
+    assert any("3 training seeds per point" in tx.get_text() for tx in fig.texts)
+
+
+def test_seed_labels_sit_right_of_their_error_bars():
+    t = _sweep([0.9, 0.8], [1, 3], sds=[np.nan, 0.01])
+    fig = plotting.ablation_sweep_figure(t, "α", "Fig. 4")
+    labels = [tx for tx in fig.axes[0].texts if tx.get_text().startswith("n=")]
+    assert labels and all(tx.get_position()[0] > 0 and tx.get_ha() == "left" for tx in labels)  # offset right
+
+
+def test_alpha_sweep_does_not_wear_shortests_colour():
+    assert palette.style("alpha/0.2").color != palette.style("table2/shortest").color
+
+
+def test_budget_curve_legend_sits_outside_the_axes():
+    res = pd.DataFrame({"model": ["base"] * 3 + ["tokensqueeze"] * 3, "benchmark": "toy",
+                        "correct": [True, False, True] * 2, "n_tokens": [50, 80, 120, 20, 40, 60]})
+    fig = plotting.budget_curve_figure(res, 160, "toy")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    legend_box = ax.get_legend().get_window_extent()
+    assert legend_box.x0 >= ax.get_window_extent().x1  # right of the plotting area: no curve under it
+
+
+def test_difficulty_axis_names_terms_without_the_letter_k():
+    idx = pd.MultiIndex.from_product([["base"], [2, 3]], names=["model", "k"])
+    fig = plotting.by_difficulty_figure(pd.DataFrame({"acc": [0.9, 0.8], "len_a": [50, 60]}, index=idx))
+    assert all("number of terms" in ax.get_xlabel() and " k " not in ax.get_xlabel() for ax in fig.axes)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import tsq_utils.method.refinement as refinement
 from tsq_utils.core.config import RefinementConfig, stage_seed
 from tsq_utils.method.refinement import (
+    RefineOptions,
+    Response,
     clean_candidate,
     count_steps,
     join_steps,
@@ -109,9 +111,8 @@ class FakeSampler:
         texts = list(self.by_step.get(i, self.default))[:n]
         return texts, list(self.reasons.get(i, ["stop"] * len(texts)))[:n]
 
-    def __call__(self, model, tokenizer, prompts, n=1, temperature=1.0, max_new_tokens=256, seed=0, stop=None,
-                 batch_size=64, **kw):
-        return _answer(self, [self], prompts, n, temperature, max_new_tokens, seed, stop, batch_size)
+    def __call__(self, model, tokenizer, prompts, spec, progress=False):
+        return _answer(self, [self], prompts, spec)
 
 
 class MultiSampler:
@@ -120,13 +121,13 @@ class MultiSampler:
     def __init__(self, fakes: list[FakeSampler]):
         self.fakes, self.calls = fakes, []
 
-    def __call__(self, model, tokenizer, prompts, n=1, temperature=1.0, max_new_tokens=256, seed=0, stop=None,
-                 batch_size=64, **kw):
-        return _answer(self, self.fakes, prompts, n, temperature, max_new_tokens, seed, stop, batch_size)
+    def __call__(self, model, tokenizer, prompts, spec, progress=False):
+        return _answer(self, self.fakes, prompts, spec)
 
 
-def _answer(recorder, fakes, prompts, n, temperature, max_new_tokens, seed, stop, batch_size) -> SimpleNamespace:
-    """A SampleResult-like answer from the fakes; the call is recorded on recorder.calls."""
+def _answer(recorder, fakes, prompts, spec) -> SimpleNamespace:
+    """A SampleResult-like answer from the fakes (spec: generation.Decoding); the call is recorded on recorder.calls."""
+    n, stop = spec.n, None if spec.stop is None else list(spec.stop)
     texts, reasons, where = [], [], []
     for prefix in prompts:
         hits = [(r, f.step_of(prefix)) for r, f in enumerate(fakes) if f.step_of(prefix) is not None]
@@ -137,15 +138,23 @@ def _answer(recorder, fakes, prompts, n, temperature, max_new_tokens, seed, stop
         reasons.append(why)
         where.append((r, i))
     recorder.calls.append(dict(prompts=list(prompts), steps=[i for _, i in where], where=where, n=n,
-                               temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
-                               batch_size=batch_size))
+                               temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, seed=spec.seed,
+                               stop=stop, batch_size=spec.batch_size))
     # the char-level tokenizer: tokens of a sampled text = its characters
     return SimpleNamespace(texts=texts, n_tokens=[[len(x) for x in t] for t in texts], finish_reasons=reasons)
 
 
+def _refine(model, tok, prompt, text, *, seed=0, grade_fn=None, response_id="", cap_to_original=True,
+            sample_batch_size=None, reduction="mean", **cfg):
+    """refine_response on one response, its RefinementConfig fields given as keywords (reduction: kl_reduction)."""
+    options = RefineOptions(sample_batch_size=sample_batch_size, cap_to_original=cap_to_original)
+    return refine_response(model, tok, Response(prompt, text, response_id, grade_fn),
+                           RefinementConfig(kl_reduction=reduction, **cfg), seed=seed, options=options)
+
+
 def install(monkeypatch, text=TEXT, prompt=PROMPT, **kw) -> FakeSampler:
     fake = FakeSampler(prompt=prompt, steps=split_steps(text)[0], **kw)
-    monkeypatch.setattr(refinement, "sample", fake)
+    monkeypatch.setattr(refinement.sources, "sample", fake)
     return fake
 
 
@@ -297,7 +306,7 @@ def test_refine_response_keeps_shortest_passing_candidate(model, tok, monkeypatc
         1: ["b+6=11", "b+6: 5+6=11", "b+6=11"],
         2: ["c-3=8\n"],
     })
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=4, window=16, epsilon=1e9, seed=3)
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=4, window=16, epsilon=1e9, seed=3)
     # epsilon huge: the shortest candidate that is shorter than the original wins in every step
     assert res.text == "a5\n\nb+6=11\n\nc-3=8\n</think>\n\nThe answer is \\boxed{8}."
     assert not res.reverted and res.n_accepted == 3
@@ -323,7 +332,7 @@ def test_recorded_kl_is_the_windowed_kl_against_the_original_prefix(model, tok, 
     """Each step's recorded KLs are direct two-pass KLs on (original prefix, step | candidate, next L tokens)."""
     install(monkeypatch, default=["b+6=11", "x", "c-3=8"])
     window = 10
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=window, epsilon=0.0)
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=3, window=window, epsilon=0.0)
     steps, tail = split_steps(TEXT)
     for i, rec in enumerate(res.steps):
         body, sep = step_parts(steps[i])
@@ -340,12 +349,12 @@ def test_recorded_kl_is_the_windowed_kl_against_the_original_prefix(model, tok, 
 
 def test_refine_response_epsilon_gates_on_kl(model, tok, monkeypatch):
     install(monkeypatch, default=["a5", "b+6=11", "c-3=8"])
-    base = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=16, epsilon=0.0)
+    base = _refine(model, tok, PROMPT, TEXT, n_candidates=3, window=16, epsilon=0.0)
     assert base.text == TEXT and base.n_accepted == 0  # KL < 0 never holds for a different candidate
     kls = [k for r in base.steps for k in r.kl if k == k]
     assert kls and min(kls) > 0
     cut = sorted(kls)[0] + 1e-9  # admits exactly the lowest-KL candidate
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=16, epsilon=cut)
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=3, window=16, epsilon=cut)
     assert res.n_accepted == 1
     acc = [r for r in res.steps if r.accepted][0]
     assert acc.kl_chosen == pytest.approx(sorted(kls)[0])
@@ -354,14 +363,14 @@ def test_refine_response_epsilon_gates_on_kl(model, tok, monkeypatch):
 def test_refine_response_identical_rewrite_is_not_shorter(model, tok, monkeypatch):
     steps = split_steps(TEXT)[0]
     install(monkeypatch, by_step={i: [step_parts(s)[0]] for i, s in enumerate(steps)})
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9, cap_to_original=False)
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9, cap_to_original=False)
     assert res.text == TEXT and res.n_accepted == 0
     assert all(abs(r.kl[0]) < 1e-6 for r in res.steps)  # scored (cap off) and KL 0, but not shorter
 
 
 def test_refine_response_drops_empty_and_length_limited(model, tok, monkeypatch):
     install(monkeypatch, by_step={0: ["a5", "", "\n\nx", "a"]}, reasons={0: ["length", "stop", "stop", "stop"]})
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=4, window=8, epsilon=1e9)
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=4, window=8, epsilon=1e9)
     r0 = res.steps[0]
     assert r0.n_sampled == 4 and r0.n_dropped == 3 and r0.cand_tokens == [1]
     assert res.text.startswith("a\n\nb+6")
@@ -379,7 +388,7 @@ def test_refinement_never_lengthens_property(model, tok, monkeypatch):
                   for i in range(n_steps)}
         install(monkeypatch, text=text, by_step=fake_c)
         eps = rng.choice([0.0, 0.05, 1.0, 1e9])
-        res = refine_response(model, tok, PROMPT, text, n_candidates=4, window=6, epsilon=eps, seed=case)
+        res = _refine(model, tok, PROMPT, text, n_candidates=4, window=6, epsilon=eps, seed=case)
         assert res.n_tokens <= res.n_tokens_original
         assert len(res.text) <= len(text)  # char-level tokenizer: tokens and characters agree
         new_steps, new_tail = split_steps(res.text)
@@ -395,14 +404,14 @@ def test_refinement_never_lengthens_property(model, tok, monkeypatch):
 def test_answer_part_is_untouched(model, tok, monkeypatch):
     text = "s1 long step\n\ns2 long step\n</think>\n\nAnswer para one.\n\nAnswer para two \\boxed{1}."
     fake = install(monkeypatch, text=text, default=["s"])
-    res = refine_response(model, tok, PROMPT, text, n_candidates=2, window=32, epsilon=1e9)
+    res = _refine(model, tok, PROMPT, text, n_candidates=2, window=32, epsilon=1e9)
     assert res.text == "s\n\ns\n</think>\n\nAnswer para one.\n\nAnswer para two \\boxed{1}."
     assert fake.calls[0]["steps"] == [0, 1] and len(res.steps) == 2  # the answer paragraphs are never sampled
 
 
 def test_steps_are_refined_against_the_original_prefix(model, tok, monkeypatch):
     fake = install(monkeypatch, default=["z"])
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9)
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9)
     assert res.text == "z\n\nz\n\nz\n</think>\n\nThe answer is \\boxed{8}."
     steps = split_steps(TEXT)[0]
     assert [c["prompts"] for c in fake.calls] == [[PROMPT + "".join(steps[:i]) for i in range(3)]]
@@ -411,21 +420,21 @@ def test_steps_are_refined_against_the_original_prefix(model, tok, monkeypatch):
 def test_reverted_response_equals_original(model, tok, monkeypatch):
     install(monkeypatch, default=["z"])
     graded = []
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9,
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9,
                           grade_fn=lambda t: graded.append(t) or False)
     assert res.reverted and res.revert_reason == "grade"
     assert res.text == TEXT and res.text.encode() == TEXT.encode()
     assert res.n_tokens == res.n_tokens_original
     assert graded == [res.proposed_text] and res.proposed_text != TEXT
     assert res.n_accepted == 3  # the step decisions are kept in the log
-    ok = refine_response(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9, grade_fn=lambda t: True)
+    ok = _refine(model, tok, PROMPT, TEXT, n_candidates=1, window=8, epsilon=1e9, grade_fn=lambda t: True)
     assert not ok.reverted and ok.text == ok.proposed_text
 
 
 def test_skipped_steps(model, tok, monkeypatch):
     text = "x\n\nlonger step"  # no </think>: the last step has no continuation
     fake = install(monkeypatch, text=text, default=["y"])
-    res = refine_response(model, tok, PROMPT, text, n_candidates=1, window=8, epsilon=1e9)
+    res = _refine(model, tok, PROMPT, text, n_candidates=1, window=8, epsilon=1e9)
     assert [r.skipped for r in res.steps] == ["too_short", "no_continuation"]
     assert res.text == text and fake.calls == []
 
@@ -436,7 +445,7 @@ def test_one_sampler_call_applies_each_steps_own_cap(model, tok, monkeypatch):
     fake = install(monkeypatch, by_step={0: ["x" * 20, "x" * 21], 1: ["y" * 19, "y" * 18, "y" * 3],
                                          2: ["z" * 20, "z" * 5]},
                    reasons={2: ["stop", "length"]})
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9)
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9)
     assert len(fake.calls) == 1 and fake.calls[0]["max_new_tokens"] == 22
     r0, r1, r2 = res.steps
     assert (r0.cand_tokens, r0.n_dropped, r0.n_sampled) == ([20, 21], 0, 3)
@@ -451,7 +460,7 @@ def test_refine_response_bad_arguments(model, tok):
                     (dict(max_step_tokens=0), "max_step_tokens"), (dict(batch_size=0), "batch_size"),
                     (dict(sample_batch_size=0), "sample_batch_size"), (dict(n_candidates=True), "n_candidates")):
         with pytest.raises(ValueError, match=msg):
-            refine_response(model, tok, PROMPT, TEXT, **kw)
+            _refine(model, tok, PROMPT, TEXT, **kw)
 
 
 # --------------------------------------------------------------------------- pairs
@@ -478,20 +487,22 @@ class PrefixSampler:
         self.calls: list[list[str]] = []
         self.batch_sizes: list[int] = []
 
-    def __call__(self, model, tokenizer, prompts, n=1, batch_size=64, **kw):
+    def __call__(self, model, tokenizer, prompts, spec, progress=False):
+        n = spec.n
         self.calls.append(list(prompts))
-        self.batch_sizes.append(batch_size)
+        self.batch_sizes.append(spec.batch_size)
         k = len(prompts)
         return SimpleNamespace(texts=[["z"] * n] * k, n_tokens=[[1] * n] * k, finish_reasons=[["stop"] * n] * k)
 
 
 def test_refine_pairs_refines_each_distinct_response_once(model, tok, monkeypatch):
     fake = PrefixSampler()
-    monkeypatch.setattr(refinement, "sample", fake)
+    monkeypatch.setattr(refinement.sources, "sample", fake)
     pairs = _pairs()
     cfg = RefinementConfig(n_candidates=2, window=8, epsilon=1e9, batch_size=4)
     graded = []
-    out, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False, sample_batch_size=96,
+    out, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False,
+                            options=RefineOptions(sample_batch_size=96),
                             grade_fn_factory=lambda row: (lambda t: graded.append(row["problem_id"]) or True))
     # one sampler call over the 3 + 2 step prefixes of the two distinct responses, each prefix once
     prefixes = [p + "".join(split_steps(c)[0][:i]) for p, c in dict.fromkeys(zip(pairs["prompt"], pairs["chosen"]))
@@ -520,7 +531,7 @@ def test_refine_pairs_refines_each_distinct_response_once(model, tok, monkeypatc
 
 
 def test_refine_pairs_max_responses_and_reverts(model, tok, monkeypatch):
-    monkeypatch.setattr(refinement, "sample", PrefixSampler())
+    monkeypatch.setattr(refinement.sources, "sample", PrefixSampler())
     pairs = _pairs()
     cfg = RefinementConfig(n_candidates=2, window=8, epsilon=1e9, max_responses=1)
     out, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False,
@@ -573,8 +584,8 @@ def test_refine_pairs_batched_equals_per_response(model, tok, monkeypatch):
     def one_at_a_time(epsilon: float) -> list:
         out = []
         for p, c, pid, idx in keys:
-            monkeypatch.setattr(refinement, "sample", fakes[pid])
-            out.append(refine_response(model, tok, p, c, epsilon=epsilon, seed=7, response_id=f"{pid}/{idx}",
+            monkeypatch.setattr(refinement.sources, "sample", fakes[pid])
+            out.append(_refine(model, tok, p, c, epsilon=epsilon, seed=7, response_id=f"{pid}/{idx}",
                                        grade_fn=lambda t, pid=pid: grade[pid], **params))
         return out
 
@@ -584,7 +595,7 @@ def test_refine_pairs_batched_equals_per_response(model, tok, monkeypatch):
     single = one_at_a_time(eps)
 
     multi = MultiSampler(list(fakes.values()))
-    monkeypatch.setattr(refinement, "sample", multi)
+    monkeypatch.setattr(refinement.sources, "sample", multi)
     cfg = RefinementConfig(n_candidates=6, window=12, epsilon=eps, kl_reduction="mean", temperature=1.0,
                            max_step_tokens=128, batch_size=4)
     out, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False,
@@ -617,9 +628,9 @@ def test_refine_pairs_batched_equals_per_response(model, tok, monkeypatch):
 
     # past MAX_STEPS_PER_CALL steps the responses are split between calls (never a response), one seed each:
     # p0 and p1 (3 + 2 sampled steps) in the first call, p2 (3) in the second; the results do not change
-    monkeypatch.setattr(refinement, "MAX_STEPS_PER_CALL", 5)
+    monkeypatch.setattr(refinement.shards, "MAX_STEPS_PER_CALL", 5)
     split = MultiSampler(list(fakes.values()))
-    monkeypatch.setattr(refinement, "sample", split)
+    monkeypatch.setattr(refinement.sources, "sample", split)
     out2, log2 = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False,
                               grade_fn_factory=lambda row: (lambda t: grade[row["problem_id"]]))
     assert [sorted({r for r, _ in c["where"]}) for c in split.calls] == [[0, 1], [2]]
@@ -635,16 +646,17 @@ def test_refine_pairs_real_sampler_is_deterministic(model, tok):
     sizes, and a rerun of a many-response table repeats exactly."""
     pairs = _pairs()
     cfg = RefinementConfig(n_candidates=3, window=8, epsilon=1e9, max_step_tokens=12, batch_size=4)
-    out1, log1 = refine_pairs(model, tok, pairs.iloc[:1], cfg, seed=5, progress=False, sample_batch_size=5)
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9, max_step_tokens=12,
+    out1, log1 = refine_pairs(model, tok, pairs.iloc[:1], cfg, seed=5, progress=False,
+                              options=RefineOptions(sample_batch_size=5))
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9, max_step_tokens=12,
                           seed=5, batch_size=4, sample_batch_size=5, response_id="p0/0")
     assert out1["chosen"].iloc[0] == res.text
     for col in ("cand_tokens", "kl", "n_dropped", "accepted", "new_tokens"):
         assert repr(log1[col].tolist()) == repr([getattr(r, col) for r in res.steps]), col
     assert all(len(r.cand_texts) == len(r.cand_tokens) for r in res.steps)
     assert all(r.n_sampled == 3 for r in res.steps)
-    a = refine_pairs(model, tok, pairs, cfg, seed=5, progress=False, sample_batch_size=5)
-    b = refine_pairs(model, tok, pairs, cfg, seed=5, progress=False, sample_batch_size=5)
+    a = refine_pairs(model, tok, pairs, cfg, seed=5, progress=False, options=RefineOptions(sample_batch_size=5))
+    b = refine_pairs(model, tok, pairs, cfg, seed=5, progress=False, options=RefineOptions(sample_batch_size=5))
     pd.testing.assert_frame_equal(a[0], b[0])
     pd.testing.assert_frame_equal(a[1], b[1])
 
@@ -660,19 +672,20 @@ def test_refine_pairs_sample_batch_size_default(model, tok, monkeypatch):
 
     for cfg, kw, expect in ((RefinementConfig(n_candidates=2), {}, refinement.SAMPLE_BATCH_SIZE),
                             (WithKnob(n_candidates=2), {}, 48),
-                            (WithKnob(n_candidates=2), dict(sample_batch_size=7), 7)):
+                            (WithKnob(n_candidates=2), dict(options=RefineOptions(sample_batch_size=7)), 7)):
         fake = PrefixSampler()
-        monkeypatch.setattr(refinement, "sample", fake)
+        monkeypatch.setattr(refinement.sources, "sample", fake)
         refine_pairs(model, tok, _pairs(), cfg, seed=0, progress=False, **kw)
         assert fake.batch_sizes == [expect]
     with pytest.raises(ValueError, match="sample_batch_size"):
-        refine_pairs(model, tok, _pairs(), RefinementConfig(), seed=0, progress=False, sample_batch_size=0)
+        refine_pairs(model, tok, _pairs(), RefinementConfig(), seed=0, progress=False,
+                     options=RefineOptions(sample_batch_size=0))
 
 
 def test_a_response_is_never_split_between_sampler_calls(model, tok, monkeypatch):
     fake = PrefixSampler()
-    monkeypatch.setattr(refinement, "sample", fake)
-    monkeypatch.setattr(refinement, "MAX_STEPS_PER_CALL", 1)  # smaller than either response
+    monkeypatch.setattr(refinement.sources, "sample", fake)
+    monkeypatch.setattr(refinement.shards, "MAX_STEPS_PER_CALL", 1)  # smaller than either response
     pairs = _pairs()
     out, log = refine_pairs(model, tok, pairs, RefinementConfig(n_candidates=2, window=8, epsilon=1e9), seed=0,
                             progress=False)
@@ -684,7 +697,7 @@ def test_a_response_is_never_split_between_sampler_calls(model, tok, monkeypatch
 
 def test_refine_pairs_disabled_and_bad_table(model, tok, monkeypatch):
     fake = PrefixSampler()
-    monkeypatch.setattr(refinement, "sample", fake)
+    monkeypatch.setattr(refinement.sources, "sample", fake)
     out, log = refine_pairs(model, tok, _pairs(), RefinementConfig(enabled=False), seed=0, progress=False)
     assert fake.calls == [] and not out["refined"].any() and len(log) == 0
     assert refinement_summary(log, out)["acceptance_rate"] is None
@@ -696,8 +709,8 @@ def test_refine_with_real_sampler(model, tok):
     """Integration with generation.sample: real candidates are drawn and scored, nothing gets longer."""
     from tsq_utils.model import generation
 
-    assert refinement.sample is generation.sample
-    res = refine_response(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9, max_step_tokens=12,
+    assert refinement.sources.sample is generation.sample
+    res = _refine(model, tok, PROMPT, TEXT, n_candidates=3, window=8, epsilon=1e9, max_step_tokens=12,
                           seed=0)
     assert res.n_tokens <= res.n_tokens_original
     assert all(r.n_sampled == 3 for r in res.steps)
@@ -737,7 +750,8 @@ def test_rethreshold_equals_a_run_at_that_epsilon(model, tok, tmp_path):
     pairs = _pairs()
     cfg = RefinementConfig(n_candidates=6, window=8, epsilon=math.inf, max_step_tokens=12, batch_size=4)
     grade = lambda row: (lambda text: "q" not in text)  # noqa: E731 -- a deterministic grade that rejects some texts
-    _, log_inf = refine_pairs(model, tok, pairs, cfg, seed=3, progress=False, sample_batch_size=8,
+    _, log_inf = refine_pairs(model, tok, pairs, cfg, seed=3, progress=False,
+                              options=RefineOptions(sample_batch_size=8),
                               grade_fn_factory=grade)
     save_table(log_inf, tmp_path / "log.parquet")
     stored = load_table(tmp_path / "log.parquet")
@@ -746,7 +760,8 @@ def test_rethreshold_equals_a_run_at_that_epsilon(model, tok, tmp_path):
     accepted = []
     for eps in (kls[0] / 2, kls[len(kls) // 2], math.inf):
         c = dataclasses.replace(cfg, epsilon=eps)
-        direct = refine_pairs(model, tok, pairs, c, seed=3, progress=False, sample_batch_size=8, grade_fn_factory=grade)
+        direct = refine_pairs(model, tok, pairs, c, seed=3, progress=False,
+                              options=RefineOptions(sample_batch_size=8), grade_fn_factory=grade)
         for log in (log_inf, stored):
             derived = refinement.rethreshold(tok, pairs, log, c, grade_fn_factory=grade)
             _frames_equal(derived[0], direct[0])
@@ -755,13 +770,14 @@ def test_rethreshold_equals_a_run_at_that_epsilon(model, tok, tmp_path):
     assert accepted[0] == 0 < accepted[1] < accepted[2]  # the three thresholds keep different candidates
     # going back down from a run at a finite epsilon works too (every shorter candidate was scored there)
     mid = dataclasses.replace(cfg, epsilon=kls[len(kls) // 2])
-    _, log_mid = refine_pairs(model, tok, pairs, mid, seed=3, progress=False, sample_batch_size=8,
+    _, log_mid = refine_pairs(model, tok, pairs, mid, seed=3, progress=False,
+                              options=RefineOptions(sample_batch_size=8),
                               grade_fn_factory=grade)
     _frames_equal(refinement.rethreshold(tok, pairs, log_mid, cfg, grade_fn_factory=grade)[1], log_inf)
 
 
 def test_rethreshold_rejects_a_log_of_other_responses(model, tok, monkeypatch):
-    monkeypatch.setattr(refinement, "sample", PrefixSampler())
+    monkeypatch.setattr(refinement.sources, "sample", PrefixSampler())
     pairs = _pairs()
     cfg = RefinementConfig(n_candidates=2, window=8, epsilon=1e9)
     _, log = refine_pairs(model, tok, pairs, cfg, seed=7, progress=False)

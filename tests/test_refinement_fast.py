@@ -15,6 +15,8 @@ import torch
 import tsq_utils.method.refinement as refinement
 from tsq_utils.model import compat
 from tsq_utils.core.config import RefinementConfig
+from tsq_utils.method.refinement import RefineOptions
+from tsq_utils.model import generation
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = REPO / "checkpoints" / "toy-reasoner"
@@ -46,20 +48,17 @@ class Memo:
     def __init__(self):
         self.cache = {}
 
-    def __call__(self, model, tokenizer, prompts, **kw):
-        key = (tuple(prompts), tuple(sorted((k, str(v)) for k, v in kw.items() if k != "progress")))
+    def __call__(self, model, tokenizer, prompts, spec, progress=False):
+        key = (tuple(prompts), spec)
         if key not in self.cache:
-            self.cache[key] = refinement.generation_sample(model, tokenizer, prompts, **kw)
+            self.cache[key] = generation.sample(model, tokenizer, prompts, spec)
         return self.cache[key]
 
 
 @pytest.fixture
 def memo_sampler(monkeypatch):
-    from tsq_utils.model import generation
-
-    monkeypatch.setattr(refinement, "generation_sample", generation.sample, raising=False)
     memo = Memo()
-    monkeypatch.setattr(refinement, "sample", memo)
+    monkeypatch.setattr(refinement.sources, "sample", memo)
     return memo
 
 
@@ -72,8 +71,8 @@ def test_fast_and_full_scoring_keep_the_reference_decisions(toy, memo_sampler):
     seen_accept, seen_bound, seen_skip = set(), 0, 0
     for eps in (0.001, 0.005, 0.05):
         cfg = RefinementConfig(**{**base.__dict__, "epsilon": eps})
-        out = {m: refinement.refine_pairs(model, tok, pairs, cfg, seed=11, progress=False, scoring=m,
-                                          sample_batch_size=32)
+        out = {m: refinement.refine_pairs(model, tok, pairs, dataclasses.replace(cfg, scoring=m), seed=11,
+                                          progress=False, options=RefineOptions(sample_batch_size=32))
                for m in ("reference", "full", "fast")}
         ref_pairs, ref_log = out["reference"]
         for m in ("full", "fast"):
@@ -106,12 +105,13 @@ def test_fast_and_full_scoring_keep_the_reference_decisions(toy, memo_sampler):
 def test_rethreshold_refuses_a_fast_log(toy, memo_sampler):
     model, tok, pairs = toy
     cfg = RefinementConfig(n_candidates=8, window=512, max_step_tokens=64, epsilon=0.05, batch_size=16)
-    _, fast_log = refinement.refine_pairs(model, tok, pairs.iloc[:3], cfg, seed=11, progress=False, scoring="fast")
+    _, fast_log = refinement.refine_pairs(model, tok, pairs.iloc[:3], dataclasses.replace(cfg, scoring="fast"),
+                                          seed=11, progress=False)
     assert not refinement.fully_scored(fast_log)
     with pytest.raises(ValueError, match="scoring='full'"):
         refinement.rethreshold(tok, pairs.iloc[:3], fast_log, cfg)
     # a log from before the kl_bound column (all exact) is still accepted
-    _, full_log = refinement.refine_pairs(model, tok, pairs.iloc[:3], cfg, seed=11, progress=False, scoring="full")
+    _, full_log = refinement.refine_pairs(model, tok, pairs.iloc[:3], cfg, seed=11, progress=False)  # "full"
     a = refinement.rethreshold(tok, pairs.iloc[:3], full_log.drop(columns="kl_bound"), cfg)
     b = refinement.rethreshold(tok, pairs.iloc[:3], full_log, cfg)
     pd.testing.assert_frame_equal(a[0], b[0])
@@ -121,17 +121,18 @@ def test_branch_candidates_do_not_depend_on_the_company(toy):
     """Candidates decoded from a response's own cache: the same for the response alone or among others, valid
     steps (no blank line, within the cap), and the run is exact under "fast" scoring too."""
     model, tok, pairs = toy
-    cfg = RefinementConfig(n_candidates=6, window=512, max_step_tokens=64, epsilon=0.05, batch_size=16)
-    _, alone = refinement.refine_pairs(model, tok, pairs.iloc[[2]], cfg, seed=5, progress=False, candidates="branch")
+    cfg = RefinementConfig(n_candidates=6, window=512, max_step_tokens=64, epsilon=0.05, batch_size=16,
+                           candidates="branch")
+    _, alone = refinement.refine_pairs(model, tok, pairs.iloc[[2]], cfg, seed=5, progress=False)
     pairs = pairs.iloc[:4]
-    _, among = refinement.refine_pairs(model, tok, pairs, cfg, seed=5, progress=False, candidates="branch")
+    _, among = refinement.refine_pairs(model, tok, pairs, cfg, seed=5, progress=False)
     mine = among[among["response_id"] == alone["response_id"].iloc[0]].reset_index(drop=True)
     assert mine["cand_texts"].tolist() == alone["cand_texts"].tolist()
     cands = [c for cs in among["cand_texts"] for c in cs]
     assert len(cands) > 20 and all(c and "\n\n" not in c and "</think>" not in c for c in cands)
     assert (among["n_sampled"][among["skipped"] == ""] == 6).all()
-    _, fast = refinement.refine_pairs(model, tok, pairs, cfg, seed=5, progress=False, candidates="branch",
-                                      scoring="fast")
+    _, fast = refinement.refine_pairs(model, tok, pairs, dataclasses.replace(cfg, scoring="fast"), seed=5,
+                                      progress=False)
     assert fast["accepted"].tolist() == among["accepted"].tolist()
     assert fast["cand_texts"].tolist() == among["cand_texts"].tolist()
 
@@ -140,7 +141,7 @@ def test_branch_cache_leaves_the_source_intact(toy):
     model, tok, _ = toy
     ids = tok("Q:a5,b+6,c-3 a5: 5", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        fwd = refinement._ResponseForward(model, ids, torch.device("cpu"))
+        fwd = refinement.scoring._ResponseForward(model, ids, torch.device("cpu"))
         before = [layer.keys.clone() for layer in fwd.cache.layers]
         c = fwd.branch(len(ids) - 2, 3)
         out = compat.forward_with_cache(model, c, input_ids=torch.tensor([[ids[-2]]] * 3),
@@ -155,12 +156,13 @@ def test_interrupted_refinement_resumes_from_its_shards(toy, tmp_path, monkeypat
     uninterrupted run's tables; two shard processes and a final assembly give them too."""
     model, tok, pairs = toy
     pairs = pairs.iloc[:4]
-    cfg = RefinementConfig(n_candidates=4, window=64, max_step_tokens=48, epsilon=0.05, batch_size=16)
-    monkeypatch.setattr(refinement, "MAX_STEPS_PER_CALL", 6)  # several groups of responses
-    kw = dict(seed=2, progress=False, scoring="fast")
+    cfg = RefinementConfig(n_candidates=4, window=64, max_step_tokens=48, epsilon=0.05, batch_size=16,
+                           scoring="fast")
+    monkeypatch.setattr(refinement.shards, "MAX_STEPS_PER_CALL", 6)  # several groups of responses
+    kw = dict(seed=2, progress=False)
     want = refinement.refine_pairs(model, tok, pairs, cfg, **kw)
 
-    real, calls = refinement._draw_candidates, []
+    real, calls = refinement.sources._draw_candidates, []
 
     def dies_on_third_group(model, tokenizer, plans, *a, **k):
         calls.append([p.response_id for p in plans])
@@ -168,34 +170,36 @@ def test_interrupted_refinement_resumes_from_its_shards(toy, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(model, tokenizer, plans, *a, **k)
 
-    monkeypatch.setattr(refinement, "_draw_candidates", dies_on_third_group)
+    monkeypatch.setattr(refinement.sources, "_draw_candidates", dies_on_third_group)
     with pytest.raises(KeyboardInterrupt):
-        refinement.refine_pairs(model, tok, pairs, cfg, shard_dir=tmp_path / "s", **kw)
+        refinement.refine_pairs(model, tok, pairs, cfg, options=RefineOptions(shard_dir=tmp_path / "s"), **kw)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["group-00000.json", "group-00001.json"]
     calls.clear()
-    monkeypatch.setattr(refinement, "_draw_candidates", lambda *a, **k: (calls.append(a[2]), real(*a, **k)))
-    got = refinement.refine_pairs(model, tok, pairs, cfg, shard_dir=tmp_path / "s", **kw)
+    monkeypatch.setattr(refinement.sources, "_draw_candidates", lambda *a, **k: (calls.append(a[2]), real(*a, **k)))
+    got = refinement.refine_pairs(model, tok, pairs, cfg, options=RefineOptions(shard_dir=tmp_path / "s"), **kw)
     n_groups = len(list((tmp_path / "s").iterdir()))
     assert n_groups >= 3 and len(calls) == n_groups - 2  # the two finished groups were not redone
     pd.testing.assert_frame_equal(got[0], want[0])
     pd.testing.assert_frame_equal(got[1], want[1])
     # one process per GPU: each computes its share, then the assembly reads them all
-    assert refinement.refine_pairs(model, tok, pairs, cfg, shard_dir=tmp_path / "p", shard=(0, 2), **kw) is None
-    assert refinement.refine_pairs(model, tok, pairs, cfg, shard_dir=tmp_path / "p", shard=(1, 2), **kw) is not None
+    assert refinement.refine_pairs(model, tok, pairs, cfg,
+                                   options=RefineOptions(shard_dir=tmp_path / "p", shard=(0, 2)), **kw) is None
+    assert refinement.refine_pairs(model, tok, pairs, cfg,
+                                   options=RefineOptions(shard_dir=tmp_path / "p", shard=(1, 2)), **kw) is not None
     calls.clear()
-    both = refinement.refine_pairs(model, tok, pairs, cfg, shard_dir=tmp_path / "p", **kw)
+    both = refinement.refine_pairs(model, tok, pairs, cfg, options=RefineOptions(shard_dir=tmp_path / "p"), **kw)
     assert calls == []
     pd.testing.assert_frame_equal(both[1], want[1])
     # a shard folder of another run is never mixed in: its groups are redone and replaced
     n_p = len(list((tmp_path / "p").iterdir()))
     with pytest.raises(refinement.StaleShardError, match="another refinement run"):
-        refinement._load_group(tmp_path / "p" / "group-00000.json", "not-this-run")
+        refinement.shards._load_group(tmp_path / "p" / "group-00000.json", "not-this-run")
     calls.clear()
     other = dataclasses.replace(cfg, epsilon=0.01)
-    refinement.refine_pairs(model, tok, pairs, other, shard_dir=tmp_path / "p", **kw)
+    refinement.refine_pairs(model, tok, pairs, other, options=RefineOptions(shard_dir=tmp_path / "p"), **kw)
     assert len(calls) == n_p
     calls.clear()
-    refinement.refine_pairs(model, tok, pairs, other, shard_dir=tmp_path / "p", **kw)
+    refinement.refine_pairs(model, tok, pairs, other, options=RefineOptions(shard_dir=tmp_path / "p"), **kw)
     assert calls == []  # the replaced groups now belong to this run
 
 
@@ -205,8 +209,6 @@ def test_vllm_candidates_one_request_per_step(toy, monkeypatch):
     vLLM's texts are scored like the sampler's (here: the samples the transformers sampler draws)."""
     import sys
     import types
-
-    from tsq_utils.model import generation
 
     model, tok, pairs = toy
     pairs = pairs.iloc[:2]
@@ -224,20 +226,21 @@ def test_vllm_candidates_one_request_per_step(toy, monkeypatch):
             outs = []
             for p, sp in zip(prompts, params):
                 text = tok.decode(p["prompt_token_ids"])
-                res = generation.sample(model, tok, [text], n=sp.kw["n"], max_new_tokens=sp.kw["max_tokens"],
-                                        seed=sp.kw["seed"], stop=sp.kw["stop"])
+                res = generation.sample(model, tok, [text], generation.Decoding(
+                    n=sp.kw["n"], max_new_tokens=sp.kw["max_tokens"], seed=sp.kw["seed"], stop=sp.kw["stop"]))
                 comps = [types.SimpleNamespace(index=j, text=t, finish_reason="stop" if r == "stop" else "length")
                          for j, (t, r) in enumerate(zip(res.texts[0], res.finish_reasons[0]))]
                 outs.append(types.SimpleNamespace(outputs=comps[::-1]))  # completion order is not sample order
             return outs
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=SamplingParams))
-    cfg = RefinementConfig(n_candidates=5, window=512, max_step_tokens=64, epsilon=0.05, batch_size=16)
+    cfg = RefinementConfig(n_candidates=5, window=512, max_step_tokens=64, epsilon=0.05, batch_size=16,
+                           candidates="vllm")
     with pytest.raises(ValueError, match="needs a vLLM engine"):
-        refinement.refine_pairs(model, tok, pairs, cfg, seed=4, progress=False, candidates="vllm")
+        refinement.refine_pairs(model, tok, pairs, cfg, seed=4, progress=False)
     llm = FakeLLM()
-    out, log = refinement.refine_pairs(model, tok, pairs, cfg, seed=4, progress=False, candidates="vllm", llm=llm,
-                                       steps="spans")
+    out, log = refinement.refine_pairs(model, tok, pairs, dataclasses.replace(cfg, steps="spans"), seed=4,
+                                       progress=False, options=RefineOptions(llm=llm))
     sampled = log[log["skipped"] == ""]
     assert len(llm.requests) == len(sampled) > 5
     prompts = [p["prompt_token_ids"] for p, _ in llm.requests]

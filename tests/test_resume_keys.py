@@ -126,7 +126,7 @@ def run_fake_stage(repo: Path, name: str) -> bool:
 
 def release(st) -> None:
     """Let go of a stage that a test only asked (is_done/stale_reason), without finishing it."""
-    stage_mod._release_lock(st.dir)
+    stage_mod.release_lock(st.dir)
 
 
 def run_pipeline(repo: Path) -> list[str]:
@@ -142,7 +142,7 @@ def test_a_fresh_run_computes_every_stage_and_a_second_reuses_all(repo):
     assert m["profile_reads"] == {"seed": 1234, **{f"selection.{k}": v for k, v in selection.items()}}
     assert set(m["code"]) == {"package", "notebook", "modules", "git_commit", "git_dirty"}
     assert "tsq_utils/method/selection.py" in m["code"]["modules"]
-    assert "tsq_utils/method/refinement.py" not in m["code"]["modules"]
+    assert not any(f.startswith("tsq_utils/method/refinement") for f in m["code"]["modules"])  # module or package
     assert m["code"]["notebook"] == fingerprint.notebook_hash(repo / "notebooks/02_selection.ipynb") is not None
 
 
@@ -221,23 +221,23 @@ def test_a_comment_docstring_or_formatting_edit_to_any_module_reruns_no_stage(do
     for path in pkg.rglob("*.py"):
         src = path.read_text()
         path.write_text("# a new comment\n\n" + src.replace("\n\n\n", "\n\n\n\n") + "\n# the end\n")
-    ref = pkg / "method" / "refinement.py"
+    ref = pkg / "method" / "refinement" / "refine.py"
     text = ref.read_text()
     first = text.index('"""', text.index("def "))  # the first function's docstring
     ref.write_text(text[:first + 3] + "Reworded. " + text[first + 3:])
     assert fingerprint.code_hash(ref.read_text()) == fingerprint.code_hash(
-        (_package_snapshot / "method" / "refinement.py").read_text())
+        (_package_snapshot / "method" / "refinement" / "refine.py").read_text())
     assert run_pipeline(repo) == []
 
 
 def test_an_edit_to_refinement_reruns_03_and_what_uses_it_not_01(done, pkg, capsys):
     repo = done
-    _append(pkg / "method" / "refinement.py", "\n_EDITED = 1\n")
+    _append(pkg / "method" / "refinement" / "refine.py", "\n_EDITED = 1\n")
     capsys.readouterr()
     rerun = run_pipeline(repo)
     # 03 and 06 (its rows refine) use refinement's code; 00, 01, 02, 04, 05 and 07 do not
     assert rerun == ["refinement", "ablations"]
-    assert "code changed since the last run: tsq_utils/method/refinement.py" in capsys.readouterr().out
+    assert "code changed since the last run: tsq_utils/method/refinement/refine.py" in capsys.readouterr().out
     assert set(rerun) <= {"refinement", "ablations", *pipeline.downstream("refinement")}
 
 
@@ -279,6 +279,27 @@ def test_stage_modules_follow_the_notebook_imports():
     assert "tsq_utils.method.refinement" in mods["refinement"] and "tsq_utils.method.refinement" in mods["ablations"]
     assert "tsq_utils.method.train_entry" in mods["training"]  # started by name: python -m tsq_utils.method...
     assert all("tsq_utils.core.stage" in m and "tsq_utils.core.artifacts" in m for m in mods.values())
+
+
+def test_module_closure_follows_a_package_into_its_modules(tmp_path):
+    """A module split into a package (method/refinement.py -> method/refinement/) stays covered: the closure reaches
+    the package's __init__ and each module it imports, relative or absolute, at import or in a function, and no
+    module that nothing imports."""
+    root = tmp_path / "tsq_utils"
+    room = root / "method" / "room"
+    room.mkdir(parents=True)
+    files = {"__init__.py": "", "method/__init__.py": "", "method/user.py": "from .room import run\n",
+             "method/room/__init__.py": "from .api import run\n",
+             "method/room/api.py": ("from . import helpers\n\n\ndef run():\n"
+                                    "    from tsq_utils.method.room.lazy import x\n    return x + helpers.Y\n"),
+             "method/room/helpers.py": "Y = 1\n", "method/room/lazy.py": "x = 2\n", "method/room/unused.py": "z = 3\n"}
+    for rel, text in files.items():
+        (root / rel).write_text(text)
+    mods = fingerprint.module_closure(["tsq_utils.method.user"], root)
+    assert {f"tsq_utils.method.room{m}" for m in ("", ".api", ".helpers", ".lazy")} <= set(mods)
+    assert "tsq_utils.method.room.unused" not in mods
+    assert {"tsq_utils/method/room/__init__.py", "tsq_utils/method/room/api.py",
+            "tsq_utils/method/room/lazy.py"} <= set(fingerprint.modules_hashes(mods, root))
 
 
 def test_normalized_code_ignores_comments_docstrings_and_formatting():
@@ -456,8 +477,8 @@ def _notebook_reads(nb: Path, keys: dict) -> set[str]:
 def test_the_notebook_scan_sees_aliased_reads_and_the_table_refuses_an_unread_key():
     keys = pipeline.flatten(config.load_profile("toy").to_dict())
     used = _notebook_reads(REPO / "notebooks" / "07_tldr.ipynb", keys)
-    # P.training.max_length, P.sampling.batch_size, C.eta (C = stage.profile.tldr), E.n_samples (E = ...evaluation)
-    assert {"training.max_length", "sampling.batch_size", "tldr.eta", "evaluation.n_samples"} <= used
+    # P.training (a section passed on), C.eta (C = stage.profile.tldr), E.n_samples (E = ...evaluation)
+    assert {"training", "tldr.eta", "evaluation.n_samples"} <= used
     assert pipeline.reads_key("tldr", "training.max_length") and not pipeline.reads_key("tldr", "training.lr")
     assert not pipeline.reads_key("tldr", "sampling.n") and pipeline.reads_key("tldr", "sampling.batch_size")
 

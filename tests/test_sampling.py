@@ -2,6 +2,7 @@
 statistics."""
 
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -11,15 +12,20 @@ import torch
 from tsq_utils.method import sampling
 from tsq_utils.task import toy as tw
 from tsq_utils.core.config import load_profile
-from tsq_utils.model.generation import SampleResult, count_tokens
+from tsq_utils.model.generation import Decoding, SampleResult, count_tokens
 from tsq_utils.method.sampling import (
     SAMPLE_COLUMNS,
-    grade,
+    SampleRun,
     per_problem_stats,
     sample_and_grade,
+    sampling_decoding,
     sampling_summary,
     summary_by_k,
 )
+from tsq_utils.task.registry import get_task
+
+TOY = get_task("toy")
+QUIET = SampleRun(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +77,25 @@ def test_toy_problem_table(tok):
     assert set(df["source"]) == {"toy"}
 
 
-def test_grade():
+def test_samples_are_graded_by_their_task(monkeypatch, tok):
+    """sample_and_grade grades through Task.grade: a task with its own rule gets its own statuses."""
     texts = ["x\n</think>\n\nThe answer is \\boxed{5}.", "\\boxed{6}", "no box"]
-    assert grade(texts, ["5", "5", "5"], "toy") == ["correct", "wrong", "no_answer"]
-    with pytest.raises(ValueError, match="unknown grading kind"):
-        grade(texts, ["5"] * 3, "chess")
+    fake = SampleResult(texts=[texts], n_tokens=[[3, 3, 3]], finish_reasons=[["stop"] * 3], n_think_tokens=[[1, 1, 1]])
+    monkeypatch.setattr(sampling, "sample", lambda *a, **kw: fake)
+    problems = pd.DataFrame({"problem_id": ["p"], "k": [2], "prompt": ["Q:a5"], "gold": ["5"]})
+    df = sample_and_grade(None, tok, problems, TOY, Decoding(n=3), QUIET)
+    assert list(df["status"]) == ["correct", "wrong", "no_answer"]
+
+    class Lenient(type(TOY)):
+        def grade(self, texts, golds):
+            return ["correct"] * len(texts)
+
+    assert list(sample_and_grade(None, tok, problems, Lenient(), Decoding(n=3), QUIET)["correct"]) == [True] * 3
 
 
 def test_sample_and_grade_schema(model, tok, problems):
-    df = sample_and_grade(model, tok, problems, n=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0,
-                          batch_size=4, progress=False)
+    spec = Decoding(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0, batch_size=4)
+    df = sample_and_grade(model, tok, problems, TOY, spec, QUIET)
     assert list(df.columns) == SAMPLE_COLUMNS
     assert len(df) == 3 * len(problems)
     assert df.groupby("problem_id")["sample_idx"].apply(sorted).tolist() == [[0, 1, 2]] * 3
@@ -97,8 +112,7 @@ def test_sample_and_grade_schema(model, tok, problems):
     assert set(df["status"]) <= {"correct", "wrong", "no_answer", "timeout"}
     assert (df["correct"] == (df["status"] == "correct")).all()
     # seeded: the same call gives the same table
-    again = sample_and_grade(model, tok, problems, n=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0,
-                             batch_size=4, progress=False)
+    again = sample_and_grade(model, tok, problems, TOY, spec, QUIET)
     pd.testing.assert_frame_equal(df, again)
 
 
@@ -110,8 +124,7 @@ def test_unfinished_responses_are_never_correct(monkeypatch, tok):
                         finish_reasons=[["stop", "length", "stop", "length"]], n_think_tokens=[[3, 3, 3, 3]])
     monkeypatch.setattr(sampling, "sample", lambda *a, **kw: fake)
     problems = pd.DataFrame({"problem_id": ["p"], "k": [2], "prompt": ["Q:a5,b+6"], "gold": ["11"]})
-    df = sample_and_grade(None, tok, problems, n=4, temperature=1.0, top_p=1.0, max_new_tokens=9, seed=0,
-                          progress=False)
+    df = sample_and_grade(None, tok, problems, TOY, Decoding(n=4, max_new_tokens=9), QUIET)
     assert list(df["status"]) == ["correct", "no_answer", "wrong", "wrong"]
     assert list(df["correct"]) == [True, False, False, False]
     assert list(df["finish_reason"]) == ["stop", "length", "stop", "length"]
@@ -120,14 +133,12 @@ def test_unfinished_responses_are_never_correct(monkeypatch, tok):
 @pytest.mark.parametrize("drop", ["problem_id", "k", "prompt", "gold"])
 def test_sample_and_grade_needs_columns(model, tok, problems, drop):
     with pytest.raises(ValueError, match=drop):
-        sample_and_grade(model, tok, problems.drop(columns=[drop]), n=1, temperature=1.0, top_p=1.0,
-                         max_new_tokens=4, seed=0, progress=False)
+        sample_and_grade(model, tok, problems.drop(columns=[drop]), TOY, Decoding(max_new_tokens=4), QUIET)
 
 
 def test_sample_and_grade_empty(model, tok, problems):
     with pytest.raises(ValueError, match="empty"):
-        sample_and_grade(model, tok, problems.iloc[:0], n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0,
-                         progress=False)
+        sample_and_grade(model, tok, problems.iloc[:0], TOY, Decoding(max_new_tokens=4), QUIET)
 
 
 def test_per_problem_stats_hand_computed():
@@ -182,21 +193,24 @@ def test_empty_table_errors(fn):
         fn(HAND.iloc[:0])
 
 
-def test_training_problems_and_grader(tok):
+def test_training_problems_and_decoding(tok):
     p = load_profile("ci")
     df = sampling.training_problems(p, tok)
     assert len(df) == p.data.n_train_problems
     assert all(i.startswith("train-") for i in df["problem_id"])
     assert set(df["k"]) == {2, 3}
     pd.testing.assert_frame_equal(df, sampling.training_problems(p, tok))
-    assert sampling.grader_for(p) == "toy"
-    assert sampling.grader_for(load_profile("ci", {"data.train": "math500"})) == "math"
+    spec = sampling_decoding(p, 7)
+    S = p.sampling
+    assert (spec.n, spec.temperature, spec.top_p, spec.max_new_tokens, spec.batch_size, spec.seed) == (
+        S.n, S.temperature, S.top_p, S.max_new_tokens, S.batch_size, 7)
+    assert SampleRun.of(p) == SampleRun(S.backend, p.shards, p.workers, True)
 
 
 def test_sample_is_seeded_per_call(model, tok, problems):
     """Different seeds give different samples tables (the stage seed reaches the sampler)."""
-    kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=8, progress=False)
+    spec = Decoding(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, batch_size=8)
     with torch.no_grad():
-        a = sample_and_grade(model, tok, problems, seed=1, **kw)
-        b = sample_and_grade(model, tok, problems, seed=2, **kw)
+        a = sample_and_grade(model, tok, problems, TOY, replace(spec, seed=1), QUIET)
+        b = sample_and_grade(model, tok, problems, TOY, replace(spec, seed=2), QUIET)
     assert list(a["text"]) != list(b["text"])

@@ -6,6 +6,7 @@ import base64
 import importlib.util
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -91,9 +92,10 @@ def test_spans_are_the_whole_text_tokenization_on_real_r1_traces(qwen, shared_da
         for line in (shared_data / name).read_text().splitlines():
             text = json.loads(line)["completion"]
             whole = qwen.enc.encode(text)
-            plan = refinement._plan_response(qwen, "", text, 512, 512, True, "r", steps_mode="spans")
+            cfg = RefinementConfig(window=512, max_step_tokens=512)
+            plan = refinement.plan_response(qwen, "", text, replace(cfg, steps="spans"))
             assert plan.all_ids() == whole
-            seg = refinement._plan_response(qwen, "", text, 512, 512, True, "r", steps_mode="segments")
+            seg = refinement.plan_response(qwen, "", text, cfg)
             n_seg_diff += seg.all_ids() != whole
             for rec in plan.records:
                 i = rec.step
@@ -125,8 +127,8 @@ def test_spans_mode_refines_on_the_toy_world(monkeypatch):
     n_tok = len(tok(text, add_special_tokens=False)["input_ids"])
     pairs = pd.DataFrame([dict(problem_id="p0", prompt=prompt, chosen=text, chosen_tokens=n_tok, chosen_sample_idx=0)])
     cfg = RefinementConfig(n_candidates=6, window=64, max_step_tokens=32, epsilon=1e9)
-    out, log = refinement.refine_pairs(model, tok, pairs, cfg, seed=1, progress=False, steps="spans")
-    _, seg_log = refinement.refine_pairs(model, tok, pairs, cfg, seed=1, progress=False, steps="segments")
+    out, log = refinement.refine_pairs(model, tok, pairs, replace(cfg, steps="spans"), seed=1, progress=False)
+    _, seg_log = refinement.refine_pairs(model, tok, pairs, cfg, seed=1, progress=False)  # steps "segments"
     body = lambda s: len(tok(step_parts(s)[0], add_special_tokens=False)["input_ids"])  # noqa: E731
     steps = split_steps(text)[0]
     # spans count the separator token ("\n\n" is one toy token) in the step, segments do not
@@ -142,5 +144,5 @@ def test_spans_mode_refines_on_the_toy_world(monkeypatch):
         assert all(n >= max(log["cand_tokens"].iloc[k]) for n in extra)
         assert [tokens[t] for t in seg_texts] == [n + (k < 2) for n in seg_log["cand_tokens"].iloc[k]]
     assert out["chosen_tokens"].iloc[0] <= out["chosen_tokens_original"].iloc[0]
-    again = refinement.rethreshold(tok, pairs, log, cfg, steps="spans")
+    again = refinement.rethreshold(tok, pairs, log, replace(cfg, steps="spans"))
     pd.testing.assert_frame_equal(again[0], out)

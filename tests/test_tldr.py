@@ -18,12 +18,14 @@ from tsq_utils.method.tldr import (
     POOL_COLUMNS,
     SHORT,
     MixtureBatchSampler,
+    MixtureJob,
     MixtureSchedule,
     ReweightCallback,
     benefits,
     build_pools,
     choose_checkpoint,
     compression_table,
+    dev_decoding,
     dev_eval,
     dev_problems,
     draw_pools,
@@ -37,6 +39,8 @@ from tsq_utils.method.tldr import (
     train_mixture,
     update_weights,
 )
+from tsq_utils.model.generation import Decoding
+from tsq_utils.task.registry import get_task
 
 datasets.disable_progress_bars()
 
@@ -287,7 +291,7 @@ def test_oracle_answers_are_the_oracle_traces(toy_tok):
     from tsq_utils.task.toy import make_problems, oracle_trace, problem_table
 
     probs = make_problems(6, seed=1, k_min=2, k_max=4, max_value=19, split="train")
-    ans = oracle_answers(problem_table(probs, toy_tok), toy_tok)
+    ans = oracle_answers(problem_table(probs, toy_tok), toy_tok, get_task("toy"))
     assert list(ans["problem_id"]) == [p.problem_id for p in probs] and ans["correct"].all()
     assert list(ans["text"]) == [oracle_trace(p) for p in probs]
     assert list(ans["n_tokens"]) == [len(toy_tok(oracle_trace(p), add_special_tokens=False)["input_ids"])
@@ -427,8 +431,8 @@ def test_training_loop_reweights_records_and_chooses(tiny, tmp_path):
     cfg = TLDRConfig(update_every=2, max_steps=5, batch_size=3, lr=1e-2)
     sched = MixtureSchedule.from_config(cfg, seed=0, **REFS)
     evaluate = _Scripted([(300, 0.8), (250, 0.75), (320, 0.3)])  # steps 2, 4 and the last, 5
-    run = train_mixture(model, tiny, TINY_POOLS, cfg, evaluate, weights=sched, eval_every=cfg.update_every,
-                        output_dir=tmp_path / "out", seed=0, progress=False)
+    job = MixtureJob(weights=sched, eval_every=cfg.update_every, output_dir=tmp_path / "out", seed=0, progress=False)
+    run = train_mixture(model, tiny, TINY_POOLS, cfg, evaluate, job)
     assert list(run.records["step"]) == [2, 4, 5] and list(run.records["updated"]) == [True, True, False]
     assert len(run.batches) == 5 and (run.batches["n_short"] + run.batches["n_long"] == 3).all()
     # the batches of steps 3-4 were drawn with the weights set after step 2, step 5's with those after step 4
@@ -446,10 +450,17 @@ def test_training_loop_reweights_records_and_chooses(tiny, tmp_path):
 def test_static_training_keeps_one_to_one(tiny, tmp_path):
     cfg = TLDRConfig(update_every=2, max_steps=4, batch_size=4, lr=1e-3)
     static = MixtureSchedule.from_config(cfg, seed=0, static=True, **REFS)
-    run = train_mixture(_tiny_model(tiny), tiny, TINY_POOLS, cfg, _Scripted([(300, 0.8)] * 2), weights=static,
-                        eval_every=2, output_dir=tmp_path / "out", seed=0, progress=False)
+    job = MixtureJob(weights=static, eval_every=2, output_dir=tmp_path / "out", seed=0, progress=False)
+    run = train_mixture(_tiny_model(tiny), tiny, TINY_POOLS, cfg, _Scripted([(300, 0.8)] * 2), job)
     assert (run.batches["w_short"] == 0.5).all() and (run.records["w_short"] == 0.5).all()
     assert not run.records["updated"].any() and run.chosen["step"] == 2  # a tie on tokens: the earlier step
+
+
+def test_dev_decoding_is_one_answer_at_the_dev_temperature():
+    p = load_profile("ci", {"tldr.dev_temperature": 0.3})
+    spec = dev_decoding(p, 9)
+    assert (spec.n, spec.temperature, spec.top_p, spec.max_new_tokens, spec.batch_size, spec.seed) == (
+        1, 0.3, 1.0, p.evaluation.max_new_tokens, p.sampling.batch_size, 9)
 
 
 def test_dev_eval_does_not_move_the_global_rng(tiny):
@@ -459,7 +470,7 @@ def test_dev_eval_does_not_move_the_global_rng(tiny):
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    out = dev_eval(model, tiny, dev, temperature=1.0, max_new_tokens=6, seed=0)
+    out = dev_eval(model, tiny, dev, get_task("toy"), Decoding(n=1, temperature=1.0, max_new_tokens=6, seed=0))
     assert torch.equal(torch.rand(3), expected)
     assert out["n"] == 2 and 0 <= out["dev_acc"] <= 1 and out["dev_tokens"] > 0
 

@@ -731,7 +731,7 @@ def test_shipped_reasoner_matches_config():
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from tsq_utils.model.generation import sample
+    from tsq_utils.model.generation import Decoding, sample
 
     profile = load_profile("toy")
     # safetensors only: no pickled weights shipped
@@ -766,7 +766,8 @@ def test_shipped_reasoner_matches_config():
 
     model, tok = tr.load_reasoner(SHIPPED)
     probs = [tw.parse_question(q) for q in ("Q:a5,b+6,c-3", "Q:a17,b-4,c+9,d+2", "Q:a30,b+8,c-6,d-9,e+3,f-7")]
-    res = sample(model, tok, [tw.prompt_for(p.question, tok) for p in probs], temperature=0, max_new_tokens=400)
+    prompts = [tw.prompt_for(p.question, tok) for p in probs]
+    res = sample(model, tok, prompts, Decoding(temperature=0, max_new_tokens=400))
     for p, text, reason in zip(probs, (t[0] for t in res.texts), (r[0] for r in res.finish_reasons)):
         assert reason == "stop", text
         assert re.search(r"\n</think>\n\nThe answer is \\boxed\{\d+\}\.$", text), text

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tsq_utils.model.generation import sample, vllm_requests
+from tsq_utils.model.generation import Decoding, sample, vllm_requests
 from tsq_utils.model.vllm_shards import ShardedEngines, shard_bounds
 
 FAKE = "fake_vllm_engine:FakeLLM"
@@ -61,7 +61,7 @@ def test_sharded_engines_give_the_samples_of_one_engine(tiny_toy_tokenizer, monk
     prompts = [f"Q:{i}+{i}\n" for i in range(7)]
     single = FakeLLM()
     try:
-        one = sample(single, tok, prompts, n=3, temperature=1.0, seed=5, backend="vllm")
+        one = sample(single, tok, prompts, Decoding(n=3, temperature=1.0, seed=5), backend="vllm")
     finally:
         single.shutdown()
     # each fake engine starts a child process, as vllm.LLM does: the engine processes must not be daemonic
@@ -69,8 +69,8 @@ def test_sharded_engines_give_the_samples_of_one_engine(tiny_toy_tokenizer, monk
                              devices=["0", "1", "2", "3"])
     try:
         assert engines.devices == [["0"], ["1"], ["2"]] and engines.seen_devices == ["0", "1", "2"]
-        many = sample(engines, tok, prompts, n=3, temperature=1.0, seed=5, backend="vllm")
-        inputs, params = vllm_requests(tok, prompts[:3], 1, 1.0, 1.0, 8, 0)
+        many = sample(engines, tok, prompts, Decoding(n=3, temperature=1.0, seed=5), backend="vllm")
+        inputs, params = vllm_requests(tok, prompts[:3], Decoding(1, 1.0, 1.0, 8, 0))
         outs = engines.generate(inputs, params)
         assert len(outs) == 3
         pids = _engine_pids(tmp_path)

@@ -14,6 +14,11 @@ import pandas as pd
 from ..core import pipeline
 from ..core.artifacts import file_hash, load_table, path_hash
 from ..core.config import Profile, resolve_device, stage_seed
+from ..core.pointer import base_inputs, base_ref
+from ..core.stage import notebook_for
+from ..method.evaluation import eval_problems
+from ..model.base_model import load_base, load_tokenizer
+from ..task.registry import training_task
 
 # The stage 01 artifact every row starts from, as the stage table declares it (stage, file)
 SAMPLES = pipeline.spec("ablations").inputs["samples"]
@@ -61,8 +66,6 @@ class AblationContext:
     def base_model(self) -> Any:
         """The base model, loaded on first use (refinement samples from it)."""
         if self._base_model is None:
-            from ..model.base_model import load_base
-
             self._base_model, _ = load_base(self.run_dir, self.profile)
         return self._base_model
 
@@ -90,12 +93,6 @@ def subset_problems(problems: dict[str, pd.DataFrame], n: int) -> dict[str, pd.D
 
 def make_context(profile: Profile, run_dir: Path) -> AblationContext:
     """The context of a profile's run folder: samples of stage 01, base model hashes, tokenizer, evaluation subset."""
-    from ..core.pointer import base_inputs, base_ref
-    from ..core.stage import notebook_for
-    from ..method.evaluation import eval_problems
-    from ..method.sampling import grader_for
-    from ..model.base_model import load_tokenizer
-
     run_dir = Path(run_dir)
     samples_path = run_dir / SAMPLES[0] / SAMPLES[1]
     if not samples_path.is_file():
@@ -108,5 +105,5 @@ def make_context(profile: Profile, run_dir: Path) -> AblationContext:
         base_hashes={k: path_hash(v) for k, v in base_inputs(run_dir, profile).items()}, tokenizer=tok,
         problems=subset_problems(eval_problems(profile, tok), A.n_eval_problems),
         eval_n=A.n_eval_samples or profile.evaluation.n_samples, device=resolve_device(profile),
-        grader=grader_for(profile), max_steps=A.max_steps,
+        grader=training_task(profile).grader, max_steps=A.max_steps,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,96 @@ def paired_difference(summary: pd.DataFrame, a: str, b: str, col: str, benchmark
     return float(d.mean()), se, int(len(d))
 
 
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's findings as a difference between two rows: row a minus row b on a column, the sign the
+    paper expects, and how the difference is shown (scale and unit)."""
+
+    group: str
+    a: str
+    b: str
+    col: str
+    expect_negative: bool
+    finding: str
+    paper: str
+    scale: float = 100.0
+    unit: str = "points"
+
+
+# The paper's qualitative findings that compare two rows, in the order the findings table lists them.
+CLAIMS = (
+    Claim("table4", "table4/dpo", "table4/dpo_l_sft", "acc", True, "pure DPO loses accuracy",
+          "DPO 48.3 vs DPO-L + SFT 57.5 on AIME24"),
+    Claim("table2", "table2/shortest", "table2/q_dyn", "acc_hard", True,
+          "Shortest hurts hard problems (accuracy on the hard half)", "Shortest 53.3 vs Q-DYN 57.3 on AIME24"),
+    Claim("table2", "table2/q_dyn_extra", "table2/q_dyn", "acc", True, "extra negatives cost accuracy",
+          "Q-DYN + extra negatives 52.3 vs Q-DYN 57.3 on AIME24"),
+    Claim("table3", "table3/kl", "table3/none", "len_t", True, "KL refinement shortens correct responses (Len-T)",
+          "6190 → 5157 tokens on AIME24", scale=1.0, unit="tokens"),
+    Claim("table3", "table3/no_kl", "table3/kl", "acc", True, "a rewrite without the KL check costs accuracy",
+          "outside-LLM rewrite 39.1 vs KL 57.5 on AIME24"),
+    Claim("table4", "table4/sft", "table4/dpo_l_sft", "len_t", False, "SFT alone stays longer (Len-T)",
+          "SFT 5734 vs DPO-L + SFT 5157 tokens on AIME24", scale=1.0, unit="tokens"),
+)
+
+
+def _not_run(finding: str, paper: str) -> dict:
+    """A findings line for a claim whose rows did not run."""
+    return {"finding": finding, "paper (7B)": paper, "ours": "not run", "difference": math.nan, "se": math.nan,
+            "n_seeds": 0, "reproduced": "—"}
+
+
+def _claim_finding(tb: pd.DataFrame, c: Claim, summary: pd.DataFrame | None) -> dict:
+    """One claim checked on its table (one benchmark): the difference, its SE (paired over seeds when the per-seed
+    summary has two or more) and the verdict."""
+    if not (len(tb[tb["name"] == c.a]) and len(tb[tb["name"] == c.b])):
+        return _not_run(c.finding, c.paper)
+    d = _val(tb, c.a, c.col) - _val(tb, c.b, c.col)
+    se = math.sqrt(_se(tb, c.a, c.col) ** 2 + _se(tb, c.b, c.col) ** 2)
+    n_seeds = int(min(_val(tb, c.a, "n_seeds"), _val(tb, c.b, "n_seeds")))
+    if summary is not None and len(tb):
+        pd_, pse, pn = paired_difference(summary, c.a, c.b, c.col, tb["benchmark"].iloc[0])
+        if pn >= 2:
+            d, se, n_seeds = pd_, pse, pn
+    scale = c.scale
+    ours = f"{_val(tb, c.a, c.col) * scale:.1f} vs {_val(tb, c.b, c.col) * scale:.1f} ({d * scale:+.1f} {c.unit})"
+    # every number equal: the two rows are one model (twins: their settings picked the same pairs)
+    same = all(_val(tb, c.a, col) == _val(tb, c.b, col) for col in ("acc", "len_t", "auc", "acc_hard"))
+    verdict = ("not testable: every number equal (one model, or models that answer alike)" if same
+               else _verdict(d, se, c.expect_negative, n_seeds))
+    return {"finding": c.finding, "paper (7B)": c.paper, "ours": ours, "difference": d * scale, "se": se * scale,
+            "n_seeds": n_seeds, "reproduced": verdict}
+
+
+def _alpha_finding(ta: pd.DataFrame, summary: pd.DataFrame | None) -> dict:
+    """Fig. 4's claim checked on the α sweep: α = 0.2 against the best other α."""
+    finding = "α = 0.2 is the best α (accuracy)"
+    if not (len(ta) and ta["acc"].notna().sum() >= 2 and (ta["x"] == 0.2).any()):
+        return _not_run(finding, PAPER_FIG4)
+    best = ta.loc[ta["acc"].idxmax()]
+    a02 = ta[ta["x"] == 0.2].iloc[0]
+    # α = 0.2 against the best other α (the runner-up when α = 0.2 is the best itself)
+    others = ta[(ta["name"] != a02["name"]) & ta["acc"].notna()]
+    other = others.loc[others["acc"].idxmax()]
+    d_other = float(a02["acc"] - other["acc"])
+    n_seeds = int(min(a02["n_seeds"], other["n_seeds"]))
+    se_other = math.sqrt(_se(ta, a02["name"]) ** 2 + _se(ta, other["name"]) ** 2)
+    if summary is not None:
+        pd_, pse, pn = paired_difference(summary, a02["name"], other["name"], "acc", ta["benchmark"].iloc[0])
+        if pn >= 2:
+            d_other, se_other, n_seeds = pd_, pse, pn
+    if d_other == 0:
+        verdict = f"not testable: a tie (α = 0.2 and α = {other['x']:g} give the same accuracy)"
+    elif n_seeds < 2:
+        verdict = "not testable: one training seed"
+    else:
+        # the paper's claim is a peak at 0.2: α = 0.2 above the best other α beyond 2 SE is a yes, below it a no
+        verdict = _verdict(d_other, se_other, False, n_seeds)
+    return {"finding": finding, "paper (7B)": PAPER_FIG4,
+            "ours": f"α = 0.2: {a02['acc'] * 100:.1f}; best α = {best['x']:g}: {best['acc'] * 100:.1f}",
+            "difference": d_other * 100, "se": se_other * 100, "n_seeds": n_seeds, "reproduced": verdict}
+
+
 def findings(tables: dict[str, pd.DataFrame], benchmark: str | None = None,
              summary: pd.DataFrame | None = None) -> pd.DataFrame:
     """The paper's qualitative findings checked on these tables: the difference, its SE and a verdict each.
@@ -333,68 +424,8 @@ def findings(tables: dict[str, pd.DataFrame], benchmark: str | None = None,
         b = benchmark or (df["benchmark"].iloc[0] if len(df) else None)
         return df[df["benchmark"] == b]
 
-    def pair(group, a, b, col, expect_negative, finding, paper, scale=100.0, unit="points"):
-        tb = t(group)
-        if not (len(tb[tb["name"] == a]) and len(tb[tb["name"] == b])):
-            return {"finding": finding, "paper (7B)": paper, "ours": "not run", "difference": math.nan, "se": math.nan,
-                    "n_seeds": 0, "reproduced": "—"}
-        d = _val(tb, a, col) - _val(tb, b, col)
-        se = math.sqrt(_se(tb, a, col) ** 2 + _se(tb, b, col) ** 2)
-        n_seeds = int(min(_val(tb, a, "n_seeds"), _val(tb, b, "n_seeds")))
-        if summary is not None and len(tb):
-            pd_, pse, pn = paired_difference(summary, a, b, col, tb["benchmark"].iloc[0])
-            if pn >= 2:
-                d, se, n_seeds = pd_, pse, pn
-        ours = f"{_val(tb, a, col) * scale:.1f} vs {_val(tb, b, col) * scale:.1f} ({d * scale:+.1f} {unit})"
-        # every number equal: the two rows are one model (twins: their settings picked the same pairs)
-        same = all(_val(tb, a, c) == _val(tb, b, c) for c in ("acc", "len_t", "auc", "acc_hard"))
-        verdict = ("not testable: every number equal (one model, or models that answer alike)" if same
-                   else _verdict(d, se, expect_negative, n_seeds))
-        return {"finding": finding, "paper (7B)": paper, "ours": ours, "difference": d * scale, "se": se * scale,
-                "n_seeds": n_seeds, "reproduced": verdict}
-
-    out = [
-        pair("table4", "table4/dpo", "table4/dpo_l_sft", "acc", True, "pure DPO loses accuracy",
-             "DPO 48.3 vs DPO-L + SFT 57.5 on AIME24"),
-        pair("table2", "table2/shortest", "table2/q_dyn", "acc_hard", True,
-             "Shortest hurts hard problems (accuracy on the hard half)", "Shortest 53.3 vs Q-DYN 57.3 on AIME24"),
-        pair("table2", "table2/q_dyn_extra", "table2/q_dyn", "acc", True, "extra negatives cost accuracy",
-             "Q-DYN + extra negatives 52.3 vs Q-DYN 57.3 on AIME24"),
-        pair("table3", "table3/kl", "table3/none", "len_t", True, "KL refinement shortens correct responses (Len-T)",
-             "6190 → 5157 tokens on AIME24", scale=1.0, unit="tokens"),
-        pair("table3", "table3/no_kl", "table3/kl", "acc", True, "a rewrite without the KL check costs accuracy",
-             "outside-LLM rewrite 39.1 vs KL 57.5 on AIME24"),
-        pair("table4", "table4/sft", "table4/dpo_l_sft", "len_t", False, "SFT alone stays longer (Len-T)",
-             "SFT 5734 vs DPO-L + SFT 5157 tokens on AIME24", scale=1.0, unit="tokens"),
-    ]
-    ta = t("alpha")
-    if len(ta) and ta["acc"].notna().sum() >= 2 and (ta["x"] == 0.2).any():
-        best = ta.loc[ta["acc"].idxmax()]
-        a02 = ta[ta["x"] == 0.2].iloc[0]
-        # α = 0.2 against the best other α (the runner-up when α = 0.2 is the best itself)
-        others = ta[(ta["name"] != a02["name"]) & ta["acc"].notna()]
-        other = others.loc[others["acc"].idxmax()]
-        d_other = float(a02["acc"] - other["acc"])
-        n_seeds = int(min(a02["n_seeds"], other["n_seeds"]))
-        se_other = math.sqrt(_se(ta, a02["name"]) ** 2 + _se(ta, other["name"]) ** 2)
-        if summary is not None:
-            pd_, pse, pn = paired_difference(summary, a02["name"], other["name"], "acc", ta["benchmark"].iloc[0])
-            if pn >= 2:
-                d_other, se_other, n_seeds = pd_, pse, pn
-        if d_other == 0:
-            verdict = f"not testable: a tie (α = 0.2 and α = {other['x']:g} give the same accuracy)"
-        elif n_seeds < 2:
-            verdict = "not testable: one training seed"
-        else:
-            # the paper's claim is a peak at 0.2: α = 0.2 above the best other α beyond 2 SE is a yes, below it a no
-            verdict = _verdict(d_other, se_other, False, n_seeds)
-        out.append({"finding": "α = 0.2 is the best α (accuracy)", "paper (7B)": PAPER_FIG4,
-                    "ours": f"α = 0.2: {a02['acc'] * 100:.1f}; best α = {best['x']:g}: {best['acc'] * 100:.1f}",
-                    "difference": d_other * 100, "se": se_other * 100, "n_seeds": n_seeds,
-                    "reproduced": verdict})
-    else:
-        out.append({"finding": "α = 0.2 is the best α (accuracy)", "paper (7B)": PAPER_FIG4, "ours": "not run",
-                    "difference": math.nan, "se": math.nan, "n_seeds": 0, "reproduced": "—"})
+    out = [_claim_finding(t(c.group), c, summary) for c in CLAIMS]
+    out.append(_alpha_finding(t("alpha"), summary))
     return pd.DataFrame(out)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -61,43 +62,64 @@ class Row:
         return self.objective == "none"
 
 
-def make_row(profile: Profile, name: str, label: str, *, variant: str | None = None, alpha: float | None = None,
-             refine: str = "kl", epsilon: float | None = None, objective: str = "dpo_l_sft", eta: float | None = None,
-             length_margin_sign: int | None = None, seed: int = 0, x: float | None = None) -> Row:
-    """A row from the profile's settings with the given changes (objective sets η and λ as the paper defines)."""
-    if refine not in REFINE_MODES:
-        raise ValueError(f"row {name!r}: refine must be one of {REFINE_MODES}, got {refine!r}")
-    if objective not in OBJECTIVES and objective != "none":
-        raise ValueError(f"row {name!r}: objective must be one of {list(OBJECTIVES)} (or 'none'), got {objective!r}")
-    if variant is not None and variant not in selection.VARIANTS:
-        raise ValueError(f"row {name!r}: unknown selection variant {variant!r}; one of {list(selection.VARIANTS)}")
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"row {name!r}: alpha must lie in [0, 1], got {alpha!r}")
-    if epsilon is not None and not (epsilon >= 0):
-        raise ValueError(f"row {name!r}: epsilon must be a number >= 0, got {epsilon!r}")
-    if eta is not None and not 0.0 <= eta <= 1.0:
-        raise ValueError(f"row {name!r}: eta must lie in [0, 1], got {eta!r}")
-    if length_margin_sign is not None and length_margin_sign not in (-1, 1):
-        raise ValueError(f"row {name!r}: length_margin_sign must be +1 or -1, got {length_margin_sign!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"row {name!r}: seed must be a non-negative integer, got {seed!r}")
+@dataclass(frozen=True)
+class RowChange:
+    """What a row changes from the profile's settings (None: the profile's value); make_row's keyword arguments."""
+
+    variant: str | None = None  # selection variant
+    alpha: float | None = None
+    refine: str = "kl"  # one of REFINE_MODES
+    epsilon: float | None = None
+    objective: str = "dpo_l_sft"  # a key of OBJECTIVES, or "none" for the base model
+    eta: float | None = None
+    length_margin_sign: int | None = None
+    seed: int = 0  # training replicate
+    x: float | None = None  # the swept value of a sweep row
+
+    def check(self, name: str) -> None:
+        """ValueError naming the row and the first value out of its range."""
+        if self.refine not in REFINE_MODES:
+            raise ValueError(f"row {name!r}: refine must be one of {REFINE_MODES}, got {self.refine!r}")
+        if self.objective not in OBJECTIVES and self.objective != "none":
+            raise ValueError(f"row {name!r}: objective must be one of {list(OBJECTIVES)} (or 'none'), "
+                             f"got {self.objective!r}")
+        if self.variant is not None and self.variant not in selection.VARIANTS:
+            raise ValueError(f"row {name!r}: unknown selection variant {self.variant!r}; "
+                             f"one of {list(selection.VARIANTS)}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"row {name!r}: alpha must lie in [0, 1], got {self.alpha!r}")
+        if self.epsilon is not None and not (self.epsilon >= 0):
+            raise ValueError(f"row {name!r}: epsilon must be a number >= 0, got {self.epsilon!r}")
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"row {name!r}: eta must lie in [0, 1], got {self.eta!r}")
+        if self.length_margin_sign is not None and self.length_margin_sign not in (-1, 1):
+            raise ValueError(f"row {name!r}: length_margin_sign must be +1 or -1, got {self.length_margin_sign!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"row {name!r}: seed must be a non-negative integer, got {self.seed!r}")
+
+
+def make_row(profile: Profile, name: str, label: str, **changes: Any) -> Row:
+    """A row from the profile's settings with the given changes (RowChange's fields: variant, alpha, refine, epsilon,
+    objective, eta, length_margin_sign, seed, x); objective sets η and λ as the paper defines."""
+    c = RowChange(**changes)
+    c.check(name)
     sel = dataclasses.replace(profile.selection)
-    if variant is not None:
-        sel.variant = variant
-    if alpha is not None:
-        sel.alpha = float(alpha)
-    eps = math.inf if refine == "no_kl" else float(profile.refinement.epsilon if epsilon is None else epsilon)
-    ref = dataclasses.replace(profile.refinement, enabled=refine != "off", epsilon=eps)
-    tr = dataclasses.replace(profile.training, **OBJECTIVES.get(objective, {}))
+    if c.variant is not None:
+        sel.variant = c.variant
+    if c.alpha is not None:
+        sel.alpha = float(c.alpha)
+    eps = math.inf if c.refine == "no_kl" else float(profile.refinement.epsilon if c.epsilon is None else c.epsilon)
+    ref = dataclasses.replace(profile.refinement, enabled=c.refine != "off", epsilon=eps)
+    tr = dataclasses.replace(profile.training, **OBJECTIVES.get(c.objective, {}))
     if profile.ablations.batch_size:
         tr.batch_size = profile.ablations.batch_size
     if profile.ablations.lr:
         tr.lr = profile.ablations.lr
-    if eta is not None:
-        tr.eta = float(eta)
-    if length_margin_sign is not None:
-        tr.length_margin_sign = int(length_margin_sign)
-    return Row(name, label, sel, refine, ref, objective, tr, seed, None if x is None else float(x))
+    if c.eta is not None:
+        tr.eta = float(c.eta)
+    if c.length_margin_sign is not None:
+        tr.length_margin_sign = int(c.length_margin_sign)
+    return Row(name, label, sel, c.refine, ref, c.objective, tr, c.seed, None if c.x is None else float(c.x))
 
 
 def _points(values: Iterable[float], default: float) -> list[float]:

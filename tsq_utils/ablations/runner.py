@@ -12,16 +12,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pandas as pd
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from ..core.artifacts import atomic_write_text, clean_leftovers, load_table, read_json, save_table
-from ..method import evaluation, refinement, selection
+from ..core.parallel import map_shards, n_workers
+from ..core.pointer import base_ref
+from ..method import dpo_l, evaluation, refinement, selection
+from ..method.sampling import SampleRun
+from ..model import base_model
+from ..task.registry import training_task
 from .cache import (CACHE_META, MODEL, PAIRS, PROBLEM_STATS, REFINED, RESULTS, STEP_LOG, TRAINING_LOG, adopt_model,
                     adopt_pairs, adopt_refined, adopt_results, adopt_scored, adopt_twin_model, adopt_twin_results,
                     ensure, payloads, row_keys, train_seed, twin_index, verify_entry)
@@ -32,9 +42,6 @@ from .rows import Row, build_rows, select_rows
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the inner progress bars and chatter (datasets maps, TRL's reference pass) while a row runs."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
     was_enabled, hf_bars = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
     old_env, old_level = os.environ.get("TQDM_DISABLE"), hf_logging.get_verbosity()
     datasets.disable_progress_bars()
@@ -79,7 +86,8 @@ def _score(ctx: AblationContext, row: Row, pairs_dir: Path, tmp: Path) -> None:
     # grouped by the profile's shards as notebook 03 groups them (so an adopted step log and a computed one agree);
     # one process: 06 runs its rows side by side already
     _, step_log = refinement.refine_pairs(ctx.base_model, ctx.tokenizer, pairs, cfg, seed=ctx.refinement_seed,
-                                          progress=False, shards=ctx.profile.shards, workers=1)
+                                          progress=False,
+                                          options=refinement.RefineOptions(shards=ctx.profile.shards, workers=1))
     save_table(step_log, tmp / STEP_LOG)
 
 
@@ -92,9 +100,10 @@ def _describe_scored(d: Path) -> dict:
 
 def _rethreshold(ctx: AblationContext, row: Row, pairs_dir: Path, scored_dir: Path, tmp: Path) -> None:
     """Stage 03's cheap half for a row: keep the candidates under the row's ε (∞ for the no-KL rewrite), regrade."""
+    grade_fn_factory = refinement.grader_factory(ctx.samples, training_task(ctx.profile))
     refined, step_log = refinement.rethreshold(ctx.tokenizer, load_table(pairs_dir / PAIRS[1]),
                                                load_table(scored_dir / STEP_LOG), row.refinement,
-                                               grade_fn_factory=refinement.grader_factory(ctx.samples, ctx.grader))
+                                               grade_fn_factory=grade_fn_factory)
     save_table(refined, tmp / REFINED[1])
     save_table(step_log, tmp / STEP_LOG)
 
@@ -107,20 +116,17 @@ def _describe_refined(d: Path) -> dict:
 def _train(ctx: AblationContext, row: Row, data_file: Path, tmp: Path) -> None:
     """Stage 04 for a row, as notebook 04 trains (dpo_l.train_and_save) on a fresh base model: the trained model
     and its per-step log."""
-    from ..method import dpo_l
-    from ..model.base_model import load_base
-
     pairs = load_table(data_file)
     if pairs.empty:
         raise ValueError(f"row {row.name}: its selection gave no preference pairs, so there is nothing to train on")
-    model, tok = load_base(ctx.run_dir, ctx.profile)
-    log = dpo_l.train_and_save(model, tok, pairs, row.training, tmp, seed=train_seed(ctx.profile, row.seed),
-                               device=ctx.device, max_steps=ctx.max_steps or None, model_subdir=MODEL[1],
-                               progress=False,
-                               # the reference model's log-probs of a batch, shared by the rows that train on the same
-                               # pairs with the same seed (the objectives, signs and η's): keyed by the base weights
-                               # and the batch's token ids, so an entry never goes stale
-                               ref_cache=str(ctx.run_dir / "ablations" / "reference_cache"))
+    model, tok = base_model.load_base(ctx.run_dir, ctx.profile)
+    run = dpo_l.TrainRun(seed=train_seed(ctx.profile, row.seed), device=ctx.device, max_steps=ctx.max_steps or None,
+                         progress=False,
+                         # the reference model's log-probs of a batch, shared by the rows that train on the same
+                         # pairs with the same seed (the objectives, signs and η's): keyed by the base weights
+                         # and the batch's token ids, so an entry never goes stale
+                         ref_cache=str(ctx.run_dir / "ablations" / "reference_cache"))
+    log = dpo_l.train_and_save(model, tok, pairs, row.training, tmp, run, model_subdir=MODEL[1])
     save_table(log.reset_index(), tmp / TRAINING_LOG)
 
 
@@ -137,31 +143,24 @@ def _describe_model(d: Path) -> dict:
 def _eval_model(ctx: AblationContext, model_dir: Path | None) -> Any:
     """What generation.sample draws from for a trained model's cache entry (None: the base model), per
     sampling.backend."""
-    from ..core.pointer import base_ref
-    from ..model.base_model import load_sampler
-
     if model_dir is None and ctx.profile.sampling.backend != "vllm":
         return ctx.base_model  # already loaded for refinement
     ref, kind = base_ref(ctx.run_dir, ctx.profile)  # a trained model is of its base model's kind, as in notebook 05
-    return load_sampler(ref if model_dir is None else str(model_dir / MODEL[1]), kind, ctx.profile)[0]
+    return base_model.load_sampler(ref if model_dir is None else str(model_dir / MODEL[1]), kind, ctx.profile)[0]
 
 
 def _results(ctx: AblationContext, key: str, model_dir: Path | None, tmp: Path) -> None:
     """Evaluate a trained model (or the base model) and save its results."""
-    from ..model.base_model import release_sampler
-
     model = _eval_model(ctx, model_dir)
     try:
-        E, S = ctx.profile.evaluation, ctx.profile.sampling
         # notebook 05's evaluation, the model named by its cache key
-        res = evaluation.evaluate_model(key, model, ctx.tokenizer, ctx.problems, n=ctx.eval_n,
-                                        temperature=E.temperature, top_p=E.top_p, max_new_tokens=E.max_new_tokens,
-                                        seed=ctx.eval_seed, batch_size=S.batch_size, backend=S.backend,
-                                        progress=False, shards=ctx.profile.shards, workers=1)
+        spec = evaluation.eval_decoding(ctx.profile, ctx.eval_seed, n=ctx.eval_n)
+        run = SampleRun(ctx.profile.sampling.backend, ctx.profile.shards, workers=1, progress=False)
+        res = evaluation.evaluate_model(key, model, ctx.tokenizer, ctx.problems, spec, run)
         save_table(res, tmp / RESULTS)
     finally:
         if model is not ctx._base_model:
-            release_sampler(model)  # a vLLM engine's workers; a no-op for a transformers model
+            base_model.release_sampler(model)  # a vLLM engine's workers; a no-op for a transformers model
 
 
 def _describe_results(d: Path) -> dict:
@@ -310,10 +309,91 @@ def _wave(ctx: AblationContext, rows: list[Row], stage: str, force: bool, failed
 
 def _adoptable_refined(ctx: AblationContext, keys: dict) -> bool:
     """True when notebook 03's refined pairs can stand in for this refined key (then no scoring is needed)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(dir=ctx.cache_dir, prefix=".probe-") as tmp:
         return adopt_refined(ctx, keys["refined"], keys["pairs"], Path(tmp)) is not None
+
+
+def _rows_to_run(ctx: AblationContext, rows: Sequence[Row | str] | None) -> list[Row]:
+    """The Row objects run_rows runs: the given ones, and build_rows' rows of the names and groups given (None: all)."""
+    every = build_rows(ctx.profile)
+    if rows is None:
+        return every
+    names = [r for r in rows if isinstance(r, str)]
+    todo = [r for r in rows if isinstance(r, Row)] + select_rows(every, names) if names else list(rows)
+    bad = [r for r in todo if not isinstance(r, Row)]
+    if bad:
+        raise ValueError(f"rows must be Row objects or row/group names, got {bad[0]!r}")
+    return todo
+
+
+@dataclass
+class _RunLog:
+    """What run_rows learns as it goes: the rows that failed, and where the entries the waves made came from."""
+
+    force: bool
+    failed: dict[str, str] = field(default_factory=dict)  # row name -> error
+    done_sources: dict[str, str] = field(default_factory=dict)  # key -> source, for the entries the waves made
+    claimed: set[str] = field(default_factory=set)  # keys whose wave source a row has reported already
+
+    def record(self, ctx: AblationContext, name: str, sources: dict, keys: dict) -> None:
+        """Note a wave task's outcome: its error, or the source of each entry it made."""
+        if "error" in sources:
+            self.failed[name] = sources["error"]
+            return
+        for s, src in sources.items():
+            self.done_sources.setdefault(keys[s], src)  # the pass that made it says how (later ones: cached)
+            if self.force:
+                ctx.forced.add(keys[s])  # computed under force in this session: not again below
+
+    def source(self, key: str, src: str) -> str:
+        """Where a row's entry came from, as one worker would say: the first row to use an entry a wave made gets
+        the wave's source (computed, adopted, ...), the others "cached"."""
+        if src == "cached" and key in self.done_sources and key not in self.claimed:
+            self.claimed.add(key)
+            return self.done_sources[key]
+        return src
+
+
+def _run_waves(ctx: AblationContext, todo: list[Row], w: int, progress: bool, log: _RunLog) -> None:
+    """Every stage of the rows in waves on `w` worker processes, each distinct entry computed by one of them; after
+    each wave, that stage of every row in row order (reused or adopted: cheap, and what the next wave reads)."""
+    force = log.force
+    for stage in STAGES:
+        wave = _wave(ctx, todo, stage, force, log.failed)
+        if wave:
+            if stage in ("scored", "results") and any(r.is_base or stage == "scored" for r in wave):
+                with _quiet():
+                    _ = ctx.base_model  # loaded once, before the fork: the workers inherit it
+            for name, sources, keys in map_shards(_stage_task, [(r, stage, force) for r in wave], workers=w,
+                                                  shared=ctx, progress=progress,
+                                                  desc=f"ablations: {stage} ({len(wave)})"):
+                log.record(ctx, name, sources, keys)
+        if stage == "scored":
+            continue  # reached through the refined stage
+        for row in todo:
+            if row.name not in log.failed and stage in _row_stages(row):
+                log.record(ctx, *_stage_task(ctx, (row, stage, force)))
+
+
+def _run_in_order(ctx: AblationContext, todo: list[Row], progress: bool, log: _RunLog) -> list[dict]:
+    """Each row in order (run_row: what the waves made is reused), one line each: its name, seed and sources."""
+    out = []
+    bar = tqdm(todo, desc="ablation rows", disable=not progress)
+    for row in bar:
+        bar.set_postfix_str(f"{row.name} seed {row.seed}")
+        if row.name in log.failed:
+            continue
+        try:
+            rec = run_row(ctx, row, force=log.force)
+        except Exception as e:  # noqa: BLE001 -- reported together after the other rows ran
+            log.failed[row.name] = f"{type(e).__name__}: {e}"
+            continue
+        keys = rec["keys"]
+        sources = {s: log.source(keys[s], src) for s, src in rec["sources"].items()}
+        if sources.get("refined") == "computed" and "scored" not in sources:
+            sources["scored"] = log.source(keys["scored"], "cached")  # computing the refined entry read the scored one
+        out.append({"name": row.name, "seed": row.seed, **{s: sources[s] for s in STAGES if s in sources}})
+    return out
 
 
 def run_rows(ctx: AblationContext, rows: Sequence[Row | str] | None = None, force: bool = False,
@@ -329,83 +409,19 @@ def run_rows(ctx: AblationContext, rows: Sequence[Row | str] | None = None, forc
     A failing row does not stop the others: after the last row a RuntimeError lists the failures (the rows that
     finished stay cached). Returns one line per row: its name, seed and the source of each stage.
     """
-    from ..core.parallel import map_shards, n_workers
-
-    every = build_rows(ctx.profile)
-    if rows is None:
-        todo = every
-    else:
-        names = [r for r in rows if isinstance(r, str)]
-        todo = [r for r in rows if isinstance(r, Row)] + select_rows(every, names) if names else list(rows)
-        bad = [r for r in todo if not isinstance(r, Row)]
-        if bad:
-            raise ValueError(f"rows must be Row objects or row/group names, got {bad[0]!r}")
+    todo = _rows_to_run(ctx, rows)
     ctx.cache_dir.mkdir(parents=True, exist_ok=True)
     for gone in clean_leftovers(ctx.cache_dir):  # entries a killed run was writing
         print(f"[ablations] removed {gone.name}, left in the cache by a run that was killed")
     w = n_workers(ctx.profile.workers if workers is None else workers)
     if ctx.device != "cpu":
         w = 1  # CUDA does not survive a fork; one process drives the GPU
-    failed: dict[str, str] = {}
-    done_sources: dict[str, str] = {}  # key -> source, for the entries the waves computed or adopted
-
-    def record(name: str, sources: dict, keys: dict) -> None:
-        if "error" in sources:
-            failed[name] = sources["error"]
-            return
-        for s, src in sources.items():
-            done_sources.setdefault(keys[s], src)  # the pass that made it says how (later ones: cached)
-            if force:
-                ctx.forced.add(keys[s])  # computed under force in this session: not again below
-
+    log = _RunLog(force)
     if w > 1:
-        for stage in STAGES:
-            wave = _wave(ctx, todo, stage, force, failed)
-            if wave:
-                if stage in ("scored", "results") and any(r.is_base or stage == "scored" for r in wave):
-                    with _quiet():
-                        _ = ctx.base_model  # loaded once, before the fork: the workers inherit it
-                for name, sources, keys in map_shards(_stage_task, [(r, stage, force) for r in wave], workers=w,
-                                                      shared=ctx, progress=progress,
-                                                      desc=f"ablations: {stage} ({len(wave)})"):
-                    record(name, sources, keys)
-            if stage == "scored":
-                continue  # reached through the refined stage
-            # then this stage of every row here, in row order: reused, or adopted (twins, the pipeline's stages):
-            # cheap, and what the next wave reads
-            for row in todo:
-                if row.name not in failed and stage in _row_stages(row):
-                    record(*_stage_task(ctx, (row, stage, force)))
-    out = []
-    claimed: set[str] = set()
-
-    def source(key: str, src: str) -> str:
-        """Where a row's entry came from, as one worker would say: the first row to use an entry a wave made gets
-        the wave's source (computed, adopted, ...), the others "cached"."""
-        if src == "cached" and key in done_sources and key not in claimed:
-            claimed.add(key)
-            return done_sources[key]
-        return src
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(todo, desc="ablation rows", disable=not progress)
-    for row in bar:
-        bar.set_postfix_str(f"{row.name} seed {row.seed}")
-        if row.name in failed:
-            continue
-        try:
-            rec = run_row(ctx, row, force=force)
-        except Exception as e:  # noqa: BLE001 -- reported together after the other rows ran
-            failed[row.name] = f"{type(e).__name__}: {e}"
-            continue
-        keys = rec["keys"]
-        sources = {s: source(keys[s], src) for s, src in rec["sources"].items()}
-        if sources.get("refined") == "computed" and "scored" not in sources:
-            sources["scored"] = source(keys["scored"], "cached")  # computing the refined entry read the scored one
-        out.append({"name": row.name, "seed": row.seed, **{s: sources[s] for s in STAGES if s in sources}})
-    if failed:
-        lines = [f"{r.name} (seed {r.seed}): {failed[r.name]}" for r in todo if r.name in failed]
+        _run_waves(ctx, todo, w, progress, log)
+    out = _run_in_order(ctx, todo, progress, log)
+    if log.failed:
+        lines = [f"{r.name} (seed {r.seed}): {log.failed[r.name]}" for r in todo if r.name in log.failed]
         raise RuntimeError(f"{len(lines)} of {len(todo)} ablation rows failed:\n  " + "\n  ".join(lines))
     return pd.DataFrame(out)
 

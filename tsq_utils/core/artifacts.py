@@ -12,14 +12,17 @@ import platform
 import re
 import shutil
 import stat
+import struct
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
+from pandas.api import types as ptypes
 
 # Packages whose versions every manifest records (distribution names).
 VERSIONED_PACKAGES = ("torch", "transformers", "trl", "datasets", "tokenizers")
@@ -126,8 +129,6 @@ def load_table(path: str | os.PathLike) -> pd.DataFrame:
 
 def table_rows(path: str | os.PathLike) -> int:
     """Number of rows of a Parquet table, read from its footer (the table itself is not loaded)."""
-    import pyarrow.parquet as pq
-
     path = Path(path)
     try:
         return pq.ParquetFile(path).metadata.num_rows
@@ -171,6 +172,8 @@ def append_jsonl(path: str | os.PathLike, records: Mapping | Iterable[Mapping]) 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file into a list of dicts (blank lines are skipped)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such JSONL file: {path}")
     out = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -275,15 +278,14 @@ class SchemaError(ValueError):
 def check_table(path: str | os.PathLike, columns: dict[str, str], df: pd.DataFrame | None = None) -> None:
     """SchemaError naming the file and the column unless the table (read from `path` unless `df` is given) has every
     declared column with its kind ("str", "int", "float", "bool"); an empty table is checked for its columns only."""
-    from pandas.api import types as t
-
     path = Path(path)
     if df is None:
         df = load_table(path)
-    checks = {"str": lambda s: t.is_string_dtype(s) or (t.is_object_dtype(s) and all(isinstance(v, str) for v in s)),
-              "int": lambda s: t.is_integer_dtype(s) and not t.is_bool_dtype(s),
-              "float": lambda s: t.is_numeric_dtype(s) and not t.is_bool_dtype(s),
-              "bool": t.is_bool_dtype}
+    checks = {"str": lambda s: ptypes.is_string_dtype(s)
+              or (ptypes.is_object_dtype(s) and all(isinstance(v, str) for v in s)),
+              "int": lambda s: ptypes.is_integer_dtype(s) and not ptypes.is_bool_dtype(s),
+              "float": lambda s: ptypes.is_numeric_dtype(s) and not ptypes.is_bool_dtype(s),
+              "bool": ptypes.is_bool_dtype}
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise SchemaError(f"{path}: column {missing[0]!r} is missing (the table has {list(df.columns)[:12]}); "
@@ -304,8 +306,6 @@ def check_safetensors(path: str | os.PathLike) -> None:
     """CorruptWeightsError naming the file unless it is a whole safetensors file: an 8-byte header length, a JSON
     header, and tensor data that ends exactly where the file does (a truncated copy ends early). Reads the header
     only."""
-    import struct
-
     path = Path(path)
     size = path.stat().st_size
     fix = "restore it (git checkout for the shipped reasoner), or rerun the notebook that wrote it"
@@ -335,8 +335,9 @@ def file_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def dir_hash(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a folder: its files' relative paths and contents, in sorted order.
+def dir_hash(path: str | os.PathLike, file_sha: Callable[[Path], str] | None = None) -> str:
+    """SHA-256 (hex) of a folder: its files' relative paths and contents (file_sha of each, default file_hash), in
+    sorted order.
 
     Independent of timestamps and listing order; empty sub-folders do not count.
     """
@@ -347,7 +348,7 @@ def dir_hash(path: str | os.PathLike) -> str:
     files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
     for p in files:
         # NUL and newline cannot both appear in a path, so entries cannot run into each other.
-        h.update(f"{p.relative_to(root).as_posix()}\0{file_hash(p)}\n".encode())
+        h.update(f"{p.relative_to(root).as_posix()}\0{(file_sha or file_hash)(p)}\n".encode())
     return h.hexdigest()
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 # what the forked children read: set just before the pool forks, cleared after (one pool at a time per process)
 _SHARED: Any = None
@@ -80,8 +81,6 @@ def map_shards(fn: Callable[[Any, Any], Any], tasks: Sequence[Any], workers: int
     fn must be a module-level function (it is sent to the workers by name); `shared` is inherited, not sent.
     The results are the same whatever `workers` is: each task runs with one torch thread wherever it runs.
     """
-    from tqdm.auto import tqdm
-
     global _SHARED
     tasks = list(tasks)
     w = min(n_workers(workers), len(tasks))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .artifacts import atomic_write_json
 from .config import REPO_ROOT
 
 POINTER = "base_model.json"
@@ -41,8 +42,6 @@ def _relative_ref(ref: str, run_dir: Path) -> tuple[str, str | None]:
 
 def write_pointer(stage_dir: Path, ref: str, kind: str, extra: dict | None = None) -> Path:
     """Record which model later stages load as the base (atomic); a folder in the run or repo is stored relative."""
-    from .artifacts import atomic_write_json
-
     if kind not in POINTER_KINDS:
         raise ValueError(f"unknown model kind {kind!r}: use {' or '.join(map(repr, POINTER_KINDS))}")
     path = stage_dir / POINTER

@@ -4,7 +4,7 @@ notebook.
 Parameters. Each notebook declares its knobs in its ``parameters`` cell and passes them to ``setup_stage``
 under a dotted profile key ({"training.eta": eta}); that mapping is read here from the notebook itself
 (with ``ast``, nothing is executed but the value expression of a key that transforms its parameter, such
-as ``data.benchmark_list(eval_sets)``). A ``-p NAME VALUE`` goes to the notebooks of the run whose
+as ``registry.benchmark_list(eval_sets)``). A ``-p NAME VALUE`` goes to the notebooks of the run whose
 parameters cell defines NAME, and only to them. It is refused, before any notebook runs, when
 
 - no notebook of the run defines NAME (the message names the closest known parameter),
@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import ProfileError, load_profile
+
 # papermill's reading of a -p value (papermill.cli._resolve_type), so the check sees what the notebook gets.
 _INT = re.compile(r"^[-+]?\d+$")
 
@@ -62,16 +64,24 @@ PARAM_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "trained_model": ((str,), "a local model folder (e.g. -p trained_model runs/toy/training/model)"),
 }
 
+# What two registries know, restated for core, which imports no higher layer: the tasks whose problems are built
+# from code and read no files (task/registry.py's TASKS), and the model sources that read model.local_override
+# (model/base_model.py's MODEL_SOURCES). tests/test_house.py checks both against the registries.
+CODE_BUILT_TASKS = frozenset({"toy"})
+LOCAL_OVERRIDE_SOURCES = frozenset({"hub"})
+
+
 # Profile keys a -p sets that some profiles never read: key -> (does this profile read it?, why not, when it
 # does). A -p that would change nothing is refused rather than silently ignored.
 def _reads_benchmarks(p) -> bool:
-    return any(b != "toy" for b in [p.data.train, *p.data.eval])
+    return not CODE_BUILT_TASKS.issuperset([p.data.train, *p.data.eval])
 
 
 UNREAD_UNLESS: dict[str, tuple[Any, str]] = {
     "data.local_dir": (_reads_benchmarks, "its training and evaluation sets are the toy world, built from code"),
     "data.local_files": (_reads_benchmarks, "its training and evaluation sets are the toy world, built from code"),
-    "model.local_override": (lambda p: p.model.source == "hub", "its model is not a hub model (model.source toy)"),
+    "model.local_override": (lambda p: p.model.source in LOCAL_OVERRIDE_SOURCES,
+                             "its model is not a hub model (model.source toy)"),
 }
 
 
@@ -195,6 +205,95 @@ def _type_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def _route(raw_key: str, raw_value: str, nbs: dict[str, dict[str, Param]], others: dict[str, dict[str, Param]]
+           ) -> tuple[list[str], str | None]:
+    """The notebooks of the run a -p pair goes to (KEY may be NN:name), or an error saying why it goes nowhere."""
+    by_number = {name[:2]: name for name in nbs}
+    prefix, _, name = raw_key.rpartition(":")
+    shown = f"-p {raw_key} {raw_value}"
+    if prefix:
+        if prefix not in by_number:
+            return [], f"{shown}: notebook {prefix} is not part of this run (notebooks: {', '.join(sorted(by_number))})"
+        if name not in nbs[by_number[prefix]]:
+            known = sorted(nbs[by_number[prefix]])
+            close = difflib.get_close_matches(name, known, n=1)
+            return [], (f"{shown}: {by_number[prefix]} has no parameter {name!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else f" (its parameters: {', '.join(known)})"))
+        return [by_number[prefix]], None
+    targets = [nb for nb, ps in nbs.items() if name in ps]
+    if targets:
+        return targets, None
+    elsewhere = sorted(nb[:2] for nb, ps in others.items() if name in ps)
+    if elsewhere:
+        return [], (f"{shown}: no notebook of this run has a parameter {name!r}; only notebook(s) "
+                    f"{', '.join(elsewhere)} do, which this run leaves out (--only)")
+    known = sorted({n for ps in [*nbs.values(), *others.values()] for n in ps} - {"profile"})
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return [], (f"{shown}: no notebook has a parameter {name!r}"
+                + (f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"))
+
+
+def _check_pair(raw_key: str, raw_value: str, targets: list[str], nbs: dict[str, dict[str, Param]]) -> str | None:
+    """Why a routed -p pair is refused before the profile loader sees it (notebooks that read it differently, a value
+    of another type than the parameter's), else None."""
+    name = raw_key.rpartition(":")[2]
+    shown = f"-p {raw_key} {raw_value}"
+    meanings: dict[str, list[str]] = {}
+    for nb in targets:
+        meanings.setdefault(nbs[nb][name].meaning, []).append(nb[:2])
+    if len(meanings) > 1:
+        read = "; ".join(f"{', '.join(nums)} as {m}" for m, nums in meanings.items())
+        return (f"{shown}: the notebooks of this run read {name!r} differently ({read}); say which one: "
+                + " or ".join(" ".join(f"-p {n}:{name} {raw_value}" for n in nums) for nums in meanings.values()))
+    value = resolve_value(raw_value)
+    p = nbs[targets[0]][name]
+    if p.key is None and not _type_ok(p.default, value):
+        return (f"{shown}: {name} expects a {type(p.default).__name__} like its default {p.default!r}, "
+                f"got {type(value).__name__} {value!r}")
+    if p.key is None and p.default is None and name in PARAM_TYPES and value is not None:
+        types, what = PARAM_TYPES[name]
+        if not isinstance(value, types) or isinstance(value, bool) or not str(value).strip():
+            return f"{shown}: {name} takes {what}, got {type(value).__name__} {value!r}"
+    return None
+
+
+def _check_profile_values(profile: str, nbs: dict[str, dict[str, Param]], gets: dict[str, list[int]],
+                          pairs: list[tuple[str, str]]) -> list[str]:
+    """The values of profile keys checked by the real loader, once per notebook with everything that notebook gets;
+    the errors (a value out of range, or one the profile never reads)."""
+    errors: list[str] = []
+    for nb, idx in gets.items():
+        overrides, given = {}, []
+        for i in idx:
+            raw_key, raw_value = pairs[i]
+            p = nbs[nb][raw_key.rpartition(":")[2]]
+            if p.key is None:
+                continue
+            try:
+                value = _evaluate(p, resolve_value(raw_value))
+            except Exception as e:  # noqa: BLE001 - the notebook's own conversion refused it
+                errors.append(f"-p {raw_key} {raw_value}: {nb} cannot use it ({e})")
+                continue
+            if value is not None:
+                overrides[p.key] = value
+                given.append(f"-p {raw_key} {raw_value} ({p.key})")
+        if not overrides:
+            continue
+        try:
+            prof = load_profile(profile, overrides)
+        except ProfileError as e:
+            errors.append(f"{', '.join(given)}: not valid for {nb}: {e}")
+            continue
+        for key, (reads, why) in UNREAD_UNLESS.items():
+            if key in overrides and not reads(prof):
+                shown = next(g for g in given if g.endswith(f"({key})"))
+                message = (f"{shown}: profile {prof.name} never reads {key} ({why}), so it would change "
+                           "nothing: leave it out, or use it with a profile that reads it (r1-1.5b, r1-7b)")
+                if message not in errors:
+                    errors.append(message)
+    return errors
+
+
 def plan(profile: str, notebooks: list[str | Path], pairs: list[tuple[str, str]],
          all_notebooks: list[str | Path] | None = None) -> dict[str, list[int]]:
     """Which -p pairs each notebook gets: {notebook file name: [pair index, ...]}; ParameterError when one is refused.
@@ -202,96 +301,21 @@ def plan(profile: str, notebooks: list[str | Path], pairs: list[tuple[str, str]]
     `pairs` are (KEY, VALUE) as typed (KEY may be NN:name); `all_notebooks` (default: `notebooks`) lets an
     error say that a name belongs to a notebook outside this run.
     """
-    from .config import ProfileError, load_profile
-
     load_profile(profile)  # the profile itself first: its errors name the file and key
     nbs = {Path(nb).name: notebook_params(nb) for nb in notebooks}
     others = {Path(nb).name: notebook_params(nb) for nb in (all_notebooks or []) if Path(nb).name not in nbs}
-    by_number = {name[:2]: name for name in nbs}
     errors: list[str] = []
     gets: dict[str, list[int]] = {name: [] for name in nbs}
     for i, (raw_key, raw_value) in enumerate(pairs):
-        prefix, _, name = raw_key.rpartition(":")
-        shown = f"-p {raw_key} {raw_value}"
-        if prefix:
-            if prefix not in by_number:
-                errors.append(f"{shown}: notebook {prefix} is not part of this run "
-                              f"(notebooks: {', '.join(sorted(by_number))})")
-                continue
-            targets = [by_number[prefix]] if name in nbs[by_number[prefix]] else []
-            if not targets:
-                known = sorted(nbs[by_number[prefix]])
-                close = difflib.get_close_matches(name, known, n=1)
-                errors.append(f"{shown}: {by_number[prefix]} has no parameter {name!r}"
-                              + (f"; did you mean {close[0]!r}?" if close
-                                 else f" (its parameters: {', '.join(known)})"))
-                continue
-        else:
-            targets = [nb for nb, ps in nbs.items() if name in ps]
-        if not targets:
-            elsewhere = sorted(nb[:2] for nb, ps in others.items() if name in ps)
-            if elsewhere:
-                errors.append(f"{shown}: no notebook of this run has a parameter {name!r}; only notebook(s) "
-                              f"{', '.join(elsewhere)} do, which this run leaves out (--only)")
-                continue
-            known = sorted({n for ps in [*nbs.values(), *others.values()] for n in ps} - {"profile"})
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            errors.append(f"{shown}: no notebook has a parameter {name!r}"
-                          + (f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"))
+        targets, error = _route(raw_key, raw_value, nbs, others)
+        error = error or _check_pair(raw_key, raw_value, targets, nbs)
+        if error:
+            errors.append(error)
             continue
-        meanings: dict[str, list[str]] = {}
-        for nb in targets:
-            meanings.setdefault(nbs[nb][name].meaning, []).append(nb[:2])
-        if len(meanings) > 1:
-            read = "; ".join(f"{', '.join(nums)} as {m}" for m, nums in meanings.items())
-            errors.append(f"{shown}: the notebooks of this run read {name!r} differently ({read}); say which one: "
-                          + " or ".join(" ".join(f"-p {n}:{name} {raw_value}" for n in nums)
-                                       for nums in meanings.values()))
-            continue
-        value = resolve_value(raw_value)
-        p = nbs[targets[0]][name]
-        if p.key is None and not _type_ok(p.default, value):
-            errors.append(f"{shown}: {name} expects a {type(p.default).__name__} like its default {p.default!r}, "
-                          f"got {type(value).__name__} {value!r}")
-            continue
-        if p.key is None and p.default is None and name in PARAM_TYPES and value is not None:
-            types, what = PARAM_TYPES[name]
-            if not isinstance(value, types) or isinstance(value, bool) or not str(value).strip():
-                errors.append(f"{shown}: {name} takes {what}, got {type(value).__name__} {value!r}")
-                continue
-
         for nb in targets:
             gets[nb].append(i)
-    # Values of profile keys: the real loader, once per notebook with everything that notebook gets.
     if not errors:
-        for nb, idx in gets.items():
-            overrides, given = {}, []
-            for i in idx:
-                raw_key, raw_value = pairs[i]
-                p = nbs[nb][raw_key.rpartition(":")[2]]
-                if p.key is None:
-                    continue
-                try:
-                    value = _evaluate(p, resolve_value(raw_value))
-                except Exception as e:  # noqa: BLE001 - the notebook's own conversion refused it
-                    errors.append(f"-p {raw_key} {raw_value}: {nb} cannot use it ({e})")
-                    continue
-                if value is not None:
-                    overrides[p.key] = value
-                    given.append(f"-p {raw_key} {raw_value} ({p.key})")
-            if overrides:
-                try:
-                    prof = load_profile(profile, overrides)
-                except ProfileError as e:
-                    errors.append(f"{', '.join(given)}: not valid for {nb}: {e}")
-                    continue
-                for key, (reads, why) in UNREAD_UNLESS.items():
-                    if key in overrides and not reads(prof):
-                        shown = next(g for g in given if g.endswith(f"({key})"))
-                        message = (f"{shown}: profile {prof.name} never reads {key} ({why}), so it would change "
-                                   "nothing: leave it out, or use it with a profile that reads it (r1-1.5b, r1-7b)")
-                        if message not in errors:
-                            errors.append(message)
+        errors = _check_profile_values(profile, nbs, gets, pairs)
     if errors:
         raise ParameterError("\n".join(errors))
     return gets

@@ -41,7 +41,6 @@ read without a lock (an up-to-date stage, its figures and summaries); a stage th
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
@@ -53,138 +52,18 @@ from typing import Any
 from . import config, fingerprint, pipeline
 from .artifacts import (atomic_open, atomic_write_json, check_table, clean_leftovers, package_versions, path_hash,
                         read_json, table_rows, to_json)
+from .pointer import base_inputs
+from .stage_errors import EMPTY_HINTS, EmptyArtifactError, MissingArtifactError, StaleArtifactError
+from .stage_lock import LOCK, READ_ONLY, StageBusyError, acquire_lock, release_lock
+from .stage_paths import (MANIFEST, STAGES, SUMMARY, check_relative, check_stage, display_path, notebook_for,
+                          notebook_path)
+from .stage_summary import summary_lines
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; stages are then not protected against a second writer
-    fcntl = None  # type: ignore[assignment]
-
-# Pipeline order: stage name -> its notebook under notebooks/ (pipeline.py's table: what each reads and writes).
-STAGES: dict[str, str] = {name: row.notebook for name, row in pipeline.PIPELINE.items()}
-
-MANIFEST = "manifest.json"
-SUMMARY = "summary.json"
-LOCK = ".lock"
-
-# What an empty upstream table usually means, and what to change (stage, file) -> hint.
-_EMPTY_HINTS: dict[tuple[str, str], str] = {
-    ("selection", "pairs.parquet"): (
-        "no problem had a response to prefer over another (a correct response shorter than a rival): with greedy "
-        "sampling (sampling.temperature 0) every response to a problem is the same, and with sampling.n 1 a problem "
-        "has no second response to pair with; sample with a temperature > 0, more responses (sampling.n >= 2) or "
-        "more problems, then rerun notebooks 01 and 02"),
-    ("refinement", "refined_pairs.parquet"): "notebook 03 kept no pair; see its step log and summary",
-    ("sampling", "samples.parquet"): "notebook 01 drew no responses; check data.n_train_problems and sampling.n",
-}
-
-# Profile values worth seeing in each stage's set-up summary (dotted keys).
-_SIZE_KEYS: dict[str, tuple[str, ...]] = {
-    "base_model": ("pretrain.retrain", "pretrain.n_tokens", "pretrain.hidden_size", "pretrain.num_layers"),
-    "sampling": ("sampling.backend", "sampling.n", "sampling.temperature", "sampling.max_new_tokens"),
-    "selection": ("selection.variant", "selection.alpha", "selection.max_pairs"),
-    "refinement": ("refinement.enabled", "refinement.n_candidates", "refinement.window", "refinement.epsilon"),
-    "training": ("training.epochs", "training.batch_size", "training.lr", "training.beta", "training.lam"),
-    "evaluation": ("evaluation.n_samples", "evaluation.max_new_tokens", "evaluation.budget"),
-    "ablations": ("evaluation.n_samples", "evaluation.max_new_tokens", "selection.alpha"),
-    "tldr": ("tldr.max_steps", "tldr.batch_size", "tldr.update_every", "tldr.eta"),
-}
-
-
-class MissingArtifactError(FileNotFoundError):
-    """An upstream artifact is missing; the message names the notebook to run first."""
-
-
-class StaleArtifactError(MissingArtifactError):
-    """An upstream artifact exists but its stage did not complete, or it changed since; the message names the fix."""
-
-
-class EmptyArtifactError(ValueError):
-    """An upstream table has no rows, so this stage has nothing to work on; the message says why and what to change."""
-
-
-class StageBusyError(RuntimeError):
-    """Another process holds the stage's lock (it is running the same stage of the same run folder)."""
-
-
-# Locks this process holds: lock file -> open descriptor (a second setup_stage in the same process reuses it).
-_HELD_LOCKS: dict[Path, int] = {}
-# Stage folders found read-only (no lock could be created): read, never written
-_READ_ONLY: set[Path] = set()
-
-
-def _acquire_lock(stage_dir: Path, what: str) -> None:
-    """Take the stage folder's exclusive lock for this process; StageBusyError naming the holder if another has it."""
-    path = (stage_dir / LOCK).absolute()
-    if fcntl is None or path in _HELD_LOCKS:
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        # A read-only run folder (a copy handed out, a mounted archive): it can be read, its figures, book and
-        # summaries rebuilt elsewhere, without a lock; nothing can write to it, so no second writer can either.
-        _READ_ONLY.add(stage_dir.absolute())
-        print(f"[{stage_dir.name}] {display_path(stage_dir)} is read-only: reading it without a lock (a stage that "
-              "must rerun cannot, until the folder is writable)")
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
-        finally:
-            os.close(fd)
-        raise StageBusyError(
-            f"{what} is being run by another process ({holder}; lock {display_path(path)}): wait for it to finish, "
-            "or stop it (a Jupyter kernel holds the lock until its stage finishes or the kernel is shut down)"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode())
-    _HELD_LOCKS[path] = fd
-
-
-def _release_lock(stage_dir: Path) -> None:
-    """Release the stage folder's lock if this process holds it."""
-    fd = _HELD_LOCKS.pop((stage_dir / LOCK).absolute(), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
-
-
-def _check_stage(name: str) -> None:
-    """Raise ValueError unless `name` is a pipeline stage."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-
-
-def notebook_for(stage: str) -> str:
-    """The notebook that produces a stage, as a repo-relative path (notebooks/NN_name.ipynb)."""
-    _check_stage(stage)
-    return f"notebooks/{STAGES[stage]}"
-
-
-def notebook_path(stage: str) -> Path:
-    """The notebook file of a stage: under TSQ_NOTEBOOKS_DIR when set (as run_all.sh), else the repo's notebooks/."""
-    _check_stage(stage)
-    folder = os.environ.get("TSQ_NOTEBOOKS_DIR") or config.REPO_ROOT / "notebooks"
-    return Path(folder) / STAGES[stage]
-
-
-def display_path(path: Path) -> str:
-    """A path relative to the repository when it lies inside it, else absolute."""
-    path = Path(path).absolute()
-    try:
-        return path.relative_to(config.REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _get_dotted(obj: Any, dotted: str) -> Any:
-    """getattr along a dotted path (profile.selection.alpha)."""
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
+__all__ = [
+    "LOCK", "MANIFEST", "STAGES", "SUMMARY", "EmptyArtifactError", "MissingArtifactError", "Stage", "StageBusyError",
+    "StaleArtifactError", "display_path", "notebook_for", "notebook_path", "setup_stage", "stage_code",
+    "stage_modules",
+]
 
 def _jsonable(value: Any) -> Any:
     """The value as it reads back from JSON (tuples become lists, paths strings), for comparisons."""
@@ -214,13 +93,6 @@ def _check_params(params: Mapping) -> dict[str, Any]:
             raise ValueError(f"params[{key!r}]: not recordable in a manifest ({e})") from e
         out[key] = value
     return out
-
-
-def _check_relative(name: str, what: str) -> None:
-    """Raise ValueError unless `name` is a relative path that stays inside its folder."""
-    p = PurePosixPath(str(name).replace(os.sep, "/"))
-    if not str(name) or p.is_absolute() or ".." in p.parts:
-        raise ValueError(f"{what} {name!r} must be a relative path inside the stage folder")
 
 
 def stage_modules(stage: str) -> list[str]:
@@ -254,7 +126,7 @@ class Stage:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.figures = config.figures_dir(profile)
         self.notebook = notebook_for(name)
-        _acquire_lock(self.dir, f"stage {name} ({self.notebook}) of {display_path(self.run_dir)}")
+        acquire_lock(self.dir, f"stage {name} ({self.notebook}) of {display_path(self.run_dir)}")
         for gone in clean_leftovers(self.dir):  # a killed run's temporary folders (this stage is ours now)
             print(f"[{name}] removed {display_path(gone)}, left by a run that was killed")
         self._started = time.perf_counter()
@@ -281,8 +153,8 @@ class Stage:
 
     def require(self, upstream_stage: str, filename: str) -> Path:
         """Path of an upstream stage's artifact; MissingArtifactError naming the notebook to run if absent."""
-        _check_stage(upstream_stage)
-        _check_relative(filename, "artifact")
+        check_stage(upstream_stage)
+        check_relative(filename, "artifact")
         path = self.run_dir / upstream_stage / filename
         nb = notebook_for(upstream_stage)
         if not path.exists():
@@ -309,7 +181,7 @@ class Stage:
                 raise StaleArtifactError(f"{display_path(top_path)} changed after {nb} finished (its sha256 differs "
                                          f"from the one in {display_path(mpath)}): {rerun}")
         if path.is_file() and path.suffix == ".parquet" and table_rows(path) == 0:
-            hint = _EMPTY_HINTS.get((upstream_stage, str(filename)), f"see the summary of {nb}")
+            hint = EMPTY_HINTS.get((upstream_stage, str(filename)), f"see the summary of {nb}")
             raise EmptyArtifactError(f"{display_path(path)} has no rows, so stage {self.name} has nothing to work on: "
                                      f"{hint}")
         columns = pipeline.schema(upstream_stage, str(filename))
@@ -326,8 +198,6 @@ class Stage:
         """The stage's inputs as the stage table declares them: upstream artifacts (via require) and the base model."""
         out: dict[str, Path] = {name: self.require(up, art) for name, (up, art) in self.spec.inputs.items()}
         if self.spec.base:
-            from .pointer import base_inputs  # the base-model pointer names the weights to hash
-
             out.update(base_inputs(self.run_dir, self.profile))
             if self.name != "base_model" and "base_weights" in out:
                 self._check_base_weights(out["base_weights"])
@@ -508,7 +378,7 @@ class Stage:
                       "force=True reruns")
             return True
         self._reused = None
-        if self.dir.absolute() in _READ_ONLY:
+        if self.dir.absolute() in READ_ONLY:
             raise PermissionError(f"stage {self.name} must rerun ({reason}), but {display_path(self.dir)} is "
                                   "read-only: make the run folder writable (chmod -R u+w), or run into another "
                                   "folder (TSQ_RUNS_DIR)")
@@ -530,13 +400,34 @@ class Stage:
         """
         if inputs is None:
             inputs = self.inputs()
+        outputs = self._checked_outputs(outputs)
+        input_hashes = self._input_hashes(inputs)
+        if summary is not None and not isinstance(summary, Mapping):
+            raise TypeError(f"summary must be a dict, got {type(summary).__name__}")
+        manifest = self._new_manifest(input_hashes, outputs, summary is not None, extra)
+        summary_changed = summary is not None and not self._same_json(self.dir / SUMMARY, summary)
+        kept = self._kept_manifest(manifest, summary_changed)
+        if kept is not None:
+            return kept
+        if summary_changed:
+            atomic_write_json(self.dir / SUMMARY, summary)
+        # Written last: a manifest marked complete means every output above is in place, with these hashes.
+        atomic_write_json(self.manifest_path, manifest)
+        release_lock(self.dir)
+        self._reused = _jsonable(manifest)
+        print(f"[{self.name}] finished in {manifest['wall_time_s'] or 0:.1f} s: {display_path(self.manifest_path)}")
+        return manifest
+
+    def _checked_outputs(self, outputs: list[str] | None) -> list[str]:
+        """The outputs finish records (default: the stage table's, the optional ones that exist), each a relative path
+        that exists, and each table with its schema's columns."""
         if outputs is None:
             outputs = [*self.spec.outputs, *(o for o in self.spec.optional_outputs if (self.dir / o).exists())]
         if isinstance(outputs, (str, os.PathLike)):
             raise TypeError("outputs must be a list of file names, not a single name")
         outputs = [str(o) for o in outputs]
         for o in outputs:
-            _check_relative(o, "output")
+            check_relative(o, "output")
         missing = [o for o in outputs if not (self.dir / o).exists()]
         if missing:
             raise FileNotFoundError(f"stage {self.name}: outputs not found in {display_path(self.dir)}: "
@@ -545,11 +436,11 @@ class Stage:
             columns = pipeline.schema(self.name, o)
             if columns and (self.dir / o).is_file():
                 check_table(self.dir / o, columns)  # on write: a table with a wrong column is never marked complete
-        input_hashes = self._input_hashes(inputs)
-        if summary is not None and not isinstance(summary, Mapping):
-            raise TypeError(f"summary must be a dict, got {type(summary).__name__}")
-        output_hashes = {o: path_hash(self.dir / o) for o in outputs}
-        manifest = {
+        return outputs
+
+    def _new_manifest(self, input_hashes: dict, outputs: list[str], has_summary: bool, extra: dict | None) -> dict:
+        """The manifest of this run of the stage, marked complete."""
+        return {
             "stage": self.name,
             "notebook": self.notebook,
             "profile": self.profile.name,
@@ -561,24 +452,27 @@ class Stage:
             "threads": self.threads,
             "inputs": input_hashes,
             "outputs": outputs,
-            "output_hashes": output_hashes,
+            "output_hashes": {o: path_hash(self.dir / o) for o in outputs},
             "code": {**self.code, **fingerprint.git_state()},
             "kept": self.kept_note,
-            "summary": SUMMARY if summary is not None else None,
+            "summary": SUMMARY if has_summary else None,
             "versions": package_versions(),
             "wall_time_s": round(time.perf_counter() - self._started, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "complete": True,
             "extra": extra or {},
         }
-        summary_changed = summary is not None and not self._same_json(self.dir / SUMMARY, summary)
+
+    def _kept_manifest(self, manifest: dict, summary_changed: bool) -> dict | None:
+        """The manifest already on disk when it records this very run (the lock released), else None: finish then
+        keeps when and how long the computation took instead of rewriting it."""
         if self._reused is not None and not self.force:
             # Reused, not recomputed: keep when and how long the computation took.
             # The code record too: the hashes match, and the git commit is the one the outputs were computed at.
             manifest.update(wall_time_s=self._reused.get("wall_time_s"), finished_at=self._reused.get("finished_at"),
                             code=self._reused.get("code", manifest["code"]))
             if not summary_changed and _jsonable(manifest) == self._reused:
-                _release_lock(self.dir)
+                release_lock(self.dir)
                 print(f"[{self.name}] up to date: {display_path(self.manifest_path)} kept "
                       f"(finished {manifest['finished_at']})")
                 return self._reused
@@ -588,19 +482,12 @@ class Stage:
             prev = self._previous_complete()
             if prev is not None and all(_jsonable(manifest.get(k)) == prev.get(k) for k in _SAME_RUN_FIELDS) \
                     and _code_part(prev.get("code")) == _code_part(_jsonable(manifest["code"])):
-                _release_lock(self.dir)
+                release_lock(self.dir)
                 self._reused = prev
                 print(f"[{self.name}] nothing changed: {display_path(self.manifest_path)} kept "
                       f"(finished {prev.get('finished_at')})")
                 return prev
-        if summary_changed:
-            atomic_write_json(self.dir / SUMMARY, summary)
-        # Written last: a manifest marked complete means every output above is in place, with these hashes.
-        atomic_write_json(self.manifest_path, manifest)
-        _release_lock(self.dir)
-        self._reused = _jsonable(manifest)
-        print(f"[{self.name}] finished in {manifest['wall_time_s'] or 0:.1f} s: {display_path(self.manifest_path)}")
-        return manifest
+        return None
 
     def _previous_complete(self) -> dict | None:
         """The stage's current manifest when it is complete and this stage's, else None."""
@@ -653,47 +540,6 @@ def _code_part(code: Any) -> Any:
     return {k: v for k, v in code.items() if k not in ("git_commit", "git_dirty")} if isinstance(code, dict) else code
 
 
-def _summary_lines(st: Stage) -> list[str]:
-    """The set-up summary a notebook prints under its setup cell."""
-    p = st.profile
-    d = p.data
-    sizes = ", ".join(f"{k}={_get_dotted(p, k)}" for k in _SIZE_KEYS[st.name])
-    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items() if v)
-    params = ", ".join(f"{k}={v!r}" for k, v in st.params.items()) or "(profile defaults)"
-    if st.manifest_path.is_file():
-        try:
-            m = read_json(st.manifest_path)
-        except (OSError, ValueError):
-            m = None
-        if isinstance(m, dict):
-            previous = (f"manifest from {m.get('finished_at', '?')}"
-                        + ("" if m.get("complete") is True else " (incomplete)"))
-            try:
-                why = st.settings_reason(m) if m.get("complete") is True and m.get("stage") == st.name else None
-            except (AttributeError, TypeError, KeyError):
-                why = "manifest.json is malformed"
-            if why:
-                previous += f"; will rerun: {why}"
-            elif st.kept_note:
-                previous += f"; {st.kept_note}"
-        else:
-            previous = "unreadable manifest.json (the stage will rerun and rewrite it)"
-    else:
-        previous = "none"
-    lines = [
-        f"stage {st.name} ({st.notebook}), profile {p.name} ({display_path(Path(p.source_file))})",
-        f"  model    : {p.model.source} {p.model.path} ({p.model.dtype}, device {p.device})",
-        f"  seed     : {st.seed} (from run seed {p.seed})   threads: {st.threads}",
-        f"  data     : train {d.train} x {d.n_train_problems}, eval {'/'.join(map(str, d.eval))} x {d.n_eval_problems}",
-        f"  sizes    : {sizes}",
-        f"  params   : {params}",
-        f"  folders  : {display_path(st.dir)}, figures in {display_path(st.figures)}",
-        f"  previous : {previous}" + ("   force=True: will rerun" if st.force else ""),
-        f"  versions : {versions}",
-    ]
-    return lines
-
-
 def setup_stage(stage: str, profile: str, params: dict | None = None, force: bool = False,
                 rerun_on_code_change: bool | None = None) -> Stage:
     """Load the profile (params with dotted names override it), seed, set threads, open the folders, print a summary.
@@ -702,7 +548,7 @@ def setup_stage(stage: str, profile: str, params: dict | None = None, force: boo
     dot ("selection.alpha") overrides that profile value unless its value is None (None means "the
     profile's value"); other keys are recorded only. Bad values raise config.ProfileError.
     """
-    _check_stage(stage)
+    check_stage(stage)
     if not isinstance(profile, (str, os.PathLike)) or not str(profile):
         raise TypeError(f"profile must be a profile name or a path to a YAML file, got {profile!r}")
     if not isinstance(force, bool):
@@ -724,5 +570,5 @@ def setup_stage(stage: str, profile: str, params: dict | None = None, force: boo
     if not isinstance(rerun_on_code_change, bool):
         raise TypeError(f"rerun_on_code_change must be True or False, got {rerun_on_code_change!r}")
     st = Stage(stage, prof, params, force, seed, threads, rerun_on_code_change)
-    print("\n".join(_summary_lines(st)))
+    print("\n".join(summary_lines(st)))
     return st

@@ -10,6 +10,10 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from ..method.evaluation import mean_se
+from .selection import min_alpha_for_two
+from .tldr import seen_tldr as _seen_tldr
+
 # The paper's Table 4 (7B, AIME24), as docs/method.md quotes it: pure DPO against DPO-L + SFT.
 PAPER_DPO_ACC, PAPER_DPO_L_SFT_ACC = 0.483, 0.575
 
@@ -75,11 +79,9 @@ def _same_model(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
 
 
 def shortest_vs_q_dyn(sh: Mapping[str, float], qd: Mapping[str, float], n: int, alpha: float) -> str:
-    """Table 2's Shortest against Q-DYN on the hard half: one model (k = 1 everywhere), or the difference and SE."""
-    from . import min_alpha_for_two
-
+    """Table 2's Shortest against Q-DYN on the hard half: one model (n₊ = 1 everywhere), or the difference and SE."""
     if _same_model(sh, qd):
-        why = (f"at N = {n} and α = {alpha:g} k = 1 for every problem, so Q-DYN keeps exactly Shortest's positives"
+        why = (f"at N = {n} and α = {alpha:g} n₊ = 1 for every problem, so Q-DYN keeps exactly Shortest's positives"
                if alpha <= min_alpha_for_two(n) else "the two rows' pairs trained models that answer alike")
         return (f"Shortest and Q-DYN gave the same numbers (accuracy, Len-T, pairs): {why}, and this run cannot "
                 "show whether always preferring the shortest answer costs accuracy on hard problems.")
@@ -101,8 +103,9 @@ def tldr_weights(traj: pd.DataFrame, refs: Mapping) -> str:
     last = float(w[-1]) if len(w) else 0.5
     moved = float(max(abs(w - 0.5))) if len(w) else 0.0
     head = f"TLDR's short-pool weight went 0.5 -> {last:.3f} over {int(tl['updated'].sum())} updates"
-    if moved >= 0.05:
-        return head + ": the re-weighting acted, and its mixture differs from the static 1:1 mix."
+    if moved >= 0.05:  # the end point alone would hide a swing (up to near 1 and back down, say)
+        return (head + f", between {float(w.min()):.3f} and {float(w.max()):.3f} on the way: the re-weighting acted, "
+                "and its mixture differs from the static 1:1 mix.")
     a_s, a_l = float(refs["a_s"]), float(refs["a_l"])
     if a_s >= a_l:
         return (head + f": the weights hardly moved. On the dev set the short model is as accurate as the long one "
@@ -175,7 +178,8 @@ def seen_ablations(tables: Mapping[str, pd.DataFrame], n: int, alpha: float) -> 
     none, kl = _table_row(tables, "table3", "table3/none"), _table_row(tables, "table3", "table3/kl")
     if none is not None and kl is not None:
         rate = kl.get("acceptance_rate")
-        rate_txt = f" (it rewrote {100 * rate:.1f}% of the chosen responses' steps)" if _finite(rate) else ""
+        rate_txt = (f" (it rewrote {100 * rate:.1f}% of the steps it scored, in the chosen responses it refined: "
+                    "at most refinement.max_responses of them, not all)" if _finite(rate) else "")
         out.append(f"KL refinement: Len-T {none['len_t']:.1f} -> {kl['len_t']:.1f}{rate_txt}; "
                    + ("no shortening to speak of: refinement does not act in this run (notebook 03 shows why), unlike "
                       "the paper's 6190 -> 5157." if abs(kl["len_t"] - none["len_t"]) < 0.05 * none["len_t"]
@@ -188,8 +192,6 @@ def seen_ablations(tables: Mapping[str, pd.DataFrame], n: int, alpha: float) -> 
 def paired_difference(results: pd.DataFrame, a: str, b: str) -> dict[str, float]:
     """Model a minus model b on the same problems: accuracy difference with its problem-paired SE, and Len-T
     difference with the SE of two problem-clustered means (NaN where a model has no correct response)."""
-    from ..method.evaluation import mean_se
-
     ra, rb = results[results["model"] == a], results[results["model"] == b]
     if ra.empty or rb.empty:
         raise ValueError(f"no results for model {a!r} or {b!r} (models: {sorted(results['model'].unique())})")
@@ -238,8 +240,6 @@ def seen_tldr(traj: pd.DataFrame, comparison: pd.DataFrame, refs: Mapping,
               results: pd.DataFrame | None = None) -> list[str]:
     """Three lines about TLDR's run: whether its weights moved and why, how it compares with the static mix (with SEs
     when the per-response results are given), and how it compares with TokenSqueeze."""
-    from . import seen_tldr as _seen_tldr  # the comparisons are right as they are; only the first line's reason is not
-
     lines = [tldr_weights(traj, refs), *_seen_tldr(traj, comparison)[1:]]
     if results is not None and {"tldr", "static_mix"} <= set(results["model"]):
         lines[1] = dynamic_vs_static(results)

@@ -54,7 +54,7 @@ STYLES: dict[str, Style] = {
     "table4/dpo_l": Style("#AA4499", "h", "-", "DPO-L"),
     "table4/dpo_l_sft": Style(OURS, "s", "-", "DPO-L + SFT"),
     # sweeps (one colour per swept quantity)
-    "alpha": Style("#E69F00", "o", "-", "α sweep"),
+    "alpha": Style("#56B4E9", "o", "-", "α sweep"),  # not Shortest's orange: the sweep is Q-DYN at every α
     "epsilon": Style("#117733", "D", "-", "ε sweep"),
     "eta": Style("#AA4499", "h", "-", "η sweep"),
     "sign": Style("#332288", "<", "-", "sign sweep"),

@@ -16,7 +16,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..model.generation import Decoding, count_tokens, sample
+from ..task.base import Task
 from ..task.format import THINK_CLOSE, thinking_part
+from ..task.registry import eval_tasks, get_task
+from .sampling import SampleRun, sample_and_grade
 
 RESULT_COLUMNS = ("model", "benchmark", "problem_id", "correct", "n_tokens")
 METRIC_COLUMNS = ("acc", "acc_se", "len_t", "len_a", "auc", "n")
@@ -201,64 +205,58 @@ def metrics_json(table: pd.DataFrame) -> dict:
 def eval_problems(profile, tokenizer) -> dict[str, pd.DataFrame]:
     """Evaluation problems by benchmark: each evaluation task's "test" split (held-out toy problems, or benchmark files
     with the R1 prompt)."""
-    from ..task.registry import eval_tasks
-
     return {name: task.problems(profile, tokenizer, "test") for name, task in eval_tasks(profile).items()}
 
 
-def evaluate_model(name: str, model, tokenizer, problems: dict[str, pd.DataFrame], n: int, temperature: float,
-                   top_p: float, max_new_tokens: int, seed: int, batch_size: int = 64,
-                   backend: str = "transformers", progress: bool = True, shards: int = 1,
-                   workers: int = 1) -> pd.DataFrame:
-    """Per-response results of one model on every benchmark (n samples per problem), graded.
+def eval_decoding(profile, seed: int, n: int | None = None) -> Decoding:
+    """Stage 05's decoding: evaluation.n_samples (or n) per problem at the evaluation temperature / top_p and limit,
+    in sampling.batch_size slots."""
+    E = profile.evaluation
+    return Decoding(n=E.n_samples if n is None else n, temperature=E.temperature, top_p=E.top_p,
+                    max_new_tokens=E.max_new_tokens, seed=seed, batch_size=profile.sampling.batch_size)
 
-    shards / workers: as sampling.sample_and_grade (fixed pieces of each benchmark, run by up to `workers` processes).
+
+def evaluate_model(name: str, model, tokenizer, problems: dict[str, pd.DataFrame], spec: Decoding,
+                   run: SampleRun = SampleRun()) -> pd.DataFrame:
+    """Per-response results of one model on every benchmark (spec.n samples per problem), graded by its task.
+
+    problems: by task name (registry.get_task); run: as sampling.sample_and_grade (fixed shards of each benchmark).
     """
-    from ..task.registry import get_task
-    from .sampling import sample_and_grade
-
     frames = []
     for bench, probs in problems.items():
-        df = sample_and_grade(model, tokenizer, probs, n=n, temperature=temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                              grader=get_task(bench).grader, backend=backend, progress=progress, shards=shards,
-                              workers=workers)
+        df = sample_and_grade(model, tokenizer, probs, get_task(bench), spec, run)
         frames.append(df.assign(model=name, benchmark=bench))
     return pd.concat(frames, ignore_index=True)
 
 
-def oracle_results(problems: pd.DataFrame, tokenizer, benchmark: str = "toy") -> pd.DataFrame:
+def oracle_results(problems: pd.DataFrame, tokenizer, task: Task) -> pd.DataFrame:
     """Results rows of a task's oracle (the toy world's): the shortest correct trace of every problem (all correct)."""
-    from ..model.generation import count_tokens
-    from ..task.registry import get_task
-
-    o = get_task(benchmark).oracle_lengths(problems, tokenizer)
+    o = task.oracle_lengths(problems, tokenizer)
     return pd.DataFrame({
-        "model": "oracle", "benchmark": benchmark, "problem_id": o["problem_id"], "k": o["k"], "sample_idx": 0,
+        "model": "oracle", "benchmark": task.name, "problem_id": o["problem_id"], "k": o["k"], "sample_idx": 0,
         "text": o["oracle_text"], "n_tokens": o["oracle_tokens"], "correct": True, "status": "correct",
         "finish_reason": "stop",
         "n_think_tokens": [count_tokens(tokenizer, thinking_part(t)) for t in o["oracle_text"]],
     })
 
 
-def budget_forced_curve(models: Mapping, tokenizer, results: pd.DataFrame, budgets: Sequence[int], grader: str = "toy",
+def budget_forced_curve(models: Mapping, tokenizer, results: pd.DataFrame, budgets: Sequence[int],
                         answer_tokens: int = 24, batch_size: int = 128, backend: str = "transformers") -> pd.DataFrame:
-    """Budget-forced Acc(b): thinking cut at b tokens, '</think>' forced, the answer generated greedily, then graded.
+    """Budget-forced Acc(b): thinking cut at b tokens, '</think>' forced, the answer generated greedily, then graded
+    by the benchmark's task.
 
     A response whose thinking fits in b keeps its own grade. This is the s1 / Dynasor reading of a budget curve, unlike
     acc_curve, which counts a response as solved at b only if its whole completion is correct and no longer than b.
     `models` maps model names to what generation.sample draws from under `backend` (base_model.Samplers loads them
     one by one).
     """
-    from ..model.generation import sample
-    from ..task.grading import grade
-
     rows = []
     think_close = f"\n{THINK_CLOSE}\n\n"
+    greedy = Decoding(n=1, temperature=0.0, max_new_tokens=answer_tokens, batch_size=batch_size)
     for (mname, bench), grp in results.groupby(["model", "benchmark"], sort=False):
         if mname not in models:
             continue  # e.g. the oracle: nothing to force
-        model = models[mname]
+        model, task = models[mname], get_task(bench)
         for b in budgets:
             over = grp[grp["n_think_tokens"] > b]
             correct = grp["correct"].to_numpy(copy=True)
@@ -267,10 +265,9 @@ def budget_forced_curve(models: Mapping, tokenizer, results: pd.DataFrame, budge
                 for prompt, text in zip(over["prompt"], over["text"]):
                     ids = tokenizer(thinking_part(text), add_special_tokens=False)["input_ids"][:b]
                     prompts.append(prompt + tokenizer.decode(ids) + think_close)
-                res = sample(model, tokenizer, prompts, n=1, temperature=0.0, max_new_tokens=answer_tokens,
-                             batch_size=batch_size, backend=backend)
+                res = sample(model, tokenizer, prompts, greedy, backend=backend)
                 forced = [think_close + r[0] for r in res.texts]
-                status = grade(forced, list(over["gold"]), grader)
+                status = task.grade(forced, list(over["gold"]))
                 pos = grp.index.get_indexer(over.index)
                 correct[pos] = np.array([s == "correct" for s in status])
             rows.append({"model": mname, "benchmark": bench, "budget": int(b), "acc": float(correct.mean()),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import pandas as pd
 
 from ..core.parallel import map_shards, n_workers, shard_bounds
-from ..model.generation import sample
+from ..model.generation import Decoding, sample
+from ..task.base import Task
 from ..task.registry import training_task
-from ..task.grading import grade
 
 SAMPLE_COLUMNS = [
     "problem_id", "k", "sample_idx", "prompt", "text", "n_tokens", "n_think_tokens",
@@ -15,15 +17,35 @@ SAMPLE_COLUMNS = [
 ]
 
 
-def sample_and_grade(model, tokenizer, problems: pd.DataFrame, n: int, temperature: float, top_p: float,
-                     max_new_tokens: int, seed: int, batch_size: int = 64, grader: str = "toy",
-                     backend: str = "transformers", progress: bool = True, shards: int = 1,
-                     workers: int = 1) -> pd.DataFrame:
-    """Sample n completions for every problem and grade them; one row per response (the samples table).
+@dataclass(frozen=True)
+class SampleRun:
+    """Where samples are drawn: the backend, the fixed shards of the problems, the processes that run them."""
 
-    The problems are cut into `shards` contiguous pieces, each sampled (its own batches, rows seeded by their global
-    index) and graded on its own, by up to `workers` one-thread processes (core/parallel.py): the table is the same
-    whatever `workers` is. The vLLM backend takes every problem in one call (the engine batches and spreads them).
+    backend: str = "transformers"  # "transformers" or "vllm" (generation.sample)
+    shards: int = 1  # fixed pieces of the problems: they, not `workers`, decide every byte (core/parallel.py)
+    workers: int = 1  # processes running the shards (0: every core)
+    progress: bool = True
+
+    @classmethod
+    def of(cls, profile, progress: bool = True) -> SampleRun:
+        """A profile's backend (sampling.backend), shards and workers."""
+        return cls(profile.sampling.backend, profile.shards, profile.workers, progress)
+
+
+def sampling_decoding(profile, seed: int) -> Decoding:
+    """Stage 01's decoding: sampling.n samples per problem at sampling.temperature / top_p, its limit and batch."""
+    S = profile.sampling
+    return Decoding(n=S.n, temperature=S.temperature, top_p=S.top_p, max_new_tokens=S.max_new_tokens, seed=seed,
+                    batch_size=S.batch_size)
+
+
+def sample_and_grade(model, tokenizer, problems: pd.DataFrame, task: Task, spec: Decoding,
+                     run: SampleRun = SampleRun()) -> pd.DataFrame:
+    """Sample spec.n completions for every problem and grade them by the task; one row per response (samples table).
+
+    The problems are cut into `run.shards` contiguous pieces, each sampled (its own batches, rows seeded by their
+    global index) and graded on its own, by up to `run.workers` one-thread processes (core/parallel.py): the table is
+    the same whatever `workers` is. The vLLM backend takes every problem in one call (the engine batches them).
     """
     for col in ("problem_id", "k", "prompt", "gold"):
         if col not in problems.columns:
@@ -31,26 +53,25 @@ def sample_and_grade(model, tokenizer, problems: pd.DataFrame, n: int, temperatu
     if len(problems) == 0:
         raise ValueError("the problems table is empty")
     problems = problems.reset_index(drop=True)
-    args = dict(model=model, tokenizer=tokenizer, problems=problems, n=n, temperature=temperature, top_p=top_p,
-                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, grader=grader, backend=backend)
-    if backend != "transformers":
-        return _sample_shard(args, (0, len(problems), progress))
-    bounds = [b for b in shard_bounds(len(problems), min(shards, len(problems))) if b[1] > b[0]]
+    args = dict(model=model, tokenizer=tokenizer, problems=problems, task=task, spec=spec, backend=run.backend)
+    if run.backend != "transformers":
+        return _sample_shard(args, (0, len(problems), run.progress))
+    bounds = [b for b in shard_bounds(len(problems), min(run.shards, len(problems))) if b[1] > b[0]]
     # one bar over the shards when they run in processes (a child's bar would interleave); the batches' bar otherwise
-    many = len(bounds) > 1 and n_workers(workers) > 1
-    parts = map_shards(_sample_shard, [(lo, hi, progress and not many) for lo, hi in bounds], workers=workers,
-                       shared=args, progress=progress and many, desc="sampling shards")
+    many = len(bounds) > 1 and n_workers(run.workers) > 1
+    parts = map_shards(_sample_shard, [(lo, hi, run.progress and not many) for lo, hi in bounds], workers=run.workers,
+                       shared=args, progress=run.progress and many, desc="sampling shards")
     return pd.concat(parts, ignore_index=True)
 
 
-def _sample_shard(args: dict, task: tuple[int, int, bool]) -> pd.DataFrame:
+def _sample_shard(args: dict, part: tuple[int, int, bool]) -> pd.DataFrame:
     """The graded samples table of problems[lo:hi] (a module-level function: map_shards sends it by name)."""
-    lo, hi, progress = task
+    lo, hi, progress = part
     problems = args["problems"].iloc[lo:hi]
-    n, tokenizer = args["n"], args["tokenizer"]
-    res = sample(args["model"], tokenizer, list(problems["prompt"]), n=n, temperature=args["temperature"],
-                 top_p=args["top_p"], max_new_tokens=args["max_new_tokens"], seed=args["seed"],
-                 batch_size=args["batch_size"], backend=args["backend"], progress=progress, first_index=lo)
+    spec, tokenizer = args["spec"], args["tokenizer"]
+    n = spec.n
+    res = sample(args["model"], tokenizer, list(problems["prompt"]), replace(spec, first_index=lo),
+                 backend=args["backend"], progress=progress)
     rows = []
     for (_, p), texts, ntok, nthink, reasons in zip(problems.iterrows(), res.texts, res.n_tokens, res.n_think_tokens,
                                                     res.finish_reasons):
@@ -59,7 +80,7 @@ def _sample_shard(args: dict, task: tuple[int, int, bool]) -> pd.DataFrame:
                              n_tokens=int(ntok[j]), n_think_tokens=int(nthink[j]), finish_reason=reasons[j],
                              gold=str(p["gold"])))
     df = pd.DataFrame(rows, columns=[c for c in SAMPLE_COLUMNS if c not in ("correct", "status")])
-    df["status"] = grade(list(df["text"]), list(df["gold"]), args["grader"])
+    df["status"] = args["task"].grade(list(df["text"]), list(df["gold"]))
     # an unfinished response (cut at max_new_tokens) never counts as correct
     unfinished = df["finish_reason"] != "stop"
     df.loc[unfinished & (df["status"] == "correct"), "status"] = "no_answer"
@@ -132,16 +153,11 @@ def training_problems(profile, tokenizer) -> pd.DataFrame:
     return training_task(profile).problems(profile, tokenizer, "train")
 
 
-def grader_for(profile) -> str:
-    """The grader of the profile's training task ("toy" exact match or "math" equivalence)."""
-    return training_task(profile).grader
-
-
-def reasoner_checks(greedy, sampled, heldout, tokenizer) -> dict:
-    """The properties that make a base reasoner worth compressing (notebook 00), measured on held-out toy problems."""
-    from ..task.toy import oracle_lengths
-
-    oracle = oracle_lengths(heldout, tokenizer)
+def reasoner_checks(greedy: pd.DataFrame, sampled: pd.DataFrame, heldout: pd.DataFrame, tokenizer,
+                    task: Task) -> dict:
+    """The properties that make a base reasoner worth compressing (notebook 00), on held-out problems of a task with
+    an oracle (the toy world)."""
+    oracle = task.oracle_lengths(heldout, tokenizer)
     g = greedy.merge(oracle, on="problem_id")
     stats = per_problem_stats(sampled)
     by_k = pd.DataFrame({

@@ -9,10 +9,9 @@ ReweightCallback that evaluates the dev set every E optimizer steps and feeds Mi
 Choices:
 - Coinciding reference points (T_L = T_S or A_L = A_S) make the benefits undefined: a ValueError by
   default; pass min_gap > 0 to floor the denominators instead (tiny CI runs, where they can tie).
-- choose_checkpoint keeps the paper's strict inequality (dev_acc > acc_floor * A_L, compared after
-  rounding to 9 decimals, so 0.56 is not above 0.7 * 0.8); ties in dev
-  tokens go to the higher dev accuracy, then the earlier step. None when no checkpoint qualifies:
-  the caller must then say so (and, e.g., fall back to the original model), not pick silently.
+- choose_checkpoint keeps the paper's strict inequality (dev_acc > acc_floor * A_L, compared after rounding to 9
+  decimals, so 0.56 is not above 0.7 * 0.8); ties in dev tokens go to the higher dev accuracy, then the earlier
+  step. None when no checkpoint qualifies: the caller must then say so, not pick silently.
 - The static 1:1 mix is the same schedule with update_every = math.inf: weights never change.
 - min_gap may be one floor for both gaps or a pair (token floor, accuracy floor); the notebook floors them at the
   dev set's resolution (1 token, one dev problem) when TLDRConfig.floor_gaps is on.
@@ -27,18 +26,30 @@ Choices:
 from __future__ import annotations
 
 import math
+import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from ..core.artifacts import atomic_dir
+from ..core.config import TrainingConfig
 from ..model import compat
+from ..model.generation import Decoding
+from ..task.base import Task
+from ..task.registry import training_task
+from .dpo_l import _special_tokens_added
+from .evaluation import acr
+from .sampling import SampleRun, sample_and_grade
 
 SHORT, LONG = 0, 1
 POOLS = ("short", "long")
@@ -258,12 +269,10 @@ def system2_pool(samples: pd.DataFrame, easy_max_k: int) -> pd.DataFrame:
     return _pool(shortest_correct(hard), "long")
 
 
-def oracle_answers(problems: pd.DataFrame, tokenizer) -> pd.DataFrame:
-    """The toy world's short-CoT answers: the oracle (concise) trace of every problem, as an answers table."""
-    from ..task.toy import oracle_lengths
-
+def oracle_answers(problems: pd.DataFrame, tokenizer, task: Task) -> pd.DataFrame:
+    """A task's short-CoT answers (the toy world's): the oracle trace of every problem, as an answers table."""
     _check_columns(problems, ("problem_id", "k", "problem", "prompt"), "problems table")
-    o = oracle_lengths(problems, tokenizer)
+    o = task.oracle_lengths(problems, tokenizer)
     out = o.rename(columns={"oracle_text": "text", "oracle_tokens": "n_tokens"})
     out = out.merge(problems[["problem_id", "prompt"]], on="problem_id", how="left", validate="one_to_one")
     return out.assign(correct=True, sample_idx=0)[list(ANSWER_COLUMNS) + ["sample_idx"]]
@@ -282,8 +291,6 @@ def build_pools(short_answers: pd.DataFrame, samples: pd.DataFrame, easy_max_k: 
 
 def dev_problems(profile, tokenizer) -> pd.DataFrame:
     """The dev set: tldr.n_dev_problems held-out problems of the training task's "dev" split (the toy world only)."""
-    from ..task.registry import training_task
-
     task = training_task(profile)
     if "dev" not in task.splits:
         raise ValueError(f"TLDR's dev set and System-1 pool are built for the toy world only; profile {profile.name!r} "
@@ -291,16 +298,17 @@ def dev_problems(profile, tokenizer) -> pd.DataFrame:
     return task.problems(profile, tokenizer, "dev")
 
 
-def dev_eval(model, tokenizer, dev: pd.DataFrame, temperature: float, max_new_tokens: int, seed: int,
-             batch_size: int = 64, grader: str = "toy") -> dict:
-    """Dev numbers of a model: mean completion tokens (all responses) and accuracy, one answer per problem."""
-    from .sampling import sample_and_grade
+def dev_decoding(profile, seed: int) -> Decoding:
+    """The dev set's decoding: one answer per problem at tldr.dev_temperature, evaluation.max_new_tokens long."""
+    return Decoding(n=1, temperature=profile.tldr.dev_temperature, top_p=1.0,
+                    max_new_tokens=profile.evaluation.max_new_tokens, seed=seed, batch_size=profile.sampling.batch_size)
 
+
+def dev_eval(model, tokenizer, dev: pd.DataFrame, task: Task, spec: Decoding) -> dict:
+    """Dev numbers of a model: mean completion tokens (all responses) and accuracy, graded by the task."""
     # the dev pass must not move the global torch RNG: training continues exactly as it would without it
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-        res = sample_and_grade(model, tokenizer, dev, n=1, temperature=temperature, top_p=1.0,
-                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, grader=grader,
-                               backend="transformers", progress=False)
+        res = sample_and_grade(model, tokenizer, dev, task, spec, SampleRun(progress=False))
     return {"dev_tokens": float(res["n_tokens"].mean()), "dev_acc": float(res["correct"].mean()), "n": int(len(res))}
 
 
@@ -432,8 +440,6 @@ class ReweightCallback(TrainerCallback):
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 self.best_step = int(step)
         if self.progress:
-            from tqdm.auto import tqdm
-
             tqdm.write(f"  step {step}: dev tokens {rec['dev_tokens']:.1f}, dev acc {rec['dev_acc']:.3f}, "
                        f"w_short {rec['w_short']:.3f}" + (" (re-weighted)" if rec.get("updated") else ""))
         return control
@@ -463,10 +469,6 @@ class MixtureSFTTrainer(SFTTrainer):
 
 def mixture_dataset(pools: pd.DataFrame, tokenizer):
     """The prompt-completion dataset TRL tokenizes (its completions get EOS), with pool = 0 (short) / 1 (long)."""
-    from datasets import Dataset
-
-    from .dpo_l import _special_tokens_added
-
     _check_columns(pools, ("pool", "prompt", "completion"), "pools table")
     if pools.empty:
         raise ValueError("the pools table is empty: there is nothing to train on")
@@ -480,7 +482,7 @@ def mixture_dataset(pools: pd.DataFrame, tokenizer):
         # as in dpo_l: the chat-formatted prompt already holds the BOS text that TRL's encoding would add again
         bos = tokenizer.bos_token
         prompts = [p[len(bos):] if p.startswith(bos) else p for p in prompts]
-    return Dataset.from_dict({"prompt": prompts, "completion": pools["completion"].tolist(),
+    return datasets.Dataset.from_dict({"prompt": prompts, "completion": pools["completion"].tolist(),
                               "pool": [POOLS.index(p) for p in pools["pool"]]})
 
 
@@ -497,49 +499,61 @@ class MixtureRun:
     wall_time_s: float = 0.0
 
 
-def train_mixture(model, tokenizer, pools: pd.DataFrame, cfg, evaluate: Callable[[Any], Mapping], *,
-                  weights: WeightSource, eval_every: int, output_dir: str | Path, seed: int, name: str = "tldr",
-                  max_length: int = 1024, device: str = "cpu", bf16: bool = False,
-                  activation_checkpointing: bool = False, progress: bool = True, **config_overrides: Any) -> MixtureRun:
-    """SFT (TRL) for cfg.max_steps steps on batches drawn from the pools with the given weights or schedule.
+@dataclass(frozen=True)
+class MixtureJob:
+    """One SFT run on the mixture: name, weights (fixed, or a schedule), dev period, scratch folder, seed, device."""
 
-    cfg is a TLDRConfig (lr, constant as in the paper; batch_size; max_steps; acc_floor). The dev set is
-    evaluated every eval_every steps and after the last; with a schedule, the chosen checkpoint's weights are
-    loaded into the model before it is returned.
-    """
-    import shutil
-    import time
+    weights: WeightSource
+    eval_every: int
+    output_dir: str | Path
+    seed: int
+    name: str = "tldr"
+    device: str = "cpu"  # "cpu" or "cuda"
+    progress: bool = True
 
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    started = time.perf_counter()
-    callback = ReweightCallback(evaluate, eval_every, weights, acc_floor=cfg.acc_floor, progress=progress)
-    settings: dict[str, Any] = dict(
-        output_dir=str(output_dir), learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
+
+def _sft_settings(cfg, job: MixtureJob, training: TrainingConfig) -> dict[str, Any]:
+    """SFTConfig's arguments: the TLDRConfig's lr, steps and batch; the TrainingConfig's length, bf16, checkpointing."""
+    return dict(
+        output_dir=str(job.output_dir), learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
-        max_length=max_length, completion_only_loss=True, packing=False, bf16=bf16, seed=seed, data_seed=seed,
+        max_length=training.max_length, completion_only_loss=True, packing=False, bf16=training.bf16,
+        seed=job.seed, data_seed=job.seed,
         # set explicitly: TRL's SFTConfig turns activation (gradient) checkpointing on by default (the keyword is
         # activation_checkpointing on newer transformers, gradient_checkpointing on older ones)
-        **compat.checkpointing_kwargs(activation_checkpointing, SFTConfig),
+        **compat.checkpointing_kwargs(training.gradient_checkpointing, SFTConfig),
         # about 50 loss rows per run: enough for a curve, short enough for a notebook's progress table
         report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=max(1, cfg.max_steps // 50),
-        disable_tqdm=not progress,
-        dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=device == "cpu",
+        disable_tqdm=not job.progress, dataloader_num_workers=0, dataloader_pin_memory=False,
+        use_cpu=job.device == "cpu",
     )
-    settings.update(config_overrides)
-    import datasets
 
+
+def train_mixture(model, tokenizer, pools: pd.DataFrame, cfg, evaluate: Callable[[Any], Mapping], job: MixtureJob,
+                  training: TrainingConfig | None = None) -> MixtureRun:
+    """SFT (TRL) for cfg.max_steps steps on batches drawn from the pools with the job's weights or schedule.
+
+    cfg is a TLDRConfig (lr, constant as in the paper; batch_size; max_steps; acc_floor); training (a TrainingConfig,
+    default its defaults) gives max_length, bf16 and gradient checkpointing. The dev set is evaluated every
+    job.eval_every steps and after the last; with a schedule, the chosen checkpoint's weights are loaded into the
+    model before it is returned.
+    """
+    if job.device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {job.device!r}")
+    started = time.perf_counter()
+    callback = ReweightCallback(evaluate, job.eval_every, job.weights, acc_floor=cfg.acc_floor, progress=job.progress)
+    settings = _sft_settings(cfg, job, training or TrainingConfig())
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # TRL's five dataset-preparation bars per run say nothing here
     try:
         trainer = MixtureSFTTrainer(model=model, args=SFTConfig(**settings), processing_class=tokenizer,
                                     train_dataset=mixture_dataset(pools, tokenizer), callbacks=[callback],
-                                    weights=weights, sampler_seed=seed)
+                                    weights=job.weights, sampler_seed=job.seed)
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
     trainer.train()
-    shutil.rmtree(output_dir, ignore_errors=True)  # nothing is saved there (save_strategy="no") but TRL's scratch
+    shutil.rmtree(job.output_dir, ignore_errors=True)  # nothing is saved there (save_strategy="no") but TRL's scratch
     records = pd.DataFrame(callback.records)
     chosen = None
     if callback.schedule is not None:
@@ -551,14 +565,12 @@ def train_mixture(model, tokenizer, pools: pd.DataFrame, cfg, evaluate: Callable
     batches = pd.DataFrame(trainer.mixture_sampler.log)
     batches.insert(0, "step", batches["batch"] + 1)  # batch b is the one optimizer step b + 1 trains on
     log = pd.DataFrame([r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r])
-    return MixtureRun(name=name, records=records, batches=batches.drop(columns="batch"), log=log, chosen=chosen,
+    return MixtureRun(name=job.name, records=records, batches=batches.drop(columns="batch"), log=log, chosen=chosen,
                       model=trainer.model, wall_time_s=time.perf_counter() - started)
 
 
 def save_model(model, tokenizer, path: str | Path) -> Path:
     """Save a model (safetensors) and its tokenizer into a folder, atomically."""
-    from ..core.artifacts import atomic_dir
-
     path = Path(path)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -571,8 +583,6 @@ def save_model(model, tokenizer, path: str | Path) -> Path:
 
 def compression_table(table: pd.DataFrame, base: str = "base") -> pd.DataFrame:
     """Per model: accuracy, Len-T and Len-A averaged over benchmarks, and A.C.R. of Len-A against the base's."""
-    from .evaluation import acr
-
     _check_columns(table, ("acc", "len_t", "len_a"), "metrics table")
     if list(table.index.names) != ["model", "benchmark"]:
         raise ValueError(f"metrics table must be indexed by (model, benchmark), got {list(table.index.names)}")

@@ -12,35 +12,36 @@ module when training.num_processes > 1. Run directly (python -m ...) it trains i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..core.artifacts import load_table, save_table
+from ..core.config import TrainingConfig, load_profile, resolve_device, stage_seed
+from ..model import base_model
+from . import dpo_l
+
 
 def job_from_profile(profile_name: str, run_dir: str | Path, max_steps: int | None = None) -> dict[str, Any]:
     """The job a notebook-04 run of this profile would write: its pairs, base model, training settings and seed."""
-    import dataclasses
-
-    from ..model import base_model
-    from . import dpo_l
-    from ..core.config import load_profile, resolve_device, stage_seed
-
     prof = load_profile(profile_name)
     run_dir = Path(run_dir)
     pairs = run_dir / "refinement" / "refined_pairs.parquet"
     if not pairs.is_file():
         raise FileNotFoundError(f"{pairs} is missing: run notebooks/03_kl_refinement.ipynb first (profile {prof.name})")
     ref, kind = base_model.base_ref(run_dir, prof)
-    if kind == "hub":
-        ref = base_model.hub_model_ref(prof) if ref == prof.model.path else ref
+    source = base_model.model_source(kind)  # its registry entry says what to load and in which dtype
+    ref = source.resolve(ref, prof)
     stage_dir = run_dir / "training"
-    from ..core.artifacts import load_table
-
     fingerprint = dpo_l._run_fingerprint(load_table(pairs), prof.training, stage_seed(prof.seed, "training"), max_steps,
                                          dpo_l.num_processes(prof.training))
     resume = dpo_l._resume_point(stage_dir / ".trainer", fingerprint, is_main=os.environ.get("RANK", "0") == "0")
-    return {"model": ref, "tokenizer": ref, "dtype": prof.model.dtype if kind == "hub" else "float32",
+    return {"model": ref, "tokenizer": ref, "dtype": source.dtype(prof),
             "training": dataclasses.asdict(prof.training), "seed": stage_seed(prof.seed, "training"),
             "max_steps": max_steps, "device": resolve_device(prof), "pairs": str(pairs),
             "stage_dir": str(stage_dir), "model_subdir": "model", "log": str(stage_dir / "training_log.parquet"),
@@ -51,10 +52,6 @@ def load_dtype(cfg, saved_dtype: str):
     """The dtype the training processes load the weights in. Under DeepSpeed with bf16: bf16 (its bf16 section holds
     the model in bf16 and keeps the fp32 master weights in its optimizer; loading fp32 would only double the
     load-time memory). bf16 without DeepSpeed: fp32 (bf16 autocast over fp32 weights). Otherwise as saved."""
-    import torch
-
-    from . import dpo_l
-
     if cfg.bf16:
         return torch.bfloat16 if dpo_l.deepspeed_enabled() else torch.float32
     return getattr(torch, saved_dtype)
@@ -62,13 +59,6 @@ def load_dtype(cfg, saved_dtype: str):
 
 def run_job(job: dict[str, Any]) -> None:
     """Train one job in this process (one rank of a launched run, or the only process) and save on the main one."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import dpo_l
-    from ..core.artifacts import load_table, save_table
-    from ..core.config import TrainingConfig
-
     device = job["device"]
     if device == "cpu":
         torch.set_num_threads(1)  # each process gets a core; more threads per process only fight
@@ -83,12 +73,13 @@ def run_job(job: dict[str, Any]) -> None:
     # transformers, so that from_pretrained builds the model under ZeRO-3's zero.Init, each rank holding only its
     # shard (built after from_pretrained, each of 8 ranks would first hold the whole 7B model in host RAM).
     # `args` must stay alive until the model is loaded (transformers keeps only a weak reference).
-    args = dpo_l.training_args(cfg, str(stage_dir / ".trainer"), job["seed"], job["max_steps"], n_pairs=len(pairs),
-                               device="cpu" if device == "cpu" else "auto", **dpo_l.checkpoint_settings(cfg))
+    run = dpo_l.TrainRun(seed=job["seed"], device="cpu" if device == "cpu" else "auto", max_steps=job["max_steps"])
+    args = dpo_l.training_args(cfg, str(stage_dir / ".trainer"), run, n_pairs=len(pairs),
+                               options=dpo_l.TrainerOptions(overrides=dpo_l.checkpoint_settings(cfg)))
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=load_dtype(cfg, job["dtype"]),
                                                  use_safetensors=True, trust_remote_code=False)
-    trainer = dpo_l.make_dpo_l_trainer(model, None, tok, pairs, cfg, output_dir=str(stage_dir / ".trainer"),
-                                       seed=job["seed"], max_steps=job["max_steps"], args=args)
+    trainer = dpo_l.make_dpo_l_trainer(model, None, tok, pairs, cfg, str(stage_dir / ".trainer"), run,
+                                       dpo_l.TrainerOptions(args=args))
     trainer.train(resume_from_checkpoint=job.get("resume"))
     if trainer.accelerator.is_main_process:
         save_table(dpo_l.training_log(trainer).reset_index(), Path(job["log"]))

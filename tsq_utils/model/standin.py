@@ -19,7 +19,10 @@ import random
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..task.data import R1_INSTRUCTION, r1_prompt
 from ..task.format import THINK_CLOSE, THINK_OPEN
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -42,11 +45,6 @@ COMPLETIONS = (
 
 def build_tokenizer(vocab_size: int = 384):
     """A byte-level BPE with R1's special tokens and an R1-style chat template (PreTrainedTokenizerFast)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from ..task.data import R1_INSTRUCTION
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -65,8 +63,6 @@ def build_tokenizer(vocab_size: int = 384):
 
 def _prompts(tokenizer, n: int, rng: random.Random) -> list[str]:
     """Varied R1 prompts (random problem-like text of varied length) so the answer habit ignores the problem."""
-    from ..task.data import r1_prompt
-
     words = ["Find", "the", "value", "of", "$x$", "if", "$2x+3=11$.", "How", "many", "integers", "satisfy",
              "\\frac{1}{2}", "triangle", "area", "is", "What", "sum", "$n$", "?", "Compute", "$\\sqrt{5}$"]
     return [r1_prompt(" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))), tokenizer) for _ in range(n)]
@@ -74,8 +70,6 @@ def _prompts(tokenizer, n: int, rng: random.Random) -> list[str]:
 
 def build_standin(path: str | Path, seed: int = 0, steps: int = 120, hidden_size: int = 64) -> Path:
     """Train the stand-in (seconds on one CPU thread) and save it with its tokenizer into a folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = Path(path)
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -8,12 +8,17 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import safe_open
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ..core.artifacts import check_safetensors
-from ..core.config import REPO_ROOT, PretrainConfig, Profile, ToyWorldConfig, resolve_device
+from ..core.artifacts import atomic_dir, atomic_write_json, check_safetensors
+from ..core.config import (REPO_ROOT, PretrainConfig, Profile, ToyWorldConfig, resolve_device, set_threads,
+                           stage_seed)
 from ..core.pointer import CorruptStateError, write_pointer
 from ..task.format import THINK_CLOSE, THINK_OPEN
 from ..task.toy import (ASSISTANT, CHAT_TEMPLATE, END, PAD, UNK, USER, ToyProblem, make_problem, prompt_for,
@@ -25,9 +30,6 @@ from ..task.toy import (ASSISTANT, CHAT_TEMPLATE, END, PAD, UNK, USER, ToyProble
 
 def train_tokenizer(cfg: ToyWorldConfig, vocab_size: int, n_docs: int, seed: int):
     """Train a byte-level BPE on teacher traces and wrap it as a transformers fast tokenizer with a chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     rng = random.Random(f"tok:{seed}")
     docs = []
     for i in range(n_docs):
@@ -61,8 +63,6 @@ def train_tokenizer(cfg: ToyWorldConfig, vocab_size: int, n_docs: int, seed: int
 
 def model_config(tokenizer, cfg: PretrainConfig):
     """The Llama config of the toy reasoner (a Llama type avoids Qwen2's tokenizer swap)."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -81,8 +81,6 @@ def model_config(tokenizer, cfg: PretrainConfig):
 
 def new_model(tokenizer, cfg: PretrainConfig, seed: int):
     """A freshly initialised toy reasoner."""
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(seed)
     return LlamaForCausalLM(model_config(tokenizer, cfg))
 
@@ -138,11 +136,18 @@ class PretrainLog:
     evals: list[dict] = field(default_factory=list)
 
 
-def pretrain(model, tokenizer, cfg: ToyWorldConfig, pcfg: PretrainConfig, seed: int, eval_every: int = 0,
-             eval_fn=None, progress: bool = True, checkpoint_fn=None) -> PretrainLog:
-    """Train the toy reasoner from scratch on fresh teacher traces until pcfg.n_tokens tokens are seen."""
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class Checkpoints:
+    """What pretraining does every `every` steps (0: nothing): log eval_fn(model), a dict, then save_fn(model, step)."""
 
+    every: int = 0
+    eval_fn: Callable[[Any], dict] | None = None
+    save_fn: Callable[[Any, int], None] | None = None
+
+
+def pretrain(model, tokenizer, cfg: ToyWorldConfig, pcfg: PretrainConfig, seed: int, progress: bool = True,
+             checkpoints: Checkpoints = Checkpoints()) -> PretrainLog:
+    """Train the toy reasoner from scratch on fresh teacher traces until pcfg.n_tokens tokens are seen."""
     torch.manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -186,14 +191,14 @@ def pretrain(model, tokenizer, cfg: ToyWorldConfig, pcfg: PretrainConfig, seed: 
             log.loss.append(float(loss.item()))
             log.lr.append(lr_at(step))
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if eval_every and eval_fn is not None and step % eval_every == 0:
+        if checkpoints.every and checkpoints.eval_fn is not None and step % checkpoints.every == 0:
             model.eval()
-            res = eval_fn(model)
+            res = checkpoints.eval_fn(model)
             res.update(step=step, tokens=seen)
             log.evals.append(res)
             bar.write(json.dumps(res))
-            if checkpoint_fn is not None:
-                checkpoint_fn(model, step)
+            if checkpoints.save_fn is not None:
+                checkpoints.save_fn(model, step)
             model.train()
     bar.close()
     model.eval()
@@ -215,8 +220,6 @@ def _estimate_doc_tokens(tokenizer, cfg: ToyWorldConfig, n: int = 200) -> float:
 
 def save_reasoner(model, tokenizer, path: str | Path, manifest: dict) -> Path:
     """Save model (safetensors), tokenizer and a manifest of how it was made into a folder, atomically."""
-    from ..core.artifacts import atomic_dir
-
     path = Path(path)
     # Unique temp/old names (atomic_dir): two processes saving at once both succeed, the last one wins.
     with atomic_dir(path) as tmp:
@@ -228,8 +231,6 @@ def save_reasoner(model, tokenizer, path: str | Path, manifest: dict) -> Path:
 
 def load_reasoner(path: str | Path, device: str = "cpu"):
     """Load a saved toy reasoner (safetensors only) and its tokenizer."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"no toy reasoner at {path}: run notebooks/00_base_model.ipynb first")
@@ -252,8 +253,6 @@ def seconds_since(t0: float) -> float:
 
 def build_reasoner(profile, progress: bool = True, checkpoint_every: int = 0, checkpoint_dir: str | Path | None = None):
     """Train the tokenizer and the toy reasoner of a profile from its seed; return (model, tokenizer, manifest)."""
-    from ..core.config import set_threads, stage_seed
-
     t0 = time.time()
     seed = stage_seed(profile.seed, "base_model")
     threads = set_threads(profile.threads)
@@ -263,12 +262,8 @@ def build_reasoner(profile, progress: bool = True, checkpoint_every: int = 0, ch
     def _ckpt(m, step):
         save_reasoner(m, tok, Path(checkpoint_dir) / f"step{step:06d}", {"step": step})
 
-    log = pretrain(
-        model, tok, profile.toyworld, profile.pretrain, seed, progress=progress,
-        eval_every=checkpoint_every if checkpoint_dir else 0,
-        eval_fn=(lambda m: {}) if checkpoint_dir else None,
-        checkpoint_fn=_ckpt if checkpoint_dir else None,
-    )
+    checkpoints = Checkpoints(checkpoint_every, lambda m: {}, _ckpt) if checkpoint_dir else Checkpoints()
+    log = pretrain(model, tok, profile.toyworld, profile.pretrain, seed, progress=progress, checkpoints=checkpoints)
     manifest = {
         "profile": profile.name,
         "seed": seed,
@@ -292,8 +287,6 @@ def build_reasoner(profile, progress: bool = True, checkpoint_every: int = 0, ch
 
 def record_heldout(model_dir: str | Path, checks: dict) -> None:
     """Add the held-out measurements (notebook 00's checks) to a saved reasoner's manifest, atomically."""
-    from ..core.artifacts import atomic_write_json
-
     path = Path(model_dir) / "toy_manifest.json"
     manifest = json.loads(path.read_text())
     keys = ("heldout_problems", "greedy_accuracy", "greedy_tokens", "oracle_tokens", "greedy_over_oracle",
@@ -347,8 +340,6 @@ def _retrain_reason(path: Path, profile: Profile) -> str | None:
         # the teacher's traces are what the reasoner learned: a changed teacher (or task) means a different reasoner
         if manifest.get("teacher_fingerprint") != teacher_fingerprint(profile.toyworld):
             return "the toy world's teacher changed"
-        from safetensors import safe_open
-
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             for key in f.keys():
                 f.get_tensor(key)  # reads every tensor: a truncated file fails here

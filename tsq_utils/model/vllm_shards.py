@@ -16,10 +16,14 @@ instead of waiting for ever.
 from __future__ import annotations
 
 import importlib
+import multiprocessing
+import multiprocessing.util
 import os
 import traceback
 from types import SimpleNamespace
 from typing import Any
+
+import torch
 
 from ..core.parallel import shard_bounds  # noqa: F401 - re-exported: the engines shard requests as stages shard problems
 
@@ -76,8 +80,6 @@ def visible_devices() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [d for d in env.split(",") if d.strip()]
-    import torch
-
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
@@ -134,9 +136,6 @@ class ShardedEngines:
 
     def __init__(self, engine_kwargs: dict, data_parallel_size: int, gpus_per_engine: int = 1,
                  factory: str = "vllm:LLM", devices: list[str] | None = None) -> None:
-        import multiprocessing
-        import multiprocessing.util
-
         if data_parallel_size < 1 or gpus_per_engine < 1:
             raise ValueError("data_parallel_size and gpus_per_engine must be >= 1")
         devices = visible_devices() if devices is None else list(devices)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from .grading import grade_many
+
 # The problem splits a task may offer: training problems (stage 01), evaluation problems (05, 06, 07), TLDR's
 # dev set (07) and notebook 00's held-out checks of the base model. Each has its own seed, so none overlap.
 SPLITS = ("train", "test", "dev", "heldout")
@@ -28,8 +30,9 @@ class Task(ABC):
     """One reasoning task: its problems by split, its prompt, its grader and (toy world only) its oracle."""
 
     name: str
-    # the grading rule of task.grading.grade: "toy" (exact integer match) or "math" (math-verify equivalence);
-    # a string because it is recorded in cache keys and manifests
+    # the grader of task.grading.GRADERS that Task.grade applies: "toy" (exact integer match) or "math" (math-verify
+    # equivalence); a string because it is recorded in cache keys and manifests. A task with its own rule overrides
+    # grade and names its rule here.
     grader: str
     # whether oracle_lengths/oracle_text exist (the toy world's shortest correct trace); a math task has none
     has_oracle: bool = False
@@ -49,9 +52,7 @@ class Task(ABC):
 
     def grade(self, texts: Sequence[str], golds: Sequence[str]) -> list[str]:
         """Statuses (correct/wrong/no_answer/timeout) of completions against their golds, by this task's grader."""
-        from .grading import grade
-
-        return grade(list(texts), list(golds), self.grader)
+        return grade_many(list(texts), list(golds), self.grader)
 
     def oracle_text(self, problem: str, problem_id: str = "") -> str:
         """The oracle (shortest correct) completion of a problem; NoOracleError for a task without one."""

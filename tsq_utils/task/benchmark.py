@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..core.config import stage_seed
 from .base import Task
 from .data import BENCHMARKS, load_benchmark, local_path_for, r1_prompt
 
@@ -27,8 +28,6 @@ class MathTask(Task):
 
     def problems(self, profile, tokenizer, split: str, n: int | None = None) -> pd.DataFrame:
         """train: a seeded random subset of n problems (kept in file order); test: the first n problems."""
-        from ..core.config import stage_seed
-
         self.check_split(split)
         d = profile.data
         if split == "test":

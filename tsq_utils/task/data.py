@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pandas as pd
 
+from ..core.artifacts import read_jsonl  # one home: re-exported here for the tests and notebooks
+from ..core.config import REPO_ROOT
 from .format import THINK_OPEN as THINK_START
+from .grading import extract_boxed
 
 R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 BENCHMARK_COLUMNS = ["problem_id", "problem", "gold", "k", "source"]
@@ -98,8 +101,6 @@ def normalize_number(answer: Any) -> str:
 
 def gold_from_solution(solution: str) -> str:
     """The last complete \\boxed{} of a worked solution (MATH's convention for the final answer)."""
-    from .grading import extract_boxed
-
     answer = extract_boxed(str(solution))
     if answer is None or not answer.strip():
         raise ValueError(f"solution has no complete \\boxed{{}} answer: ...{str(solution)[-80:]!r}")
@@ -112,11 +113,8 @@ def _gold(row: dict, kind: str) -> str:
             return str(_first(row, _ANSWER_FIELDS, "answer")).strip()
         return gold_from_solution(_first(row, _SOLUTION_FIELDS, "answer or solution"))
     raw = _first(row, _ANSWER_FIELDS, "answer")
-    if kind == "gsm8k":
-        return parse_gsm8k_answer(raw)
-    if kind == "number":
-        return normalize_number(raw)
-    return str(raw).strip()
+    parse = {"gsm8k": parse_gsm8k_answer, "number": normalize_number}.get(kind, lambda x: str(x).strip())
+    return parse(raw)
 
 
 def _first(row: dict, fields: tuple[str, ...], what: str) -> Any:
@@ -156,27 +154,8 @@ def _normalize_rows(name: str, rows: list[dict], source: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- loading
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a JSON-lines file (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such JSONL file: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from e
-    return rows
-
-
 def _hub_rows(name: str) -> list[dict]:
     spec = BENCHMARKS[name]
-    import datasets  # imported here: it is slow to import and only the hub path needs it
-
     try:
         ds = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split)
     except Exception as e:  # noqa: BLE001 - offline, missing, gated: all end the same way
@@ -208,8 +187,6 @@ def load_benchmark(name: str, local_path: str | Path | None = None, limit: int |
 
 def resolve_local(path: str | Path) -> Path:
     """A local path as given by a profile or a notebook parameter: ~ expanded, relative to the repository root."""
-    from ..core.config import REPO_ROOT
-
     p = Path(path).expanduser()
     return (p if p.is_absolute() else REPO_ROOT / p).resolve()
 
@@ -233,19 +210,6 @@ def local_path_for(name: str, local_files: dict | None = None, local_dir: str | 
             f"(one JSON object per line, like {BENCHMARKS[name].local_file}) or load it from the hub"
         )
     return path
-
-
-def benchmark_list(value: str | list | None) -> list[str] | None:
-    """Benchmark names from a comma-separated string (a papermill parameter) or a list; None stays None."""
-    if value is None:
-        return None
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
-    names = [n for n in names if n]
-    unknown = [n for n in names if n != "toy" and n not in BENCHMARKS]
-    if not names or unknown:
-        raise ValueError(f"benchmarks {value!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
-                         f"known: toy, {', '.join(BENCHMARKS)}")
-    return names
 
 
 # ----------------------------------------------------------------------------- prompts and traces

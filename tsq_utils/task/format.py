@@ -10,6 +10,11 @@ Step splitting rules (the ones KL refinement has always used; changing them chan
 - Blank lines at the very start of the thinking part belong to the first step.
 - The thinking part ends at the first ``</think>``; whitespace just before it goes to the tail, which is never
   rewritten. A text without ``</think>`` is all thinking, with an empty tail.
+
+One rule for a response that never writes ``</think>`` (docs/method.md, "An unclosed </think>"): its thinking never
+closed, so all of it is thinking (thinking_part: token counts, steps, refinement); its answer is read where the common
+harnesses read it, anywhere in the text (answer_part: the last complete box of the whole output is graded). A response
+cut off at the token limit never counts as correct whatever its box says (stage 01's finish_reason rule).
 """
 
 from __future__ import annotations
@@ -83,16 +88,27 @@ def thinking_part(text: str) -> str:
     return text if cut < 0 else text[:cut]
 
 
+def answer_part(text: str) -> str:
+    """Where the answer is read: everything after the first '</think>' (the whole text when it never closes)."""
+    cut = text.find(THINK_CLOSE)
+    return text if cut < 0 else text[cut + len(THINK_CLOSE):]
+
+
+def thinking_closed(text: str) -> bool:
+    """Whether the text closes its thinking part with '</think>'."""
+    return THINK_CLOSE in text
+
+
 def format_steps(text: str, max_steps: int = 24) -> str:
     """The steps of a completion (as split_steps splits them), the first max_steps of them, then its answer."""
     bodies = step_bodies(text)
     lines = [f"step {i}: {body.strip(chr(10))}" for i, body in enumerate(bodies[:max_steps])]
     if len(bodies) > max_steps:
         lines.append(f"... ({len(bodies) - max_steps} more steps)")
-    _, tail = split_steps(text)
-    closed = tail.lstrip().startswith(THINK_CLOSE)
-    answer = tail.lstrip()[len(THINK_CLOSE):].strip() if closed else ""
-    lines.append(f"answer: {answer}" if closed else f"(no {THINK_CLOSE}: the thinking did not finish)")
+    if thinking_closed(text):
+        lines.append(f"answer: {answer_part(text).strip()}")
+    else:  # graded all the same: its answer is read from the whole text (answer_part)
+        lines.append(f"(no {THINK_CLOSE}: the thinking did not finish; the answer is read from the whole text)")
     return "\n".join(lines)
 
 

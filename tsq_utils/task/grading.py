@@ -32,13 +32,17 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
 
 if __package__:
+    from tqdm.auto import tqdm
+
     from .format import THINK_CLOSE as THINK_END
+    from .format import answer_part
 else:  # run as the math-verify worker script (no package): the worker checks boxed expressions, never whole texts
-    THINK_END = None
+    THINK_END = answer_part = tqdm = None
 
 STATUSES = ("correct", "wrong", "no_answer", "timeout")
 # a fresh worker imports sympy/math-verify and warms up its parser; this bounds that, not a check
@@ -51,13 +55,6 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- extraction
-
-
-def split_thinking(text: str) -> tuple[str, str]:
-    """Split a completion into (thinking, answer) at the first ``</think>``; no tag: (text, "")."""
-    thinking, sep, answer = text.partition(THINK_END)
-    # without the tag the response never finished thinking, so it has no answer part
-    return (thinking, answer) if sep else (text, "")
 
 
 def _boxed_argument(text: str, start: int) -> str | None:
@@ -91,9 +88,8 @@ def _boxed_argument(text: str, start: int) -> str | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    """The content of the last complete ``\\boxed{...}`` after ``</think>`` (whole text if no tag)."""
-    _, sep, answer = text.partition(THINK_END)
-    region = answer if sep else text
+    """The content of the last complete ``\\boxed{...}`` of the answer part (format.answer_part: docs/method.md)."""
+    region = answer_part(text)
     for m in reversed(list(_BOXED.finditer(region))):
         content = _boxed_argument(region, m.end())
         if content is not None:
@@ -120,9 +116,8 @@ def grade_toy(text: str, gold: str) -> str:
 
 def _serve() -> None:
     """Worker loop: read {"pred", "gold"} JSON lines from stdin, answer {"status"} lines."""
-    from functools import lru_cache
-
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" notices
+    # imported in the worker only: the package never needs sympy/math-verify in its own process
     from math_verify import parse, verify
 
     @lru_cache(maxsize=4096)
@@ -314,42 +309,27 @@ def grade_math(text: str, gold: str, timeout_s: float = 5.0) -> str:
     return status
 
 
-def grade(texts: Sequence[str], golds: Sequence[str], kind: str) -> list[str]:
-    """Grade completions: 'toy' exact match or 'math' equivalence (a Task's grader); returns statuses."""
-    if kind == "toy":
-        return [grade_toy(t, g) for t, g in zip(texts, golds)]
-    if kind == "math":
-        return grade_many(texts, golds, kind="math")
-    raise ValueError(f"unknown grading kind {kind!r}: use 'toy' or 'math'")
+# The graders by name (a Task's `grader`): (timeout_s) -> the function that grades one completion against its gold.
+GRADERS: dict[str, Callable[[float], Callable[[str, str], str]]] = {
+    "toy": lambda timeout_s: grade_toy,
+    "math": lambda timeout_s: partial(grade_math, timeout_s=timeout_s),
+}
 
 
-def grade_many(
-    texts: Sequence[str],
-    golds: Sequence[str],
-    kind: str = "toy",
-    timeout_s: float = 5.0,
-    n_workers: int = 1,
-    progress: bool = False,
-) -> list[str]:
-    """Statuses of many completions against their golds (kind "toy" or "math")."""
+def grade_many(texts: Sequence[str], golds: Sequence[str], kind: str, timeout_s: float = 5.0, n_workers: int = 1,
+               progress: bool = False) -> list[str]:
+    """Statuses of many completions against their golds, by the grader named `kind` (GRADERS)."""
     if len(texts) != len(golds):
         raise ValueError(f"texts and golds differ in length: {len(texts)} vs {len(golds)}")
-    if kind not in ("toy", "math"):
-        raise ValueError(f"kind must be 'toy' or 'math', got {kind!r}")
+    if kind not in GRADERS:
+        raise ValueError(f"unknown grader {kind!r}: use one of {', '.join(map(repr, GRADERS))}")
     if n_workers < 1:
         raise ValueError(f"n_workers must be >= 1, got {n_workers}")
-    if kind == "toy":
-        fn = grade_toy
-    else:
-        def fn(text: str, gold: str) -> str:
-            return grade_math(text, gold, timeout_s=timeout_s)
-
+    fn = GRADERS[kind](timeout_s)
     # threads only wait on their own worker process, so n_workers > 1 runs checks in parallel
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         results = pool.map(fn, texts, golds)
         if progress:
-            from tqdm.auto import tqdm
-
             results = tqdm(results, total=len(texts), desc=f"grading ({kind})")
         return list(results)
 

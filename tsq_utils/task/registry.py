@@ -37,6 +37,19 @@ def get_task(name: str) -> Task:
     return TASKS[name](name)
 
 
+def benchmark_list(value: str | list | None) -> list[str] | None:
+    """Task names (data.eval) from a comma-separated string (a papermill parameter) or a list; None stays None."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in TASKS]
+    if not names or unknown:
+        raise ValueError(f"benchmarks {value!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
+                         f"known: {', '.join(TASKS)}")
+    return names
+
+
 def training_task(profile) -> Task:
     """The task of a profile's training problems (data.train)."""
     return get_task(profile.data.train)

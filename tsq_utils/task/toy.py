@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..core.config import ToyWorldConfig
+from ..core.config import ToyWorldConfig, stage_seed
 from .base import Task
 from .format import STEP_SEP, THINK_CLOSE, THINK_OPEN
 
@@ -294,8 +294,6 @@ def teacher_fingerprint(cfg: ToyWorldConfig, n: int = 200) -> str:
     return h.hexdigest()
 
 
-
-
 # --------------------------------------------------------------------------- the task
 
 
@@ -325,9 +323,6 @@ def oracle_lengths(problems: pd.DataFrame, tokenizer) -> pd.DataFrame:
 
 # The stage seed of each split (core.config.stage_seed): separate seeds keep the splits disjoint in practice.
 SPLIT_SEEDS = {"train": "train-problems", "test": "eval-problems", "dev": "tldr-dev", "heldout": "heldout"}
-# Held-out problems of notebook 00 by profile name: the shipped toy reasoner's manifest records 420 (60 per k);
-# any other profile uses data.n_eval_problems.
-HELDOUT_SIZES = {"toy": 420}
 
 
 class ToyTask(Task):
@@ -339,16 +334,14 @@ class ToyTask(Task):
     splits = ("train", "test", "dev", "heldout")
 
     def split_size(self, profile, split: str) -> int:
-        """The profile's number of problems in a split."""
+        """The profile's number of problems in a split: notebook 00's held-out checks use as many as the evaluation
+        (data.n_eval_problems: 420 on toy, what the shipped reasoner's manifest records), from their own seed."""
         self.check_split(split)
         return {"train": profile.data.n_train_problems, "test": profile.data.n_eval_problems,
-                "dev": profile.tldr.n_dev_problems,
-                "heldout": HELDOUT_SIZES.get(profile.name, profile.data.n_eval_problems)}[split]
+                "dev": profile.tldr.n_dev_problems, "heldout": profile.data.n_eval_problems}[split]
 
     def problems(self, profile, tokenizer, split: str, n: int | None = None) -> pd.DataFrame:
         """Seeded toy problems of a split (its own seed; ids encode the split), spread evenly over k."""
-        from ..core.config import stage_seed
-
         n = self.split_size(profile, split) if n is None else n
         tw = profile.toyworld
         probs = make_problems(n, stage_seed(profile.seed, SPLIT_SEEDS[split]), tw.k_min, tw.k_max, tw.max_value,
