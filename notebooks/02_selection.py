@@ -55,32 +55,32 @@ orientation.lesson_top(stage, ["selection.variant", "selection.alpha", "selectio
 # ## The idea
 #
 # The paper's claim (§3.1): always preferring the single shortest correct response teaches the model to cut corners on problems
-# that need long reasoning, so TokenSqueeze adapts the cut to difficulty ([Q-DYN](../docs/glossary.md#q-dyn)). Whether this run can show that depends on $k$ below.
+# that need long reasoning, so TokenSqueeze adapts the cut to difficulty ([Q-DYN](../docs/glossary.md#q-dyn)). Whether this run can show that depends on $n_+$ below.
 # For a problem with $N$ samples, $c$ of them correct,
 #
-# $$p = \frac{c}{N}, \qquad q = \alpha\,(1 - p), \qquad k = \max\!\big(1, \lceil q\,c \rceil\big),$$
+# $$p = \frac{c}{N}, \qquad q = \alpha\,(1 - p), \qquad n_+ = \max\!\big(1, \lceil q\,c \rceil\big),$$
 #
-# and the [positives](../docs/glossary.md#positives) are the $k$ shortest correct responses $\tau_1,\dots,\tau_k$. On an easy problem ($p \to 1$) $q \to 0$: only the
+# and the [positives](../docs/glossary.md#positives) are the $n_+$ shortest correct responses $\tau_1,\dots,\tau_{n_+}$. On an easy problem ($p \to 1$) $q \to 0$: only the
 # very shortest correct response is preferred. On a harder one ($p$ smaller) $q$ grows, and once $q\,c > 1$ longer correct
 # responses count as positives too: the paper's way of keeping deeper reasoning where it is needed. Each positive is paired with
 # every *longer* incorrect response
 # $(y_w, y_l)$, at most $M$ pairs per problem (seeded subsample). Problems with $p = 0$ or $p = 1$ give no pairs: there is nothing
 # to prefer against, or nothing to prefer.
 #
-# **When does $k \ge 2$ happen at all?** With $c = pN$, $q\,c = \alpha(1-p)\,pN$, and $k \ge 2$ needs $\lceil q c \rceil \ge 2$,
+# **When does $n_+ \ge 2$ happen at all?** With $c = pN$, $q\,c = \alpha(1-p)\,pN$, and $n_+ \ge 2$ needs $\lceil q c \rceil \ge 2$,
 # i.e. $\alpha\,p(1-p)\,N > 1$. Since $p(1-p) \le 1/4$ (equality at $p = 1/2$), that needs $\alpha N/4 > 1$:
 #
-# $$k \ge 2 \text{ for some problem} \iff \alpha > \min_{0<c<N} \frac{1}{(1-c/N)\,c} \;\ge\; \frac{4}{N}.$$
+# $$n_+ \ge 2 \text{ for some problem} \iff \alpha > \min_{0<c<N} \frac{1}{(1-c/N)\,c} \;\ge\; \frac{4}{N}.$$
 #
 # At the paper's $\alpha = 0.2$ that means $N \ge 21$ (this run's $N$ is the dashed line of the map below, and the line printed
-# above that map gives the $\alpha$ this run's $N$ needs); below that Q-DYN selects exactly what Shortest selects. And $k = 3$
+# above that map gives the $\alpha$ this run's $N$ needs); below that Q-DYN selects exactly what Shortest selects. And $n_+ = 3$
 # needs $\alpha N p(1-p) > 2$, so at the paper's $\alpha = 0.2$ it needs $N \ge 41$: below that, Q-DYN's positives are
-# Shortest's plus at most the second-shortest correct response. The map of $k$ over $(p, N)$ further down shows it for this run's $\alpha$, with a warning when this run is
+# Shortest's plus at most the second-shortest correct response. The map of $n_+$ over $(p, N)$ further down shows it for this run's $\alpha$, with a warning when this run is
 # below the line.
 #
-# Choices where the paper is silent: $k \ge 1$ (so with $\alpha = 0$ Q-DYN is Shortest); a response cut off at the token limit counts
+# Choices where the paper is silent: $n_+ \ge 1$ (so with $\alpha = 0$ Q-DYN is Shortest); a response cut off at the token limit counts
 # as incorrect; equal length is not "longer"; ties in length go to the lower sample index. The ablation variants (06) are
-# **shortest** ($k = 1$), **q_fix** ($q$ fixed, independent of $p$), and **q_dyn_extra** (also rejecting correct responses longer
+# **shortest** ($n_+ = 1$), **q_fix** ($q$ fixed, independent of $p$), and **q_dyn_extra** (also rejecting correct responses longer
 # than 1.5× the positive, Kimi-k1.5 style).
 
 # %%
@@ -99,7 +99,7 @@ pairs, stats = load_table(stage.dir / "pairs.parquet"), load_table(stage.dir / "
 # %% [markdown] tsq_lesson="core-md"
 # ### The equation in code
 #
-# The selection count by hand, $k = \max(1, \lceil \alpha(1-p)c \rceil)$, for every problem that gave pairs, checked against what `selection.select_pairs` chose and against `selection.quantile_count`.
+# The selection count by hand, $n_+ = \max(1, \lceil \alpha(1-p)c \rceil)$, for every problem that gave pairs, checked against what `selection.select_pairs` chose and against `selection.quantile_count`.
 
 # %% tsq_lesson="core"
 import math
@@ -117,13 +117,13 @@ print(f"k over the {len(used)} problems with pairs: {used['n_pos'].value_counts(
 # %% [markdown] tsq_lesson="heat-md"
 # ### The k × p map
 #
-# Every cell is $k$ for one $\alpha$ (rows) and one correct count $c$ (columns, $p = c/N$) at this run's $N$; the bars on top count the run's problems at each $c$. The product $\alpha(1-p)c = \alpha N p(1-p)$ never exceeds $\alpha N/4$, so at this $N$ a row is all 1 unless $\alpha > 4/N$ (the line printed above the map gives the exact bound at this
+# Every cell is $n_+$ for one $\alpha$ (rows) and one correct count $c$ (columns, $p = c/N$) at this run's $N$; the bars on top count the run's problems at each $c$. The product $\alpha(1-p)c = \alpha N p(1-p)$ never exceeds $\alpha N/4$, so at this $N$ a row is all 1 unless $\alpha > 4/N$ (the line printed above the map gives the exact bound at this
 # run's $N$).
 
 # %% tsq_lesson="heat"
 if int(stats["n"].max()) >= 2:
     n_run = int(stats["n"].max())
-    print(f"At this run's N = {n_run}: some problem keeps k ≥ 2 positives only for α > "
+    print(f"At this run's N = {n_run}: some problem keeps n₊ ≥ 2 positives only for α > "
           f"{lesson.min_alpha_for_two(n_run):.3g} (4/N = {4 / n_run:.3g}).")
     fig = plotting.selection_count_figure(n_run, C.alpha, stats)
     stage.save_fig(fig, "02_selection_count")
@@ -133,8 +133,8 @@ else:  # one response per problem (sampling.n = 1): no correct count has a secon
 # %% [markdown]
 # ### k over (p, N) at this run's α
 #
-# Every point is one correct count $c$ at one $N$ ($p = c/N$), coloured by $k$; the black curve is $\alpha N p(1-p) = 1$, above
-# which $k \ge 2$; the dashed line is this run's $N$. Above the figure, one line: a warning when this run's $N$ and $\alpha$
+# Every point is one correct count $c$ at one $N$ ($p = c/N$), coloured by $n_+$; the black curve is $\alpha N p(1-p) = 1$, above
+# which $n_+ \ge 2$; the dashed line is this run's $N$. Above the figure, one line: a warning when this run's $N$ and $\alpha$
 # make Q-DYN identical to Shortest, else where this run stands.
 
 # %%
@@ -143,26 +143,26 @@ fig = plotting.k_over_p_n_figure(C.alpha, n_run)
 _ = stage.save_fig(fig, "02_k_over_p_n")
 if C.variant in ("q_dyn", "q_dyn_extra"):
     print(lesson.qdyn_shortest_warning(n_run, C.alpha)
-          or f"N = {n_run}, α = {C.alpha:g}: above the curve, so problems near p = 1/2 can keep k ≥ 2 positives.")
+          or f"N = {n_run}, α = {C.alpha:g}: above the curve, so problems near p = 1/2 can keep n₊ ≥ 2 positives.")
 
 # %% [markdown]
-# ## A worked example: k ≥ 2 beside k = 1
+# ## A worked example: n₊ ≥ 2 beside n₊ = 1
 #
-# The problem with the most positives ($k \ge 2$, then $p$ nearest 1/2) beside a $k = 1$ problem of similar $p$, when this run
+# The problem with the most positives ($n_+ \ge 2$, then $p$ nearest 1/2) beside an $n_+ = 1$ problem of similar $p$, when this run
 # has such a problem; otherwise the highest-$p$ and lowest-$p$ problems with pairs, and the sentence says there is none. Samples
 # are listed shortest first with their grade and the role selection gave them.
 
 # %%
 print(lesson.depth_example_note(stats, C.alpha))
 deep, shallow = lesson.depth_examples(stats)
-shown = (("k ≥ 2", deep), ("k = 1", shallow)) if deep is not None else \
+shown = (("n₊ ≥ 2", deep), ("n₊ = 1", shallow)) if deep is not None else \
     tuple(zip(("highest p", "lowest p"), selection.example_problems(stats)))
 for name, pid in shown:
     if pid is None:
         print(f"{name}: no such problem with pairs in this run")
         continue
     row = stats[stats["problem_id"] == pid].iloc[0]
-    print(f"{name}: {pid}  c={row['c']}/{row['n']}  p={row['p']:.2f}  q={row['q']:.3f}  k={row['n_pos']}  "
+    print(f"{name}: {pid}  c={row['c']}/{row['n']}  p={row['p']:.2f}  q={row['q']:.3f}  n₊={row['n_pos']}  "
           f"pairs={row['n_pairs']}")
     display(selection.explain_problem(samples, pairs, pid))
 
@@ -170,12 +170,12 @@ for name, pid in shown:
 # ## What happened
 #
 # Left: the lengths of chosen and rejected responses (the summary below gives their means). Right: each problem's positives
-# relative to the mean length of its correct responses, against its correctness rate. Where $k > 1$ (problems near $p = 1/2$,
-# above the curve of the $(p, N)$ map) a problem also keeps positives longer than its shortest correct response; with $k = 1$
+# relative to the mean length of its correct responses, against its correctness rate. Where $n_+ > 1$ (problems near $p = 1/2$,
+# above the curve of the $(p, N)$ map) a problem also keeps positives longer than its shortest correct response; with $n_+ = 1$
 # every problem keeps only its shortest correct response. The summary at the end says which happened in this run.
 
 # %%
-fig = plotting.selection_figure(pairs, stats, samples, alpha=C.alpha)
+fig = plotting.selection_figure(pairs, stats, samples)
 _ = stage.save_fig(fig, "02_selection")
 summary = selection.selection_summary(pairs, stats)
 pd.Series({k: v for k, v in summary.items() if not isinstance(v, dict)}, dtype=object).to_frame("this run")
@@ -200,7 +200,7 @@ controls = widgets.live(selection_view, alpha=widgets.slider(float(C.alpha), 0.0
 # %% [markdown]
 # ## Try this
 #
-# - `alpha=0` (always the shortest) or `alpha=1` ($k = \lceil (1-p)c \rceil$, at most $\lceil N/4 \rceil$); 06 sweeps it (the
+# - `alpha=0` (always the shortest) or `alpha=1` ($n_+ = \lceil (1-p)c \rceil$, at most $\lceil N/4 \rceil$); 06 sweeps it (the
 #   paper's Fig. 4).
 # - `variant="q_dyn_extra"` adds correct-but-long rejected responses: meant as more length pressure; in the paper (7B) it costs
 #   accuracy (AIME24 52.3 vs Q-DYN's 57.3), and 06 measures whether it does here.
@@ -215,22 +215,22 @@ display(widgets.seen(lesson.seen_selection(stats, summary, C.alpha)))
 # ## Exercises
 #
 # Try each before opening its answer (the answers below are computed from this run where they depend on it).
-# 1. *(warm-up)* Say $c = 4$ correct of $N = 8$ samples and $\alpha = 0.2$: compute $p$, $q$ and $k$.
-# 2. *(code)* Write `first_alpha(n)`, the α above which some problem with $N = n$ samples keeps $k \ge 2$ (the cell below the answers; checked against the package for every $N$ up to 64). Which is it at this run's $N$?
-# 3. *(core)* How large must $N$ be for the paper's $\alpha = 0.2$ to give some problem $k = 2$?
+# 1. *(warm-up)* Say $c = 4$ correct of $N = 8$ samples and $\alpha = 0.2$: compute $p$, $q$ and $n_+$.
+# 2. *(code)* Write `first_alpha(n)`, the α above which some problem with $N = n$ samples keeps $n_+ \ge 2$ (the cell below the answers; checked against the package for every $N$ up to 64). Which is it at this run's $N$?
+# 3. *(core)* How large must $N$ be for the paper's $\alpha = 0.2$ to give some problem $n_+ = 2$?
 # 4. *(core)* In this run, how many problems kept more than one positive?
-# 5. *(stretch)* Q-DYN is said to keep longer positives on *hard* problems. At fixed $N$, for which $p$ is $k$ largest, and why not at the hardest problems?
+# 5. *(stretch)* Q-DYN is said to keep longer positives on *hard* problems. At fixed $N$, for which $p$ is $n_+$ largest, and why not at the hardest problems?
 
 # %% tsq_lesson="ans"
 display(widgets.answer("$p = 4/8 = 0.5$, $q = 0.2 \\cdot 0.5 = 0.1$, $q c = 0.4$, so "
-                       "$k = \\max(1, \\lceil 0.4 \\rceil) = 1$: only the shortest correct response.",
+                       "$n_+ = \\max(1, \\lceil 0.4 \\rceil) = 1$: only the shortest correct response.",
                        title="Answer 1"))
-display(widgets.answer("$k \\ge 2$ needs $\\alpha (1 - c/N) c > 1$ for some $0 < c < N$, so "
+display(widgets.answer("$n_+ \\ge 2$ needs $\\alpha (1 - c/N) c > 1$ for some $0 < c < N$, so "
                        "<code>min(1 / ((1 - c / n) * c) for c in range(1, n))</code>; it is about $4/N$ (exactly at "
                        f"even $N$). At this run's $N$ = {int(stats['n'].max())}: "
                        f"{lesson.min_alpha_for_two(int(stats['n'].max())):.3g}.", title="Answer 2"))
 display(widgets.answer("$\\alpha N/4 > 1$, so $N > 20$: $N \\ge 21$ (e.g. $N = 21$, $c = 10$: "
-                       "$0.2 \\cdot (11/21) \\cdot 10 = 1.05$, $k = 2$). That is "
+                       "$0.2 \\cdot (11/21) \\cdot 10 = 1.05$, $n_+ = 2$). That is "
                        f"{21 / int(stats['n'].max()):.1f} times this run's sampling (N = {int(stats['n'].max())}).",
                        title="Answer 3"))
 display(widgets.answer(f"{int((used['n_pos'] > 1).sum())} of {len(used)} problems with pairs "
@@ -242,7 +242,7 @@ display(widgets.answer("$q c = \\alpha N p (1-p)$ is largest at $p = 1/2$: $q = 
 # %% [markdown] tsq_lesson="code-md"
 # ### Exercise 2 (code)
 #
-# `first_alpha(n)`: the smallest α above which some problem with $N = n$ samples keeps $k \ge 2$ positives. The cell holds
+# `first_alpha(n)`: the smallest α above which some problem with $N = n$ samples keeps $n_+ \ge 2$ positives. The cell holds
 # a solution (hidden: click to show); replace it with yours, and the check compares it with the package's bound.
 
 # %% tsq_lesson="code" jupyter={"source_hidden": true}

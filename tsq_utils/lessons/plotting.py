@@ -51,17 +51,23 @@ def base_model_figure(greedy: pd.DataFrame, sampled: pd.DataFrame, oracle_len_by
     return fig
 
 
+def _tick(c) -> str:
+    """A heat map's tick label: numbers to two decimals at most, anything else as text."""
+    return f"{round(float(c), 2):g}" if isinstance(c, (int, float, np.floating, np.integer)) else str(c)
+
+
 def _count_heatmap(ax, table: pd.DataFrame, xlabel: str, ylabel: str, cmap: str = "Blues", fmt: str = "{:.0f}",
                    cbar_label: str = "problems"):
     """Draw a small annotated heat map of a DataFrame (index on y, columns on x)."""
     vals = table.to_numpy(dtype=float)
     im = ax.imshow(vals, aspect="auto", origin="lower", cmap=cmap)
-    ax.set_xticks(range(table.shape[1]))
-    ax.set_xticklabels([f"{c:g}" if isinstance(c, (int, float, np.floating, np.integer)) else str(c)
-                        for c in table.columns], fontsize=7)
+    # at most about a dozen labels: one per column smears into a black band once N is in the tens
+    every = max(1, int(np.ceil(table.shape[1] / 12)))
+    ticks = list(range(0, table.shape[1], every))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([_tick(table.columns[j]) for j in ticks], fontsize=7)
     ax.set_yticks(range(table.shape[0]))
-    ax.set_yticklabels([f"{r:g}" if isinstance(r, (int, float, np.floating, np.integer)) else str(r)
-                        for r in table.index], fontsize=7)
+    ax.set_yticklabels([_tick(r) for r in table.index], fontsize=7)
     hi = np.nanmax(vals) if np.isfinite(vals).any() else 1.0
     for (i, j), v in np.ndenumerate(vals):
         if v == v and v != 0:
@@ -207,18 +213,19 @@ def selection_live_figure(samples: pd.DataFrame, pairs: pd.DataFrame, stats: pd.
     return fig
 
 
-def selection_figure(pairs: pd.DataFrame, stats: pd.DataFrame, samples: pd.DataFrame, alpha: float | None = None):
-    """Stage 02: chosen vs rejected lengths, and each positive's length relative to its problem's correct ones vs p
-    (with α, a third panel: the k × p heat map of the selection count at this N)."""
-    n_panels = 3 if alpha is not None else 2
-    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 3.8))
+def selection_figure(pairs: pd.DataFrame, stats: pd.DataFrame, samples: pd.DataFrame):
+    """Stage 02: chosen vs rejected lengths, and each positive's length relative to its problem's correct ones vs p."""
+    # (the n₊ × p map of the selection count is selection_count_figure's, drawn once in the lesson)
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
     if len(pairs):
         hi = max(pairs["chosen_tokens"].max(), pairs["rejected_tokens"].max()) + 1
         bins = np.linspace(0, hi, 40)
         for col, key in (("chosen_tokens", "chosen"), ("rejected_tokens", "rejected")):
             axes[0].hist(pairs[col], bins=bins, alpha=0.6, color=style(key).color,
                          label=f"{key} (mean {pairs[col].mean():.0f})")
-        axes[0].legend()
+        # a band above the tallest bar keeps the legend off the data
+        axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.3)
+        axes[0].legend(loc="upper right", ncol=2, fontsize=8, frameon=False)
     axes[0].set(xlabel="completion tokens", ylabel="pairs", title="Chosen vs rejected length")
     correct_mean = samples[samples["correct"]].groupby("problem_id")["n_tokens"].mean()
     used = stats[stats["n_pairs"] > 0].copy()
@@ -230,14 +237,6 @@ def selection_figure(pairs: pd.DataFrame, stats: pd.DataFrame, samples: pd.DataF
     axes[1].axhline(1.0, color="grey", lw=0.8, ls=":")
     axes[1].set(xlabel="correctness rate p", ylabel="positive length / mean correct length",
                 title="Positives against the problem's correct responses")
-    if alpha is not None:
-        n = int(stats["n"].max()) if len(stats) else 1
-        if n >= 2:
-            t = selection_count_table(n, sorted({0.0, 0.2, 0.5, 1.0, float(alpha)}))
-            _count_heatmap(axes[2], t, f"p = c / N (N = {n})", "α", cmap="YlOrRd", cbar_label="n₊")
-            axes[2].set_title(f"n₊ positives per problem (run: α = {alpha:g})", fontsize=9)
-        else:
-            axes[2].axis("off")
     fig.suptitle(TOKENS_NOTE, fontsize=8, y=0.01)
     fig.tight_layout()
     return fig

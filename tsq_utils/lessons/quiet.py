@@ -1,4 +1,4 @@
-"""Quiet lesson output: library progress bars, library warnings and the trainer's per-step loss table.
+"""Quiet lesson output: library progress bars, library warnings, the trainer's per-step loss table, long tables.
 
 None of it changes a result: only what a notebook displays. The trainer's own progress bar stays (one per long cell).
 """
@@ -9,8 +9,13 @@ import logging
 import warnings
 
 import datasets
+import pandas as pd
 import transformers
 from transformers.utils import notebook as hf_notebook
+
+# A table longer than this shows its first and last MIN_ROWS / 2 rows (pandas' own condensed view): one problem's N
+# samples are 48 rows on toy, a handful on ci (tests/test_quiet.py allows 30)
+MAX_ROWS, MIN_ROWS = 30, 12
 
 # Libraries whose deprecation notices and one-off data warnings concern their own upgrades, not the lesson.
 _LIBRARIES = r"(transformers|trl|datasets|accelerate|peft|torch)(\..*)?"
@@ -28,7 +33,8 @@ def _no_loss_table(self, args, state, control, logs=None, **kwargs) -> None:
 
 
 def quiet_libraries() -> None:
-    """Hide library progress bars (model loading, dataset maps), warnings and the trainer's loss table."""
+    """Hide library progress bars (model loading, dataset maps), warnings and the trainer's loss table; condense long
+    tables."""
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     datasets.disable_progress_bars()  # "Tokenizing train dataset" and the other dataset maps
     # only these loggers: the transformers logger's level also decides TrainingArguments.disable_tqdm, the one bar kept
@@ -38,3 +44,5 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=_LIBRARIES)
     warnings.filterwarnings("ignore", category=UserWarning, module=_LIBRARIES)
     hf_notebook.NotebookProgressCallback.on_log = _no_loss_table
+    pd.set_option("display.max_rows", MAX_ROWS)
+    pd.set_option("display.min_rows", MIN_ROWS)
