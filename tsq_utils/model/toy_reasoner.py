@@ -20,6 +20,7 @@ from ..core.artifacts import atomic_dir, atomic_write_json, check_safetensors
 from ..core.config import (REPO_ROOT, PretrainConfig, Profile, ToyWorldConfig, resolve_device, set_threads,
                            stage_seed)
 from ..core.pointer import CorruptStateError, write_pointer
+from ..core.stage_paths import display_path
 from ..task.format import THINK_CLOSE, THINK_OPEN
 from ..task.toy import (ASSISTANT, CHAT_TEMPLATE, END, PAD, UNK, USER, ToyProblem, make_problem, prompt_for,
                         teacher_fingerprint, teacher_trace, world_description)
@@ -332,7 +333,7 @@ def prepare_toy(stage, progress: bool = True):
 def _retrain_reason(path: Path, profile: Profile) -> str | None:
     """Why a retrained toy reasoner must be (re)built, or None when the saved one matches and loads."""
     if not (path / "model.safetensors").exists():
-        return f"no model in {path}"
+        return f"no model in {display_path(path)}"
     try:
         manifest = read_manifest_safe(path)
         if manifest.get("pretrain_config") != dict(vars(profile.pretrain)):
@@ -344,7 +345,7 @@ def _retrain_reason(path: Path, profile: Profile) -> str | None:
             for key in f.keys():
                 f.get_tensor(key)  # reads every tensor: a truncated file fails here
     except Exception as e:  # noqa: BLE001 - any damage means: rebuild it
-        return f"the saved model in {path} is damaged ({type(e).__name__}: {e})"
+        return f"the saved model in {display_path(path)} is damaged ({type(e).__name__}: {e})"
     return None
 
 
