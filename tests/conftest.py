@@ -42,6 +42,30 @@ def tiny_toy_tokenizer():
     return train_tokenizer(ToyWorldConfig(), vocab_size=128, n_docs=300, seed=0)
 
 
+@pytest.fixture(scope="session")
+def shipped_reasoner():
+    """The shipped toy reasoner (eval mode; tests only read it) and its tokenizer; skips when it is absent."""
+    from tsq_utils.model import toy_reasoner
+
+    path = REPO / "checkpoints" / "toy-reasoner"
+    if not (path / "model.safetensors").exists():
+        pytest.skip("the shipped toy reasoner is absent")
+    model, tok = toy_reasoner.load_reasoner(path)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_toy_tokenizer):
+    """The shared tiny toy tokenizer, under the name the sampling tests use."""
+    return tiny_toy_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A fresh tiny toy reasoner per test module (a module overrides it where it needs other weights)."""
+    return tiny_toy_model(tok)
+
+
 def tiny_toy_model(tokenizer):
     """A freshly initialised one-layer toy reasoner (hidden 32) for the given tokenizer."""
     from tsq_utils.core.config import PretrainConfig

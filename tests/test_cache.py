@@ -75,20 +75,31 @@ def test_an_entry_with_a_missing_or_added_file_or_no_hashes_does_not_verify(monk
     assert set(bad) == {rec["keys"]["model"], rec["keys"]["pairs"]} and not model.exists() and not pairs.exists()
 
 
-def test_adopted_files_are_copies_so_a_cp_over_the_stage_leaves_the_cache_alone(monkeypatch, ctx, prof):
-    """Issue 26: the cache hard-linked 04's model, so `cp` over training/model/model.safetensors rewrote two entries."""
+def _selection_outputs(ctx, prof):
+    """Notebook 02's tables for the fake run, written to its selection folder: (folder, pairs, their hashes)."""
     from tsq_utils.method import selection
 
-    Fakes(monkeypatch)
     pairs, stats = selection.select_pairs(ctx.samples, seed=stage_seed(prof.seed, "selection"))
     d = ctx.run_dir / "selection"
     d.mkdir(parents=True)
     save_table(pairs, d / "pairs.parquet")
     save_table(stats, d / "problem_stats.parquet")
+    return d, pairs, {n: path_hash(d / n) for n in ("pairs.parquet", "problem_stats.parquet")}
+
+
+def _selection_manifest(ctx, prof, d, hashes) -> None:
+    """A complete selection manifest over the given output hashes, as notebook 02 writes it."""
     atomic_write_json(d / "manifest.json", {
         "stage": "selection", "complete": True, "code": {"package": package_hash()}, "profile_config": prof.to_dict(),
         "seed": stage_seed(prof.seed, "selection"), "inputs": {"samples": {"sha256": ctx.samples_sha}},
-        "output_hashes": {n: path_hash(d / n) for n in ("pairs.parquet", "problem_stats.parquet")}})
+        "output_hashes": hashes})
+
+
+def test_adopted_files_are_copies_so_a_cp_over_the_stage_leaves_the_cache_alone(monkeypatch, ctx, prof):
+    """Issue 26: the cache hard-linked 04's model, so `cp` over training/model/model.safetensors rewrote two entries."""
+    Fakes(monkeypatch)
+    d, _, hashes = _selection_outputs(ctx, prof)
+    _selection_manifest(ctx, prof, d, hashes)
     rec = A.run_row(ctx, _row(ctx, "table2/q_dyn"))
     assert rec["sources"]["pairs"] == "adopted from notebooks/02_selection.ipynb"
     entry = ctx.cache_dir / rec["keys"]["pairs"]
@@ -100,20 +111,10 @@ def test_adopted_files_are_copies_so_a_cp_over_the_stage_leaves_the_cache_alone(
 
 
 def test_a_stage_output_rewritten_after_its_manifest_is_not_adopted(monkeypatch, ctx, prof):
-    from tsq_utils.method import selection
-
     Fakes(monkeypatch)
-    pairs, stats = selection.select_pairs(ctx.samples, seed=stage_seed(prof.seed, "selection"))
-    d = ctx.run_dir / "selection"
-    d.mkdir(parents=True)
-    save_table(pairs, d / "pairs.parquet")
-    save_table(stats, d / "problem_stats.parquet")
-    hashes = {n: path_hash(d / n) for n in ("pairs.parquet", "problem_stats.parquet")}
+    d, pairs, hashes = _selection_outputs(ctx, prof)
     save_table(pairs.iloc[:1], d / "pairs.parquet")  # rewritten, then the manifest (mtime alone cannot tell)
-    atomic_write_json(d / "manifest.json", {
-        "stage": "selection", "complete": True, "code": {"package": package_hash()}, "profile_config": prof.to_dict(),
-        "seed": stage_seed(prof.seed, "selection"), "inputs": {"samples": {"sha256": ctx.samples_sha}},
-        "output_hashes": hashes})
+    _selection_manifest(ctx, prof, d, hashes)
     rec = A.run_row(ctx, _row(ctx, "table2/q_dyn"))
     assert rec["sources"]["pairs"] == "computed"
 

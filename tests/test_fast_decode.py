@@ -17,14 +17,9 @@ TOY = REPO / "checkpoints" / "toy-reasoner"
 
 
 @pytest.fixture(scope="module")
-def toy():
-    """The shipped toy reasoner and its tokenizer."""
-    from tsq_utils.model import toy_reasoner
-
-    if not (TOY / "model.safetensors").exists():
-        pytest.skip("the shipped toy reasoner is absent")
-    model, tok = toy_reasoner.load_reasoner(TOY)
-    return model.eval(), tok
+def toy(shipped_reasoner):
+    """The shipped toy reasoner and its tokenizer (conftest)."""
+    return shipped_reasoner
 
 
 @pytest.fixture(scope="module")

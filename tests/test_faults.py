@@ -27,6 +27,7 @@ from tsq_utils.core.config import ProfileError, load_profile
 from tsq_utils.core.stage import EmptyArtifactError, StageBusyError, StaleArtifactError, setup_stage
 
 from fake_tables import fake_table
+from test_run_all import write_notebook
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -222,11 +223,7 @@ def test_run_all_resolves_a_relative_runs_dir_once(tmp_path):
     """run_all.sh makes TSQ_RUNS_DIR absolute against the caller's folder (the notebooks run in notebooks/)."""
     nbdir = tmp_path / "nb"
     nbdir.mkdir()
-    nb = nbformat.v4.new_notebook()
-    cell = nbformat.v4.new_code_cell("profile = 'toy'\nnap = 0")
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells.append(cell)
-    nbformat.write(nb, nbdir / "00_a.ipynb")
+    write_notebook(nbdir / "00_a.ipynb", params="profile = 'toy'\nnap = 0")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
     env.update(TSQ_SKIP_SETUP="1", TSQ_PYTHON=sys.executable, TSQ_NOTEBOOKS_DIR=str(nbdir), TSQ_RUNS_DIR="rel/runs")
     r = subprocess.run(["bash", str(REPO / "run_all.sh"), "-n", "--profile", "ci", "-p", "00:nap", "2"], env=env,
@@ -411,14 +408,8 @@ def _wait_for_running_cell(running: Path, marker: str, timeout: float = 120) -> 
 def test_run_all_interrupt_names_the_cell_and_a_failed_run_keeps_the_last_good_notebook(tmp_path):
     nbdir, runs = tmp_path / "nb", tmp_path / "runs"
     nbdir.mkdir()
-    nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_markdown_cell("# nap"))
-    params = nbformat.v4.new_code_cell("profile = 'toy'\nnap = 0")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells += [params, nbformat.v4.new_code_cell("print('ok')"),
-                 nbformat.v4.new_code_cell("# the napping cell\nimport time\ntime.sleep(nap)")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, nbdir / "00_nap.ipynb")
+    write_notebook(nbdir / "00_nap.ipynb", "print('ok')", "# the napping cell\nimport time\ntime.sleep(nap)",
+                   params="profile = 'toy'\nnap = 0")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
     env.update(TSQ_SKIP_SETUP="1", TSQ_PYTHON=sys.executable, TSQ_NOTEBOOKS_DIR=str(nbdir), TSQ_RUNS_DIR=str(runs),
                TSQ_KERNEL="python3")
@@ -568,12 +559,8 @@ def test_run_all_refuses_an_empty_only(tmp_path):
 
 def _nap_notebook(nbdir: Path) -> None:
     nbdir.mkdir(exist_ok=True)
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("profile = 'toy'\nnap = 0")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells += [params, nbformat.v4.new_code_cell("# the napping cell\nimport time\ntime.sleep(nap)")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, nbdir / "00_nap.ipynb")
+    write_notebook(nbdir / "00_nap.ipynb", "# the napping cell\nimport time\ntime.sleep(nap)",
+                   params="profile = 'toy'\nnap = 0")
 
 
 def test_two_runs_of_one_notebook_use_their_own_temporary_names(tmp_path):
@@ -707,12 +694,8 @@ def test_run_all_ctrl_c_after_the_last_cell_keeps_the_completed_notebook(tmp_pat
     nbdir, runs = tmp_path / "nb", tmp_path / "runs"
     nbdir.mkdir()
     for name in ("00_last", "01_after"):
-        nb = nbformat.v4.new_notebook()
-        params = nbformat.v4.new_code_cell("profile = 'toy'\nnap = 0")
-        params.metadata["tags"] = ["parameters"]
-        nb.cells += [params, nbformat.v4.new_code_cell("# the last cell\nimport time\ntime.sleep(nap)")]
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        nbformat.write(nb, nbdir / f"{name}.ipynb")
+        write_notebook(nbdir / f"{name}.ipynb", "# the last cell\nimport time\ntime.sleep(nap)",
+                       params="profile = 'toy'\nnap = 0")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSQ_")}
     env.update(TSQ_SKIP_SETUP="1", TSQ_PYTHON=sys.executable, TSQ_NOTEBOOKS_DIR=str(nbdir), TSQ_RUNS_DIR=str(runs),
                TSQ_KERNEL="python3")

@@ -8,7 +8,6 @@ import os
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_toy_model
 
 from tsq_utils.core import parallel
 from tsq_utils.core.config import RefinementConfig
@@ -71,16 +70,6 @@ def test_shard_bounds_closed_form():
     assert parallel.shard_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
     with pytest.raises(ValueError):
         parallel.shard_bounds(3, 0)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_toy_tokenizer):
-    return tiny_toy_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_toy_model(tok)
 
 
 @pytest.fixture(scope="module")

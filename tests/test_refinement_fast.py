@@ -23,15 +23,12 @@ TOY = REPO / "checkpoints" / "toy-reasoner"
 
 
 @pytest.fixture(scope="module")
-def toy():
+def toy(shipped_reasoner):
     """The shipped toy reasoner, its tokenizer and a pairs table of 6 toy teacher traces (k = 3..8)."""
     from tsq_utils.task import toy
-    from tsq_utils.model import toy_reasoner
     from tsq_utils.core.config import ToyWorldConfig
 
-    if not (TOY / "model.safetensors").exists():
-        pytest.skip("the shipped toy reasoner is absent")
-    model, tok = toy_reasoner.load_reasoner(TOY)
+    model, tok = shipped_reasoner
     cfg, rng = ToyWorldConfig(), random.Random(3)
     rows = []
     for n in range(6):

@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
-from conftest import tiny_toy_model
 import torch
 
 from tsq_utils.method import sampling
@@ -26,17 +25,6 @@ from tsq_utils.task.registry import get_task
 
 TOY = get_task("toy")
 QUIET = SampleRun(progress=False)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_toy_tokenizer):
-    """The shared tiny toy tokenizer (conftest)."""
-    return tiny_toy_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_toy_model(tok)
 
 
 @pytest.fixture(scope="module")

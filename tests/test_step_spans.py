@@ -112,16 +112,12 @@ def test_spans_are_the_whole_text_tokenization_on_real_r1_traces(qwen, shared_da
     assert n_seg_diff >= 50  # segment-wise tokenization differs from the whole text's on (almost) every trace
 
 
-def test_spans_mode_refines_on_the_toy_world(monkeypatch):
+def test_spans_mode_refines_on_the_toy_world(monkeypatch, shipped_reasoner):
     """refine_pairs with token-span steps: candidates carry the separator, token counts include the boundary
     token, and with no merges across boundaries (the toy tokenizer) decisions agree with re-thresholding."""
-    from tsq_utils.model import toy_reasoner
     from tsq_utils.task.toy import prompt_for
 
-    toy = Path(__file__).resolve().parent.parent / "checkpoints" / "toy-reasoner"
-    if not (toy / "model.safetensors").exists():
-        pytest.skip("the shipped toy reasoner is absent")
-    model, tok = toy_reasoner.load_reasoner(toy)
+    model, tok = shipped_reasoner
     prompt = prompt_for("Q:a5,b+6,c-3", tok)
     text = "a5: start at 5\n\nb+6: 5+6=11\n\nc-3: 11-3=8\n</think>\n\nThe answer is \\boxed{8}."
     n_tok = len(tok(text, add_special_tokens=False)["input_ids"])
