@@ -8,6 +8,9 @@ Rows (each on the same prompts, seed and limits, after one small warm-up call):
 - old loop: the sampler before per-row streams (batches of left-padded rows, one torch.Generator per batch,
   rows leaving the KV cache as they finish: generation._decode with gen);
 - new sampler: generation.sample (the fast engine, tsq_utils.model.fast_decode, for the toy Llama);
+- new sampler, W workers: the same in `--shards` contiguous shards of the prompts (first_index) on `--workers`
+  one-thread processes (core.parallel.map_shards, as notebook 01 runs it): the machine's rate, to set beside
+  vLLM-CPU's engine, which uses every core it is given (VLLM_CPU_OMP_THREADS_BIND; `taskset -c 0` gives it one);
 - new, transformers loop: generation.sample with the fast engine switched off (what non-Llama/Qwen2 models get);
 - transformers CB: transformers' continuous batching, model.generate_batch (paged cache);
 - vLLM-CPU: vllm.LLM on the same model folder, when vllm is importable (scripts/vllm_cpu_compare.sh builds a venv
@@ -21,6 +24,8 @@ identical samples for another batch size and for two shards joined (first_index)
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import sys
 import time
@@ -32,13 +37,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tsq_utils.core.config import load_profile, set_threads  # noqa: E402
+from tsq_utils.core.parallel import map_shards, n_workers, shard_bounds  # noqa: E402
 from tsq_utils.model import generation, toy_reasoner  # noqa: E402
 from tsq_utils.model.generation import Decoding, SampleResult, sample  # noqa: E402
 from tsq_utils.task import toy  # noqa: E402
 
-ROWS = ("old", "new", "new-hf", "hf-cb", "vllm")
-NAMES = {"old": "old loop", "new": "new sampler", "new-hf": "new, transformers loop", "hf-cb": "transformers CB",
-         "vllm": "vLLM-CPU"}
+ROWS = ("old", "new", "new-w", "new-hf", "hf-cb", "vllm")
+NAMES = {"old": "old loop", "new": "new sampler", "new-w": "new sampler, W workers", "new-hf": "new, transformers loop",
+         "hf-cb": "transformers CB", "vllm": "vLLM-CPU"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="", help="a saved toy reasoner folder (default: the profile's model.path)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 keeps torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="processes of the W-workers row (0: every core)")
+    ap.add_argument("--shards", type=int, default=8, help="shards of the W-workers row (the toy profile's 8)")
     ap.add_argument("--skip", default="", help=f"comma-separated rows to skip: {','.join(ROWS)}")
     ap.add_argument("--no-checks", action="store_true", help="skip the batch-size and shard reproducibility checks")
     args = ap.parse_args(argv)
@@ -88,6 +96,24 @@ def old_loop(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, b
 def new_sampler(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size, **kw) -> SampleResult:
     return sample(model, tok, prompts, Decoding(n=n, temperature=temperature, top_p=top_p,
                                                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, **kw))
+
+
+def _shard(shared, bounds) -> SampleResult:
+    """One shard of the W-workers row (module level: map_shards sends it by name)."""
+    model, tok, prompts, spec = shared
+    lo, hi = bounds
+    return sample(model, tok, prompts[lo:hi], dataclasses.replace(spec, first_index=lo))
+
+
+def new_sampler_workers(model, tok, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size, *,
+                        workers: int, shards: int) -> SampleResult:
+    """The new sampler over fixed shards of the prompts on `workers` processes, joined in prompt order."""
+    spec = Decoding(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                    batch_size=batch_size)
+    bounds = [b for b in shard_bounds(len(prompts), min(shards, len(prompts))) if b[1] > b[0]]
+    parts = map_shards(_shard, bounds, workers=workers, shared=(model, tok, list(prompts), spec))
+    return SampleResult([t for p in parts for t in p.texts], [t for p in parts for t in p.n_tokens],
+                        [t for p in parts for t in p.finish_reasons], [t for p in parts for t in p.n_think_tokens])
 
 
 def new_hf_loop(*a, **kw) -> SampleResult:
@@ -175,7 +201,11 @@ def main(argv: list[str] | None = None) -> None:
               "mean   |")
     print("\n" + header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     rates, results = {}, {}
-    runs = (("old", old_loop), ("new", new_sampler), ("new-hf", new_hf_loop), ("hf-cb", hf_continuous_batching))
+    workers = n_workers(args.workers)
+    NAMES["new-w"] = f"new sampler, {workers} workers"
+    runs = (("old", old_loop), ("new", new_sampler),
+            ("new-w", functools.partial(new_sampler_workers, workers=workers, shards=args.shards)),
+            ("new-hf", new_hf_loop), ("hf-cb", hf_continuous_batching))
     for key, fn in runs:
         if key in skip:
             continue
@@ -198,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {NAMES['vllm']:<23} | failed: {type(e).__name__}: {str(e)[:90]}")
     if "old" in rates and "new" in rates:
         print(f"\nnew sampler / old loop: {rates['new'] / rates['old']:.2f}x (wall tokens/s)")
+    if "vllm" in rates:
+        for key in ("new", "new-w"):
+            if key in rates:
+                print(f"{NAMES[key]} / vLLM-CPU: {rates[key] / rates['vllm']:.2f}x (wall tokens/s)")
+    if "new" in results and "new-w" in results:
+        print(f"{NAMES['new-w']} vs one call: {'identical' if results['new-w'] == results['new'] else 'DIFFERENT'}")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     if "new" in results and not args.no_checks:
         ref = results["new"]

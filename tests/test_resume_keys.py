@@ -281,6 +281,38 @@ def test_stage_modules_follow_the_notebook_imports():
     assert all("tsq_utils.core.stage" in m and "tsq_utils.core.artifacts" in m for m in mods.values())
 
 
+def test_stage_modules_leave_the_lessons_out():
+    """The lessons only present (figures, prose, widgets): no stage's fingerprint counts them, while the method modules
+    the notebooks import stay counted (an edit to lessons/plotting.py once made 01 resample for four minutes)."""
+    for s in ORDER:
+        mods = stage_mod.stage_modules(s)
+        assert not [m for m in mods if m.startswith("tsq_utils.lessons")], s
+        assert not [f for f in stage_mod.stage_code(s)["modules"] if f.startswith("tsq_utils/lessons/")], s
+    assert "tsq_utils.method.dpo_l" in stage_mod.stage_modules("training")  # 04 imports it beside dpo_step
+
+
+def test_module_closure_skips_a_package_but_not_what_others_import(tmp_path):
+    """skip names a package: its modules and what only they import are left out; a module the roots import
+    themselves stays in even when a skipped module imports it too."""
+    root = tmp_path / "tsq_utils"
+    (root / "lessons").mkdir(parents=True)
+    (root / "method").mkdir()
+    files = {"__init__.py": "", "method/__init__.py": "", "lessons/__init__.py": "",
+             "method/user.py": "from tsq_utils.lessons import plots\nfrom tsq_utils.method import shared\n",
+             "lessons/plots.py": "from tsq_utils.method import shared, only_plots\n",
+             "method/shared.py": "A = 1\n", "method/only_plots.py": "B = 2\n"}
+    for rel, text in files.items():
+        (root / rel).write_text(text)
+    everything = fingerprint.module_closure(["tsq_utils.method.user"], root)
+    assert {"tsq_utils.lessons.plots", "tsq_utils.method.only_plots"} <= set(everything)
+    kept = fingerprint.module_closure(["tsq_utils.method.user"], root, skip=("tsq_utils.lessons",))
+    assert "tsq_utils.method.shared" in kept and "tsq_utils.method.user" in kept
+    assert not {"tsq_utils.lessons", "tsq_utils.lessons.plots", "tsq_utils.method.only_plots"} & set(kept)
+    # a name that only starts like the package is not inside it
+    assert "tsq_utils.lessons.plots" in fingerprint.module_closure(["tsq_utils.method.user"], root,
+                                                                   skip=("tsq_utils.less",))
+
+
 def test_module_closure_follows_a_package_into_its_modules(tmp_path):
     """A module split into a package (method/refinement.py -> method/refinement/) stays covered: the closure reaches
     the package's __init__ and each module it imports, relative or absolute, at import or in a function, and no

@@ -232,12 +232,18 @@ def _module_info(path: Path, root: Path) -> tuple[str, frozenset, frozenset]:
     return info
 
 
+def _skipped(module: str, skip) -> bool:
+    """True when a module is named in `skip` or lies inside a package named there."""
+    return any(module == s or module.startswith(s + ".") for s in skip)
+
+
 def module_closure(roots, root: str | os.PathLike | None = None, skip=()) -> list[str]:
     """The tsq_utils modules `roots` use: themselves and every module they import, transitively (sorted), function
-    bodies included except in LAZY_NOT_FOLLOWED; modules named in `skip` (and what only they import) are left out."""
+    bodies included except in LAZY_NOT_FOLLOWED; modules named in `skip` or inside a package named there (and what
+    only they import) are left out."""
     root = PACKAGE_DIR if root is None else Path(root).resolve()
     seen: set[str] = set()
-    todo = [m for m in roots if m not in skip]
+    todo = [m for m in roots if not _skipped(m, skip)]
     while todo:
         m = todo.pop()
         if m in seen:
@@ -248,7 +254,7 @@ def module_closure(roots, root: str | os.PathLike | None = None, skip=()) -> lis
         seen.add(m)
         _, eager, every = _module_info(path, root)
         lazy_ok = not any(m == p or m.startswith(p + ".") for p in LAZY_NOT_FOLLOWED)
-        todo.extend(i for i in (every if lazy_ok else eager) if i not in seen and i not in skip)
+        todo.extend(i for i in (every if lazy_ok else eager) if i not in seen and not _skipped(i, skip))
     return sorted(seen)
 
 

@@ -95,11 +95,19 @@ def _check_params(params: Mapping) -> dict[str, Any]:
     return out
 
 
+# What a stage's fingerprint leaves out: the lessons only present a stage's results (figures, prose, widgets, quiet
+# output), and a notebook redraws its figures on every run, done or not; an edit to them must not recompute a stage
+# (it made 01 resample for four minutes). What a lesson module imports from the method is still counted where the
+# notebook imports it too.
+PRESENTATION = (f"{fingerprint.PACKAGE}.lessons",)
+
+
 def stage_modules(stage: str) -> list[str]:
-    """The tsq_utils modules a stage uses: what its notebook's code cells import, the set-up (core.stage), and the
-    stage table's `code`, with everything they import, transitively (fingerprint.module_closure)."""
+    """The tsq_utils modules a stage computes with: what its notebook's code cells import, the set-up (core.stage),
+    and the stage table's `code`, with everything they import, transitively (fingerprint.module_closure); the
+    lessons (PRESENTATION) left out."""
     roots = fingerprint.notebook_modules(notebook_path(stage)) | {__name__} | set(pipeline.spec(stage).code)
-    return fingerprint.module_closure(roots)
+    return fingerprint.module_closure(roots, skip=PRESENTATION)
 
 
 def stage_code(stage: str) -> dict[str, Any]:
