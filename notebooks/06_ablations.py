@@ -328,7 +328,7 @@ png = stage.save_fig(fig, "06_eta_sweep")
 # otherwise, with the number of seeds that would put a difference of this size beyond two SE (the SE shrinking as $1/\sqrt{n}$).
 # **Not testable** when the two rows tie exactly (one model, or no difference) or when either was trained with one seed: a single
 # training run has no SE over training seeds, and training variation is the larger noise. The toy world is a ~1M-parameter
-# reasoner on chain arithmetic, evaluated on a few hundred responses per row, and the paper's numbers are a 7B model on AIME24.
+# reasoner on chain arithmetic, evaluated on at most a thousand responses per row, and the paper's numbers are a 7B model on AIME24.
 
 # %%
 found = ablations.findings(tables, summary=summary)
