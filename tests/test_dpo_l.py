@@ -260,8 +260,10 @@ def test_nan_loss_raises_naming_the_step(tok, tmp_path):
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
 
 
-@torch.no_grad()
-def test_split_forward_equals_the_joint_forward_on_real_tokens(tok, tmp_path):
+@pytest.mark.parametrize("rows_per_forward", [None, 0, 1, 3])
+def test_split_forward_equals_the_joint_forward_on_real_tokens(tok, tmp_path, rows_per_forward):
+    # grouped by length (None: the default groups; 1 and 3: groups that mix chosen and rejected rows, the last one
+    # short) or by halves (0): the same log-probs and gradients as one joint forward, rows in the batch's order
     from tsq_utils.method.dpo_l import split_forward
 
     policy = _model(tok)
@@ -270,7 +272,11 @@ def test_split_forward_equals_the_joint_forward_on_real_tokens(tok, tmp_path):
     kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     joint = policy(**kw, labels=labels, fused_lm_head=True)
-    split = split_forward(policy, kw, labels, mask.size(1))
+    (joint.log_probs[:, -mask.size(1):] * mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad(set_to_none=True)
+    split = split_forward(policy, kw, labels, mask.size(1), rows_per_forward)
+    (split.log_probs * mask).sum().backward()
     n = mask.size(0) // 2
     real = batch["attention_mask"].sum(dim=1)
     assert real[:n].max() < real[n:].max()  # the chosen half is cut shorter: the case the split is for
@@ -279,6 +285,8 @@ def test_split_forward_equals_the_joint_forward_on_real_tokens(tok, tmp_path):
         assert b.shape == mask.shape
         torch.testing.assert_close(b * mask, a * mask, rtol=1e-5, atol=1e-5)
     assert torch.equal(split.is_top1 & mask.bool(), joint.is_top1[:, -mask.size(1):] & mask.bool())
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5)
 
 
 def test_a_run_shorter_than_an_epoch_scores_the_reference_on_the_fly(tok, tmp_path):

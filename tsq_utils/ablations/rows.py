@@ -113,6 +113,8 @@ def make_row(profile: Profile, name: str, label: str, **changes: Any) -> Row:
     tr = dataclasses.replace(profile.training, **OBJECTIVES.get(c.objective, {}))
     if profile.ablations.batch_size:
         tr.batch_size = profile.ablations.batch_size
+    if profile.ablations.num_processes:
+        tr.num_processes = profile.ablations.num_processes
     if profile.ablations.lr:
         tr.lr = profile.ablations.lr
     if c.eta is not None:

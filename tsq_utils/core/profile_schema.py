@@ -331,7 +331,10 @@ class AblationsConfig:
         "Optimizer steps per trained row (0: training.epochs in full, as notebook 04), to bound the notebook's "
         "time over its many trainings."))
     batch_size: int = knob(0, lo=0, hi=10**6, help=(
-        "Pairs per optimizer step of every trained row (0: training.batch_size)."))
+        "Pairs per device per micro-step of every trained row (0: training.batch_size)."))
+    num_processes: int = knob(0, lo=0, hi=1024, help=(
+        "Training processes of every trained row (0: training.num_processes). 1 on a CPU profile whose notebook "
+        "04 trains data-parallel: 06's rows already run side by side, one per worker."))
     lr: float = knob(0.0, lo=0.0, hi=1.0, help=(
         "Learning rate of every trained row (0: training.lr): a row trained for far fewer steps than notebook 04 "
         "gets further with a larger rate, and lands nearer where 04's full training does."))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
 from ..core.artifacts import load_table, save_table
 from ..core.config import TrainingConfig, load_profile, resolve_device, stage_seed
@@ -57,6 +57,22 @@ def load_dtype(cfg, saved_dtype: str):
     return getattr(torch, saved_dtype)
 
 
+class StepPrinter(TrainerCallback):
+    """One line per twentieth of the run on the main process (step, loss terms): what a notebook shows of a launched
+    training, whose processes' progress bars would not reach it."""
+
+    LINES = 20
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        every = max(1, state.max_steps // self.LINES)
+        step = state.global_step
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        if step % every == 0 or step == state.max_steps:
+            terms = ", ".join(f"{k} {float(logs[k]):.4f}" for k in ("loss", "dpo_l_loss", "sft_loss") if k in logs)
+            print(f"step {step}/{state.max_steps}: {terms}", flush=True)
+
+
 def run_job(job: dict[str, Any]) -> None:
     """Train one job in this process (one rank of a launched run, or the only process) and save on the main one."""
     device = job["device"]
@@ -74,12 +90,17 @@ def run_job(job: dict[str, Any]) -> None:
     # shard (built after from_pretrained, each of 8 ranks would first hold the whole 7B model in host RAM).
     # `args` must stay alive until the model is loaded (transformers keeps only a weak reference).
     run = dpo_l.TrainRun(seed=job["seed"], device="cpu" if device == "cpu" else "auto", max_steps=job["max_steps"])
+    compact = bool(job.get("compact_progress"))
+    overrides = {**dpo_l.checkpoint_settings(cfg), **({"disable_tqdm": True} if compact else {})}
     args = dpo_l.training_args(cfg, str(stage_dir / ".trainer"), run, n_pairs=len(pairs),
-                               options=dpo_l.TrainerOptions(overrides=dpo_l.checkpoint_settings(cfg)))
+                               options=dpo_l.TrainerOptions(overrides=overrides))
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=load_dtype(cfg, job["dtype"]),
                                                  use_safetensors=True, trust_remote_code=False)
     trainer = dpo_l.make_dpo_l_trainer(model, None, tok, pairs, cfg, str(stage_dir / ".trainer"), run,
                                        dpo_l.TrainerOptions(args=args))
+    if compact:  # disable_tqdm swaps the bar for a printer of every log line: a line per twentieth instead
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(StepPrinter())
     trainer.train(resume_from_checkpoint=job.get("resume"))
     if trainer.accelerator.is_main_process:
         save_table(dpo_l.training_log(trainer).reset_index(), Path(job["log"]))

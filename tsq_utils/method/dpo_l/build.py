@@ -139,6 +139,9 @@ def training_args(cfg: TrainingConfig, output_dir: str, run: TrainRun, n_pairs: 
         report_to="none", save_strategy="no", logging_strategy="steps", logging_steps=1,
         logging_nan_inf_filter=False, prediction_loss_only=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=device == "cpu",
+        # every parameter gets a gradient in every step (full fine-tuning), so DDP need not search the graph for
+        # unused ones after each forward (transformers turns the search on when gradient checkpointing is off)
+        ddp_find_unused_parameters=False,
     )
     settings.update(options.overrides)
     return DPOLConfig(**settings)

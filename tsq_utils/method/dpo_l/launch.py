@@ -4,6 +4,7 @@ command line, and the launch of tsq_utils.method.train_entry on a job file."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import socket
 import subprocess
@@ -64,6 +65,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_streaming(cmd: list[str]) -> int:
+    """Run cmd and print its output line by line here: in a notebook the launched processes' own stdout and stderr
+    would go to the kernel's terminal, not to the cell. Progress bars are off there (TQDM_DISABLE); the main process
+    prints a line per twentieth of the run instead (train_entry.StepPrinter)."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+        return proc.wait()
+
+
 def launch_training(model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, stage_dir, run: TrainRun,
                     model_subdir: str = "model") -> pd.DataFrame:
     """train_and_save in training.num_processes processes: write a job file, `accelerate launch` the training entry
@@ -81,7 +95,7 @@ def launch_training(model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, 
            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
            "training": dataclasses.asdict(cfg), "seed": seed, "max_steps": max_steps, "device": device,
            "pairs": str(job_dir / "pairs.parquet"), "stage_dir": str(stage_dir), "model_subdir": model_subdir,
-           "log": str(job_dir / "training_log.parquet"),
+           "log": str(job_dir / "training_log.parquet"), "compact_progress": True,
            "resume": _resume_point(stage_dir / ".trainer",
                                    _run_fingerprint(pairs, cfg, seed, max_steps, num_processes(cfg)))}
     atomic_write_json(job_dir / "job.json", job)
@@ -90,9 +104,9 @@ def launch_training(model, tokenizer, pairs: pd.DataFrame, cfg: TrainingConfig, 
         torch.cuda.empty_cache()
     cmd = launch_command(job_dir / "job.json", cfg, device)
     print("launching:", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, cwd=str(REPO_ROOT))
-    if done.returncode != 0:
-        raise RuntimeError(f"the {num_processes(cfg)}-process training failed (exit {done.returncode}); its output "
+    code = _run_streaming(cmd)
+    if code != 0:
+        raise RuntimeError(f"the {num_processes(cfg)}-process training failed (exit {code}); its output "
                            f"is above. Job file: {job_dir / 'job.json'}")
     log = load_table(job["log"]).set_index("step")
     shutil.rmtree(stage_dir / ".trainer", ignore_errors=True)

@@ -99,27 +99,48 @@ def dpo_l_pair_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
 _PER_POSITION = ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
-def split_forward(model, model_kwargs: dict[str, Any], labels: torch.Tensor, width: int) -> SimpleNamespace:
-    """Forward a [chosen; rejected] batch as two halves, each cut after its own last real token; per-position
-    outputs come back aligned with the shifted labels, [2B, width], zero (False) past each half's end."""
-    # The collator pads both halves to one width: a chosen half padded to the longer rejected responses' length
-    # spends most of its forward on padding (on the toy profile, about a third of a training step's time).
+# Rows per forward in split_forward: a batch's sequences, sorted by length, go through the model this many at a
+# time, each group cut after its own longest sequence. Random batches of toy pairs pad about 40% of each half;
+# groups of 4 similar lengths pad little and keep the matmuls large (benchmarks/bench_training.py, part "split").
+ROWS_PER_FORWARD = 4
+
+
+def split_forward(model, model_kwargs: dict[str, Any], labels: torch.Tensor, width: int,
+                  rows_per_forward: int | None = None) -> SimpleNamespace:
+    """Forward a right-padded [chosen; rejected] batch in groups of rows of similar length, each cut after its own
+    last real token; per-position outputs come back in the batch's row order, aligned with the shifted labels,
+    [2B, width], zero (False) past each row's group's end. rows_per_forward 0: the two halves as they are."""
+    # The collator pads both halves to one width, and each half to its longest sequence: the short chosen
+    # responses and the shorter rejected ones would spend much of the forward (and backward) on padding. Every
+    # row's log-probs depend on its own tokens only (causal attention, padding masked), so grouping changes
+    # which rows share a matmul, not what is computed (up to float rounding).
     mask = model_kwargs["attention_mask"]
     rows_all = mask.size(0)
-    n = rows_all // 2
+    g = ROWS_PER_FORWARD if rows_per_forward is None else int(rows_per_forward)
+    real_len = [int(x) for x in (mask.flip(1).cumsum(1) > 0).sum(1).tolist()]  # last real position + 1
+    if g <= 0:
+        n = rows_all // 2
+        groups = [list(range(0, n)), list(range(n, rows_all))]
+    else:
+        order = sorted(range(rows_all), key=lambda i: (real_len[i], i))
+        groups = [order[i:i + g] for i in range(0, rows_all, g)]
     parts: list[tuple[Any, int]] = []
-    for rows in (slice(0, n), slice(n, rows_all)):
-        real = mask[rows].any(dim=0).nonzero()
-        cut = max(2, int(real.max()) + 1) if len(real) else 2
-        kw = {k: (v[rows, :cut] if torch.is_tensor(v) and v.dim() == 2 and v.size(0) == rows_all else v)
-              for k, v in model_kwargs.items()}
-        parts.append((model(**kw, labels=labels[rows, :cut], fused_lm_head=True), cut - 1))
+    for rows in groups:
+        cut = max(2, max(real_len[i] for i in rows))
+        idx = torch.tensor(rows, device=mask.device)
+        kw = {k: (v.index_select(0, idx)[:, :cut] if torch.is_tensor(v) and v.dim() == 2 and v.size(0) == rows_all
+                  else v) for k, v in model_kwargs.items()}
+        parts.append((model(**kw, labels=labels.index_select(0, idx)[:, :cut], fused_lm_head=True), cut - 1))
+    inverse = torch.empty(rows_all, dtype=torch.long, device=mask.device)
+    inverse[torch.tensor([i for rows in groups for i in rows], device=mask.device)] = torch.arange(
+        rows_all, device=mask.device)
     merged = {}
     for name in _PER_POSITION:
         values = [getattr(out, name, None) for out, _ in parts]
         if any(v is None for v in values):
             continue
         # keep the last (cut - 1) positions (prompt-learning PEFT prepends virtual tokens), pad to width on the right
-        merged[name] = torch.cat([F.pad(v[:, v.size(1) - k:], (0, width - k)) for v, (_, k) in zip(values, parts)])
+        stacked = torch.cat([F.pad(v[:, v.size(1) - k:], (0, width - k)) for v, (_, k) in zip(values, parts)])
+        merged[name] = stacked.index_select(0, inverse)
     return SimpleNamespace(**merged)
 
