@@ -21,8 +21,9 @@ completions of a batch to one width, and each half to its longest sequence. Ever
 log-probs on real tokens (checked here on every batch).
 
 Part "ranks" (notebook 04 with training.num_processes 1 or 2): the same pairs, steps and global batch (the toy
-profile's 8) trained in this process (batch 8) and by two data-parallel processes over gloo (batch 4 each, `accelerate launch`, one torch thread
-each), wall seconds from the call to the saved model, process start included. Run it alone: it measures cores.
+profile's 8) trained in this process (batch 8) and by two data-parallel processes over gloo (batch 4 each,
+`accelerate launch`, one torch thread each), wall seconds from the call to the saved model, process start included.
+Run it alone: it measures cores.
 
 Pairs: a pairs table (--pairs-file, e.g. runs/toy/refinement/refined_pairs.parquet, notebook 04's input), or
 toy-world problems with the oracle's concise trace as chosen and a teacher (overthinking) trace as rejected,

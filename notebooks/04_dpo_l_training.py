@@ -105,7 +105,7 @@ print(f"chosen {int(lw)} tokens, rejected {int(ll)} tokens -> length term {m.ite
 # %% [markdown]
 # ## At scale
 #
-# Training, with one progress bar; the reference model is the base model itself (its log-probabilities are precomputed once, as training visits every pair at least once; a run shorter than an epoch, like 06's rows, scores only the pairs it visits, with a frozen copy). Each step runs the chosen and the rejected halves of the batch as two forwards, each cut at its own last real token: the short chosen responses would otherwise be padded to the rejected ones' length.
+# Training in `training.num_processes` processes: in this one with a progress bar, or (the `toy` profile: two data-parallel processes of 4 pairs, the same 8-pair steps) launched with `accelerate launch`, the first process printing a line per twentieth of the run. The reference model is the base model itself (its log-probabilities are precomputed once, as training visits every pair at least once; a run shorter than an epoch, like 06's rows, scores only the pairs it visits, with a frozen copy). Each step runs the batch's chosen and rejected sequences sorted by length, four at a time, each group cut at its own longest sequence: a random batch would otherwise pad every short response to the longest one's length (`benchmarks/bench_training.py`, part `split`, measures what that costs).
 
 # %%
 model, tok = base_model.load_base(stage.run_dir, P)

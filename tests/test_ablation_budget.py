@@ -19,7 +19,9 @@ def test_budget_counts_visits_against_notebook_04():
     p = load_profile("toy")
     b = ablation_budget.training_budget(p, _summary(), {"steps": 415, "pairs": 3317})
     assert b.steps == 48 and b.batch_size == p.ablations.batch_size and b.lr == p.ablations.lr
-    assert b.visits == 48 * p.ablations.batch_size and b.visits_04 == 415 * p.training.batch_size
+    # toy's notebook 04 trains as 2 processes of 4 pairs: 8 pairs per step, as a row's single process of 8
+    assert p.training.num_processes == 2 and p.ablations.num_processes == 1
+    assert b.visits == 48 * 8 and b.visits_04 == 415 * 8
     line = ablation_budget.budget_line(b)
     assert "48 optimizer steps" in line and "415 steps" in line and f"{b.visits / b.visits_04:.0%}" in line
     assert f"{p.ablations.lr / p.training.lr:.2g}x" in line

@@ -42,9 +42,11 @@ def training_budget(profile: Profile, summary: pd.DataFrame, training_summary: M
     steps = int(trained["train_steps"].median()) if len(trained) else A.max_steps
     pairs = int(trained["n_pairs"].median()) if len(trained) else 0
     t04 = training_summary or {}
-    return Budget(steps=steps, batch_size=(A.batch_size or T.batch_size) * T.grad_accum, lr=A.lr or T.lr, pairs=pairs,
-                  steps_04=t04.get("steps"), pairs_04=t04.get("pairs"), lr_04=T.lr,
-                  batch_size_04=T.batch_size * T.grad_accum)
+    # pairs per optimizer step: per-device batch x accumulation x processes (a row's and notebook 04's own counts)
+    row_procs = A.num_processes or T.num_processes
+    return Budget(steps=steps, batch_size=(A.batch_size or T.batch_size) * T.grad_accum * row_procs, lr=A.lr or T.lr,
+                  pairs=pairs, steps_04=t04.get("steps"), pairs_04=t04.get("pairs"), lr_04=T.lr,
+                  batch_size_04=T.batch_size * T.grad_accum * T.num_processes)
 
 
 def budget_line(b: Budget) -> str:

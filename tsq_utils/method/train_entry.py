@@ -91,6 +91,11 @@ def run_job(job: dict[str, Any]) -> None:
     # `args` must stay alive until the model is loaded (transformers keeps only a weak reference).
     run = dpo_l.TrainRun(seed=job["seed"], device="cpu" if device == "cpu" else "auto", max_steps=job["max_steps"])
     compact = bool(job.get("compact_progress"))
+    if compact:  # launched from a notebook, whose cell shows this output: the lessons' quiet settings
+        # local: only a notebook's launch needs the lessons' presentation module (the command line prints as is)
+        from ..lessons.quiet import quiet_libraries
+
+        quiet_libraries()
     overrides = {**dpo_l.checkpoint_settings(cfg), **({"disable_tqdm": True} if compact else {})}
     args = dpo_l.training_args(cfg, str(stage_dir / ".trainer"), run, n_pairs=len(pairs),
                                options=dpo_l.TrainerOptions(overrides=overrides))
