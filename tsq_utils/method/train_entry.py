@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,16 @@ class StepPrinter(TrainerCallback):
             print(f"step {step}/{state.max_steps}: {terms}", flush=True)
 
 
+def _quiet_libraries() -> None:
+    """A notebook's launch shows this output in its cell: the libraries' deprecation notices and one-off data
+    warnings off, as lessons.quiet does in the notebook's own process (not imported: method sits below lessons)."""
+    for name in ("trl", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    libraries = r"(transformers|trl|datasets|accelerate|torch)(\..*)?"
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=libraries)
+
+
 def run_job(job: dict[str, Any]) -> None:
     """Train one job in this process (one rank of a launched run, or the only process) and save on the main one."""
     device = job["device"]
@@ -91,11 +103,8 @@ def run_job(job: dict[str, Any]) -> None:
     # `args` must stay alive until the model is loaded (transformers keeps only a weak reference).
     run = dpo_l.TrainRun(seed=job["seed"], device="cpu" if device == "cpu" else "auto", max_steps=job["max_steps"])
     compact = bool(job.get("compact_progress"))
-    if compact:  # launched from a notebook, whose cell shows this output: the lessons' quiet settings
-        # local: only a notebook's launch needs the lessons' presentation module (the command line prints as is)
-        from ..lessons.quiet import quiet_libraries
-
-        quiet_libraries()
+    if compact:
+        _quiet_libraries()
     overrides = {**dpo_l.checkpoint_settings(cfg), **({"disable_tqdm": True} if compact else {})}
     args = dpo_l.training_args(cfg, str(stage_dir / ".trainer"), run, n_pairs=len(pairs),
                                options=dpo_l.TrainerOptions(overrides=overrides))
