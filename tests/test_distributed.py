@@ -110,3 +110,21 @@ def test_entry_point_refuses_a_run_without_pairs(tmp_path):
         train_entry.job_from_profile("toy", tmp_path)
     with pytest.raises(SystemExit):
         train_entry.main([])
+
+
+def test_step_printer_prints_a_line_per_twentieth_on_the_main_process(capsys):
+    # what a notebook shows of a launched training: 20 lines for 415 steps (every 20th step and the last), none on
+    # the other ranks and none for a log without a loss (the run's closing summary)
+    from types import SimpleNamespace
+
+    from tsq_utils.method.train_entry import StepPrinter
+
+    printer = StepPrinter()
+    for rank0 in (True, False):
+        for step in range(1, 416):
+            state = SimpleNamespace(max_steps=415, global_step=step, is_world_process_zero=rank0)
+            printer.on_log(None, state, None, logs={"loss": 0.5, "dpo_l_loss": 0.25, "sft_loss": 0.125})
+        printer.on_log(None, state, None, logs={"train_runtime": 1.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step 20/415: loss 0.5000, dpo_l_loss 0.2500, sft_loss 0.1250"
+    assert [ln.split(":")[0] for ln in lines] == [f"step {s}/415" for s in [*range(20, 416, 20), 415]]
